@@ -1,0 +1,264 @@
+"""The `daisee-node` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daisee_node import __version__, logs
+from daisee_node.config import DEFAULT_CONFIG_PATH, Config, config_from_dict, load_config
+from daisee_node.errors import ConfigError, DaiseeError
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+DEMO_DATA_DIR = Path("daisee-demo")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    except DaiseeError as exc:
+        print(f"daisee-node: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="daisee-node",
+        description="The daemon of one node of a citizen-run microgrid.",
+    )
+    p.add_argument("--version", action="version", version=f"daisee-node {__version__}")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the node daemon")
+    run.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help=f"config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser(
+        "check-config", help="validate a config file: exit 0, or 2 listing every problem"
+    )
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser(
+        "demo", help="run a simulated node (PV, load, battery): no hardware, no config"
+    )
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEMO_DATA_DIR,
+        help=f"where readings are stored (default ./{DEMO_DATA_DIR})",
+    )
+    demo.add_argument(
+        "--speed", type=float, default=60.0, help="simulated seconds per real second (default 60)"
+    )
+    demo.add_argument(
+        "--start",
+        type=_iso_time,
+        default=None,
+        help="simulated start time, ISO 8601 (default: today 06:00 UTC)",
+    )
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many real seconds (default: until Ctrl-C)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser("status", help="what a node is doing, from its data dir")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"the node's config (default {DEFAULT_CONFIG_PATH}, or the demo's "
+        "data dir when that file does not exist)",
+    )
+    where.add_argument("--data-dir", type=Path, default=None)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# -- run / check-config ---------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(
+        f"{args.file}: ok — node {config.node.id!r}, {len(config.sensors)} sensor(s), "
+        f"data in {config.node.data_dir}"
+    )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    logs.configure(config.log.level, config.log.format)
+    return _run_node(config, config_path=args.config)
+
+
+def _run_node(
+    config: Config, *, config_path: Path | None = None, demo: DemoOptions | None = None
+) -> int:
+    from daisee_node.daemon import Node
+
+    async def main() -> int:
+        node = Node(config, config_path=config_path)
+        if demo is None:
+            return await node.run()
+        return await _demo(node, demo)
+
+    return asyncio.run(main())
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+
+class DemoOptions:
+    """How the demo runs and reports."""
+
+    def __init__(self, duration: float | None, summary_every_s: float = 1.0) -> None:
+        self.duration = duration
+        self.summary_every_s = summary_every_s
+
+
+def demo_config(
+    data_dir: Path, *, speed: float = 60.0, start: datetime | None = None, seed: int = 1
+) -> Config:
+    """The demo node: one simulated home (PV roof, household load, battery, grid meter)."""
+    if start is None:
+        today = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
+        start = today
+    sensors = [
+        {"name": model, "kind": "simulated", "model": model, "interval_s": 1.0}
+        for model in ("pv", "load", "battery", "grid")
+    ]
+    return config_from_dict(
+        {
+            "node": {
+                "id": "demo",
+                "data_dir": str(data_dir.resolve()),
+                "time_speed": speed,
+                "time_start": start,
+            },
+            "simulation": {"seed": seed},
+            "sensors": sensors,
+        },
+        source="demo",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.speed < 1:
+        raise DaiseeError("--speed must be at least 1")
+    from daisee_node.status import newest_reading_ms
+
+    start = args.start
+    newest = newest_reading_ms(args.data_dir)
+    if start is None and newest is not None:
+        # Go on from where the last demo run stopped rather than re-sampling the same times.
+        start = datetime.fromtimestamp(newest / 1000 + 1, UTC)
+    config = demo_config(args.data_dir, speed=args.speed, start=start, seed=args.seed)
+    logs.configure("warning", "auto")
+    print(
+        f"daisee-node demo: a simulated home (PV roof, household load, battery, grid meter), "
+        f"time x{args.speed:g}; readings stored in {config.node.data_dir}. Ctrl-C stops.",
+        flush=True,
+    )
+    return _run_node(config, demo=DemoOptions(args.duration))
+
+
+async def _demo(node: Any, options: DemoOptions) -> int:
+    runner = asyncio.create_task(node.run(), name="node")
+    await asyncio.wait(
+        [runner, asyncio.create_task(node.started.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    loop = asyncio.get_running_loop()
+    ends = None if options.duration is None else loop.time() + options.duration
+    while not runner.done():
+        if ends is not None and loop.time() >= ends:
+            node.request_stop()
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(runner), timeout=options.summary_every_s)
+        if not runner.done():
+            print(_summary_line(node), flush=True)
+    code = await runner
+    print(
+        f"stopped; {node.store.stats.written} readings stored. "
+        f"See them with: daisee-node status --data-dir {node.config.node.data_dir}",
+        flush=True,
+    )
+    return int(code)
+
+
+def _summary_line(node: Any) -> str:
+    latest = node.latest
+
+    def v(channel: str) -> float:
+        r = latest.get(channel)
+        return float("nan") if r is None else r.value
+
+    t = datetime.fromtimestamp(node.clock.now(), UTC).strftime("%Y-%m-%d %H:%M")
+    battery = v("battery.power_w")
+    return (
+        f"{t} UTC  pv {v('pv.power_w'):6.0f} W  load {v('load.power_w'):6.0f} W  "
+        f"battery {v('battery.soc_pct'):5.1f} % ({battery:+6.0f} W)  "
+        f"grid {v('grid.power_w'):+6.0f} W  | stored {node.store.stats.written}"
+    )
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from daisee_node.status import read_status, render_status
+
+    if args.data_dir is not None:
+        data_dir = args.data_dir
+    elif args.config is not None:
+        data_dir = load_config(args.config).node.data_dir
+    elif DEFAULT_CONFIG_PATH.exists():
+        data_dir = load_config(DEFAULT_CONFIG_PATH).node.data_dir
+    else:
+        data_dir = DEMO_DATA_DIR
+    report = read_status(data_dir)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_status(report))
+    return EXIT_OK

@@ -1,0 +1,276 @@
+"""The node's one TOML file, validated into typed models.
+
+`load_config` either returns a `Config` or raises `ConfigError` carrying every problem found, each
+with its TOML path (`sensors[1].interval_s`) and a reason in plain words. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+import types
+import typing
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, Field, ValidationError
+
+from daisee_node.errors import ConfigError, ConfigProblem
+from daisee_node.sensors import SENSOR_KINDS
+from daisee_node.sensors.base import NAME_PATTERN, StrictModel
+from daisee_node.sensors.simulated import SimulationConfig
+from daisee_node.store import Retention
+
+DEFAULT_CONFIG_PATH = Path("/etc/daisee-node/config.toml")
+
+NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+SensorEntry = Annotated[
+    Union[tuple(cls.config_model for cls in SENSOR_KINDS.values())],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+
+
+class NodeSection(StrictModel):
+    """`[node]`: who this node is and where it keeps its data."""
+
+    id: str = Field(
+        pattern=NODE_ID_PATTERN,
+        description="lower-case letters, digits, '-' and '_'; used in MQTT topics",
+    )
+    data_dir: Path = Path("/var/lib/daisee-node")
+    time_speed: float = Field(
+        1.0,
+        ge=1.0,
+        le=1_000_000,
+        description="demos and tests only: simulated time runs this many times faster",
+    )
+    time_start: datetime | None = Field(
+        None, description="demos and tests only: simulated time starts here (default: now)"
+    )
+
+
+class StoreSection(StrictModel):
+    """`[store]`: the SQLite buffer."""
+
+    raw_days: float = Field(14.0, gt=0, description="days raw readings are kept")
+    aggregate_days: float = Field(365.0, gt=0, description="days 1-minute aggregates are kept")
+    flush_interval_s: float = Field(
+        0.25,
+        gt=0,
+        le=1.0,
+        description="most time between two commits; what a kill -9 may lose",
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full", description="'normal' is faster but may lose the last commits on a power cut"
+    )
+    max_pending_readings: int = Field(500_000, ge=1_000)
+
+    def retention(self) -> Retention:
+        return Retention(
+            raw_days=self.raw_days,
+            aggregate_days=self.aggregate_days,
+            flush_interval_s=self.flush_interval_s,
+            max_pending=self.max_pending_readings,
+        )
+
+
+class LogSection(StrictModel):
+    """`[log]`: how the daemon logs."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: readable on a terminal, JSON lines otherwise"
+    )
+
+
+class Config(StrictModel):
+    """The whole node configuration."""
+
+    node: NodeSection
+    store: StoreSection = StoreSection()
+    log: LogSection = LogSection()
+    simulation: SimulationConfig | None = None
+    sensors: list[SensorEntry] = Field(default_factory=list)  # type: ignore[valid-type]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Relative paths in it are relative to the file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        problem = ConfigProblem("", f"cannot read the file: {exc.strerror}")
+        raise ConfigError(str(p), [problem]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(p), [ConfigProblem("", f"not UTF-8 text (byte {exc.start})")]
+        ) from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate TOML text. Raises `ConfigError` listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("", f"TOML syntax error: {exc}")]) from None
+    return config_from_dict(data, source=source, base_dir=base_dir)
+
+
+def config_from_dict(
+    data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+) -> Config:
+    """Validate already-parsed data (used by `demo`, which builds its config in code)."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem(err, data) for err in exc.errors()]
+        raise ConfigError(source, problems) from None
+    problems = _check_semantics(config)
+    if problems:
+        raise ConfigError(source, problems)
+    if base_dir is not None and not config.node.data_dir.is_absolute():
+        data_dir = (base_dir / config.node.data_dir).resolve()
+        node = config.node.model_copy(update={"data_dir": data_dir})
+        config = config.model_copy(update={"node": node})
+    return config
+
+
+def _check_semantics(config: Config) -> list[ConfigProblem]:
+    """Rules that span several keys."""
+    problems: list[ConfigProblem] = []
+    seen: dict[str, int] = {}
+    for i, sensor in enumerate(config.sensors):
+        if sensor.name in seen:
+            problems.append(
+                ConfigProblem(
+                    f"sensors[{i}].name",
+                    f"{sensor.name!r} is already the name of sensors[{seen[sensor.name]}]; "
+                    "channel names would collide",
+                )
+            )
+        else:
+            seen[sensor.name] = i
+    if config.node.time_speed != 1.0 or config.node.time_start is not None:
+        for i, sensor in enumerate(config.sensors):
+            if sensor.kind != "simulated":
+                problems.append(
+                    ConfigProblem(
+                        f"sensors[{i}].kind",
+                        "simulated time (node.time_speed/time_start) needs every sensor to be "
+                        "'simulated': real hardware runs on real time",
+                    )
+                )
+    return problems
+
+
+# -- turning pydantic errors into plain words ---------------------------------------------------
+
+
+_PATTERN_WORDS = {
+    NODE_ID_PATTERN: "lower-case letters, digits, '-' and '_', starting with a letter or digit, "
+    "at most 64 characters",
+    NAME_PATTERN: "lower-case letters, digits and '_', starting with a letter",
+}
+
+
+def _problem(err: Any, data: Any) -> ConfigProblem:
+    loc: tuple[Any, ...] = tuple(err["loc"])
+    path, parent_model = _walk(loc, data)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        message = "unknown key"
+        if parent_model is not None:
+            close = difflib.get_close_matches(key, list(parent_model.model_fields), n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+            else:
+                message += f"; expected one of: {', '.join(parent_model.model_fields)}"
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") in _PATTERN_WORDS:
+        message = f"must be {_PATTERN_WORDS[err['ctx']['pattern']]} (got {err['input']!r})"
+    elif kind == "union_tag_not_found":
+        message = f"missing key 'kind' (one of: {', '.join(SENSOR_KINDS)})"
+    elif kind == "union_tag_invalid":
+        tag = (err.get("ctx") or {}).get("tag")
+        message = f"unknown kind {tag!r}; expected one of: {', '.join(SENSOR_KINDS)}"
+    else:
+        msg = str(err["msg"])
+        message = msg[:1].lower() + msg[1:]
+        if "input" in err and kind not in ("model_type", "dict_type"):
+            message += f" (got {err['input']!r})"
+    return ConfigProblem(path, message)
+
+
+def _walk(loc: tuple[Any, ...], data: Any) -> tuple[str, type[BaseModel] | None]:
+    """The TOML path of a pydantic location, and the model that holds its last key."""
+    parts: list[str] = []
+    annotation: Any = Config
+    node: Any = data
+    parent: type[BaseModel] | None = Config
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        model = _as_model(annotation, node)
+        if isinstance(key, int):
+            if parts:
+                parts[-1] += f"[{key}]"
+            else:
+                parts.append(f"[{key}]")
+            annotation = _list_item(annotation)
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+            # A discriminated union adds the tag (the sensor's kind) to the location: skip it.
+            if i + 1 < len(loc) and isinstance(node, dict) and loc[i + 1] == node.get("kind"):
+                i += 1
+        else:
+            parent = model
+            parts.append(str(key))
+            field = model.model_fields.get(str(key)) if model is not None else None
+            annotation = field.annotation if field is not None else None
+            node = node.get(key) if isinstance(node, dict) else None
+        i += 1
+    return ".".join(parts), parent
+
+
+def _list_item(annotation: Any) -> Any:
+    args = typing.get_args(_strip(annotation))
+    return args[0] if args else None
+
+
+def _strip(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _as_model(annotation: Any, node: Any) -> type[BaseModel] | None:
+    """The model class an annotation stands for, picking a union member by the data's `kind`."""
+    annotation = _strip(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        members = [_strip(a) for a in typing.get_args(annotation)]
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if len(models) == 1:
+            return models[0]
+        kind = node.get("kind") if isinstance(node, dict) else None
+        for m in models:
+            field = m.model_fields.get("kind")
+            if field is not None and kind in typing.get_args(field.annotation):
+                return m
+    return None

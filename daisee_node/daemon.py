@@ -1,0 +1,453 @@
+"""The supervisor: one TaskGroup of named tasks, signals, restarts with backoff, ordered shutdown.
+
+Tasks: `store.writer`, one `sampler.<sensor>` per sensor, `systemd.watchdog`, `config.reload`.
+Readings flow from each sampler through `Node.publish` to the store and to every subscriber (rules,
+MQTT and the ledger plug in there).
+
+Shutdown (SIGTERM/SIGINT) is ordered and bounded to `SHUTDOWN_S`: stop sampling, commit what the
+store holds, checkpoint and close. SIGHUP re-reads the config file; a config with errors is
+rejected, its problems logged, and the running one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+from daisee_node import logs
+from daisee_node.clock import Clock, ScaledClock
+from daisee_node.config import Config, load_config
+from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
+from daisee_node.readings import Quality, Reading
+from daisee_node.sensors import Sensor, SensorContext, build_sensor
+from daisee_node.store import Store, db_path
+from daisee_node.systemd import Notifier
+
+SHUTDOWN_S = 5.0
+RESTART_BASE_S = 0.5
+RESTART_CAP_S = 30.0
+#: a task that ran this long before crashing starts its backoff from the beginning again
+RESTART_RESET_S = 60.0
+LOCK_NAME = "daisee-node.pid"
+
+ReadingSink = Callable[[Sequence[Reading]], None]
+
+
+def make_clock(config: Config) -> Clock:
+    node = config.node
+    if node.time_speed == 1.0 and node.time_start is None:
+        return Clock()
+    start = None
+    if node.time_start is not None:
+        ts = node.time_start
+        start = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+    return ScaledClock(start=start, speed=node.time_speed)
+
+
+@dataclass
+class SensorStats:
+    """Per-sensor counts, also persisted as store counters `sensor.<name>.*`."""
+
+    reads: int = 0
+    errors: int = 0
+    bad: int = 0
+    overruns: int = 0
+    errors_in_row: int = 0
+
+
+class DataDirLock:
+    """An exclusive lock on the data dir: two daemons must never share one database."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise NodeLockedError(
+                f"another daisee-node (pid {other}) is running on {self.path.parent}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def running_pid(data_dir: Path) -> int | None:
+    """The pid of the daemon holding `data_dir`, or None when no daemon runs there."""
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
+
+
+class Node:
+    """One running node: its store, its samplers and everything that plugs into them."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or make_clock(config)
+        self.notifier = notifier or Notifier()
+        self.log = logs.get_logger("daemon")
+        data_dir = config.node.data_dir
+        self.store = Store(
+            db_path(data_dir),
+            retention=config.store.retention(),
+            clock=self.clock,
+            synchronous=config.store.synchronous.upper(),
+        )
+        self.ctx = SensorContext(self.clock, data_dir, config.simulation)
+        self.sensors: dict[str, Sensor] = {}
+        self.sensor_stats: dict[str, SensorStats] = {}
+        #: the newest reading of every channel, as published
+        self.latest: dict[str, Reading] = {}
+        self._sinks: list[ReadingSink] = [self.store.put_many, self._remember]
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._lock = DataDirLock(data_dir)
+        self.started = asyncio.Event()
+        self.exit_code = 0
+
+    # -- the reading bus ---------------------------------------------------------------------
+
+    def subscribe(self, sink: ReadingSink) -> None:
+        """Call `sink` with every batch of readings any source publishes."""
+        self._sinks.append(sink)
+
+    def publish(self, readings: Sequence[Reading]) -> None:
+        for sink in self._sinks:
+            sink(readings)
+
+    def _remember(self, readings: Sequence[Reading]) -> None:
+        latest = self.latest
+        for r in readings:
+            latest[r.channel] = r
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self) -> int:
+        """Run until stopped. Returns the process exit code."""
+        logs.bind_node(self.config.node.id)
+        data_dir = self.config.node.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DaiseeError(f"cannot create the data dir {data_dir}: {exc.strerror}") from None
+        self._lock.acquire()
+        loop = asyncio.get_running_loop()
+        installed = self._install_signals(loop)
+        try:
+            await self.store.open()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self._spawn("store.writer", self.store.run)
+                    for sensor_config in self.config.sensors:
+                        if sensor_config.enabled:
+                            self._start_sensor(sensor_config)
+                    self._spawn("systemd.watchdog", self._watchdog, supervise=False)
+                    self._spawn("config.reload", self._reload_loop)
+                    self.store.set_counter("node.started_ms", self.clock.now_ms())
+                    self.notifier.ready(self._status_text())
+                    self.log.info(
+                        "node started",
+                        sensors=sorted(self.sensors),
+                        data_dir=str(data_dir),
+                        pid=os.getpid(),
+                    )
+                    self.started.set()
+                    await self._stop.wait()
+                    await self._shutdown()
+            finally:
+                await self.store.close()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self._lock.release()
+        self.log.info("node stopped")
+        return self.exit_code
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        installed = []
+        handlers = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: self.request_reload,
+        }
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                continue
+            installed.append(sig)
+        return installed
+
+    async def _shutdown(self) -> None:
+        """Stop sampling, then commit what the store holds, then stop the rest; ≤ SHUTDOWN_S."""
+        self.notifier.stopping()
+        self.log.info("stopping")
+        deadline = time.monotonic() + SHUTDOWN_S
+        samplers = [t for name, t in self._tasks.items() if name.startswith("sampler.")]
+        for task in samplers:
+            task.cancel()
+        if samplers:
+            await asyncio.wait(samplers, timeout=max(0.1, (deadline - time.monotonic()) / 2))
+        self.store.stop()
+        writer = self._tasks.get("store.writer")
+        if writer is not None:
+            left = max(0.1, deadline - time.monotonic())
+            _, not_done = await asyncio.wait([writer], timeout=left)
+            if not_done:
+                self.log.error("store did not drain in time", pending=self.store.pending)
+        for task in self._tasks.values():
+            task.cancel()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def _spawn(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, supervise: bool = True
+    ) -> None:
+        assert self._tg is not None
+        coro = self._supervise(name, factory) if supervise else factory()
+        task = self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks[name] = task
+        task.add_done_callback(lambda t, n=name: self._forget(n, t))
+
+    def _forget(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run a task; when it crashes, log it by name and start it again after a capped backoff."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() - started > RESTART_RESET_S:
+                    failures = 0
+                failures += 1
+                delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** (failures - 1))
+                delay *= random.uniform(0.5, 1.0)
+                log = self.log.bind(task=name, attempt=failures, restart_in_s=round(delay, 2))
+                if failures == 1:
+                    log.exception("task crashed; restarting")
+                else:
+                    log.error("task crashed again; restarting", error=repr(exc))
+                self.store.add_counter(f"task.{name}.crashes", 1)
+                await asyncio.sleep(delay)
+
+    def _start_sensor(self, sensor_config: Any) -> None:
+        sensor = build_sensor(sensor_config, self.ctx)
+        self.sensors[sensor.name] = sensor
+        self.sensor_stats.setdefault(sensor.name, SensorStats())
+        self.store.declare(sensor.channels)
+        self._spawn(f"sampler.{sensor.name}", lambda s=sensor: self._sample(s))
+
+    async def _stop_sensor(self, name: str) -> None:
+        task = self._tasks.get(f"sampler.{name}")
+        self.sensors.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sample(self, sensor: Sensor) -> None:
+        """Read one sensor every `interval_s` until cancelled. A failed read never ends the loop."""
+        stats = self.sensor_stats[sensor.name]
+        prefix = f"sensor.{sensor.name}"
+        try:
+            await sensor.setup()
+        except Exception:
+            self._publish_failure(sensor, Quality.UNAVAILABLE)
+            raise
+        try:
+            interval = float(sensor.config.interval_s)
+            clock = self.clock
+            next_t = clock.now()
+            while True:
+                try:
+                    readings = await sensor.read()
+                except Exception as exc:
+                    stats.errors += 1
+                    stats.errors_in_row += 1
+                    self.store.add_counter(f"{prefix}.errors", 1)
+                    if stats.errors_in_row == 1:
+                        self.log.warning("sensor read failed", sensor=sensor.name, error=repr(exc))
+                    readings = self._publish_failure(sensor, Quality.SOURCE_ERROR)
+                else:
+                    if stats.errors_in_row:
+                        self.log.info(
+                            "sensor recovered", sensor=sensor.name, failed_reads=stats.errors_in_row
+                        )
+                    stats.errors_in_row = 0
+                    readings = self._screen(readings)
+                    self.publish(readings)
+                stats.reads += 1
+                bad = sum(1 for r in readings if r.quality != Quality.GOOD)
+                if bad:
+                    stats.bad += bad
+                    self.store.add_counter(f"{prefix}.bad", bad)
+                self.store.add_counter(f"{prefix}.reads", 1)
+                next_t += interval
+                now = clock.now()
+                if next_t < now:
+                    # Too slow for the interval: skip the missed ticks instead of bursting.
+                    stats.overruns += 1
+                    next_t = now
+                await clock.sleep(next_t - now)
+        finally:
+            with contextlib.suppress(Exception):
+                await sensor.close()
+
+    def _publish_failure(self, sensor: Sensor, quality: Quality) -> list[Reading]:
+        t_ms = self.clock.now_ms()
+        readings = [Reading(ch.name, t_ms, math.nan, quality) for ch in sensor.channels]
+        self.publish(readings)
+        return readings
+
+    @staticmethod
+    def _screen(readings: Sequence[Reading]) -> Sequence[Reading]:
+        """Mark a value no source could mean (NaN, ±inf, not a number) instead of trusting it."""
+        out: list[Reading] | None = None
+        for i, r in enumerate(readings):
+            value = r.value
+            if type(value) is float and math.isfinite(value):
+                continue
+            try:
+                fixed = float(value)
+            except (TypeError, ValueError):
+                fixed = math.nan
+            if not math.isfinite(fixed):
+                fixed_reading = Reading(
+                    r.channel, r.t_ms, math.nan, r.quality or Quality.OUT_OF_RANGE
+                )
+            else:
+                fixed_reading = Reading(r.channel, r.t_ms, fixed, r.quality)
+            if out is None:
+                out = list(readings)
+            out[i] = fixed_reading
+        return readings if out is None else out
+
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog while the loop turns and the store makes progress."""
+        interval = self.notifier.watchdog_s
+        tick = 0
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            if tick % 10 == 0:
+                self.notifier.status(self._status_text())
+            tick += 1
+            await asyncio.sleep(interval / 2 if interval else 5.0)
+
+    def _status_text(self) -> str:
+        return (
+            f"{len(self.sensors)} sensor(s); {self.store.stats.written} readings stored; "
+            f"{self.store.pending} pending"
+        )
+
+    # -- SIGHUP ------------------------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it; keep the running config if it has errors."""
+        if self.config_path is None:
+            self.log.warning("reload asked, but the node was not started from a file")
+            return False
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                self.log.error(
+                    "config reload rejected; keeping the running config",
+                    problems=[str(p) for p in exc.problems],
+                )
+                return False
+            old = self.config
+            fixed = ("id", "data_dir", "time_speed", "time_start")
+            changed = [k for k in fixed if getattr(old.node, k) != getattr(new.node, k)]
+            if changed:
+                self.log.error(
+                    "config reload rejected: these need a restart",
+                    keys=[f"node.{k}" for k in changed],
+                )
+                return False
+            await self._apply(old, new)
+            self.log.info("config reloaded", sensors=sorted(self.sensors))
+            return True
+        finally:
+            self.notifier.notify("READY=1")
+
+    async def _apply(self, old: Config, new: Config) -> None:
+        self.config = new
+        self.store.retention = new.store.retention()
+        if new.log != old.log:
+            logs.configure(new.log.level, new.log.format)
+        site_changed = new.simulation != old.simulation
+        if site_changed:
+            self.ctx.simulation = new.simulation
+            self.ctx._site = None
+        old_by_name = {s.name: s for s in old.sensors if s.enabled}
+        new_by_name = {s.name: s for s in new.sensors if s.enabled}
+        for name, cfg in old_by_name.items():
+            if new_by_name.get(name) != cfg or (site_changed and cfg.kind == "simulated"):
+                await self._stop_sensor(name)
+        for name, cfg in new_by_name.items():
+            if name not in self.sensors:
+                self._start_sensor(cfg)

@@ -1,0 +1,1 @@
+"""Signed, batched commitments of readings to a proof-of-authority chain."""

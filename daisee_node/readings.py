@@ -1,0 +1,54 @@
+"""Reading and channel types shared by every source, the store, the rules and the ledger."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+#: `<source>.<quantity>` with the unit as the last part of the quantity, e.g. `grid.power_w`.
+CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+
+class Quality(enum.IntEnum):
+    """Why a reading can or cannot be trusted. Anything but GOOD is kept, marked and counted."""
+
+    GOOD = 0
+    OUT_OF_RANGE = 1  # the value is outside what the source can physically report
+    SATURATED = 2  # the ADC or sensor hit its limit; the true value is larger
+    SOURCE_ERROR = 3  # the source did not answer (I2C/Modbus/HTTP error); value is NaN
+    COUNTER_BACKWARDS = 4  # a cumulative counter decreased
+    UNAVAILABLE = 5  # the source is known to be down
+
+
+class Reading(NamedTuple):
+    """One value of one channel at one instant (milliseconds since the Unix epoch, UTC).
+
+    A NamedTuple rather than a dataclass: sources create thousands per second and the store
+    hands them to SQLite as they are.
+    """
+
+    channel: str
+    t_ms: int
+    value: float
+    quality: Quality = Quality.GOOD
+
+    @property
+    def good(self) -> bool:
+        return self.quality == Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """What a source publishes: the channel name, its unit and what kind of quantity it is."""
+
+    name: str
+    unit: str
+    #: "measurement" (instantaneous), "total_increasing" (a cumulative counter) — the Home
+    #: Assistant state classes, so discovery can be derived from it.
+    state_class: str = "measurement"
+
+    def __post_init__(self) -> None:
+        if not CHANNEL_RE.match(self.name):
+            raise ValueError(f"channel name {self.name!r} is not of the form <source>.<quantity>")

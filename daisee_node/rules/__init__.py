@@ -1,0 +1,1 @@
+"""Local exchange rules: expressions over channel values that emit relay intents."""

@@ -1,0 +1,19 @@
+"""Sources of readings, one module per kind. See `base.Sensor` for the contract."""
+
+from __future__ import annotations
+
+from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext
+from daisee_node.sensors.simulated import SimulatedSensor
+
+#: kind → driver class. A driver's config model is `cls.config_model`.
+SENSOR_KINDS: dict[str, type[Sensor]] = {
+    SimulatedSensor.kind: SimulatedSensor,
+}
+
+
+def build_sensor(config: SensorConfig, ctx: SensorContext) -> Sensor:
+    """The driver for one `[[sensors]]` entry."""
+    return SENSOR_KINDS[config.kind](config, ctx)
+
+
+__all__ = ["SENSOR_KINDS", "Sensor", "SensorConfig", "SensorContext", "build_sensor"]

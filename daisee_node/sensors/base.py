@@ -1,0 +1,93 @@
+"""The sensor contract: a declared config schema and a fixed lifecycle (setup, read, close).
+
+Hardware libraries are imported inside `setup`, never at module level, so the package imports on
+any machine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from daisee_node.clock import Clock
+from daisee_node.logs import get_logger
+from daisee_node.readings import Channel, Reading
+
+if TYPE_CHECKING:
+    from daisee_node.sensors.simulated import SimulatedSite, SimulationConfig
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, so a typo is never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SensorConfig(StrictModel):
+    """Keys every sensor has. Each kind adds its own."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="source name; channels are <name>.*")
+    kind: str
+    interval_s: float = Field(1.0, gt=0, le=86_400, description="seconds between reads")
+    enabled: bool = True
+
+
+@dataclass
+class SensorContext:
+    """What a sensor may use from the node: its clock, data dir and the simulated site."""
+
+    clock: Clock
+    data_dir: Path
+    simulation: SimulationConfig | None = None
+    _site: SimulatedSite | None = field(default=None, repr=False)
+
+    def site(self) -> SimulatedSite:
+        """The one simulated site all simulated sensors of this node share."""
+        if self._site is None:
+            from daisee_node.sensors.simulated import SimulatedSite, SimulationConfig
+
+            config = self.simulation or SimulationConfig()
+            self._site = SimulatedSite(config, start=self.clock.now())
+        return self._site
+
+
+class Sensor(ABC):
+    """One source of readings. The daemon calls setup once, read every interval, close at the end.
+
+    `read` may raise: the sampler marks the sensor's channels with a SOURCE_ERROR reading, counts
+    the failure and keeps going.
+    """
+
+    kind: ClassVar[str]
+    config_model: ClassVar[type[SensorConfig]]
+
+    def __init__(self, config: Any, ctx: SensorContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.log = get_logger(f"sensor.{config.name}")
+
+    @property
+    def name(self) -> str:
+        return str(self.config.name)
+
+    @property
+    @abstractmethod
+    def channels(self) -> Sequence[Channel]:
+        """Every channel this sensor can publish."""
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Open the hardware; import its library here."""
+
+    @abstractmethod
+    async def read(self) -> Sequence[Reading]:
+        """Take one reading of every channel, stamped with the node's clock."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the hardware."""

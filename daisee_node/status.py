@@ -1,0 +1,148 @@
+"""`daisee-node status`: what a node is doing, read from its data dir (the daemon need not run)."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daisee_node.daemon import running_pid
+from daisee_node.errors import DaiseeError
+from daisee_node.readings import Quality
+from daisee_node.store import db_path
+
+
+def open_readonly(data_dir: Path) -> sqlite3.Connection:
+    """A read-only connection to a node's database; a clear error when there is none."""
+    path = db_path(data_dir)
+    if not path.exists():
+        raise DaiseeError(f"no node database in {data_dir} (has a node run with this data dir?)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        conn.execute("SELECT 1 FROM readings LIMIT 1")
+    except sqlite3.Error as exc:
+        raise DaiseeError(f"cannot read {path}: {exc}") from None
+    return conn
+
+
+def newest_reading_ms(data_dir: Path) -> int | None:
+    """Time of the newest stored reading, or None for an empty or missing database."""
+    try:
+        conn = open_readonly(data_dir)
+    except DaiseeError:
+        return None
+    with conn:
+        row = conn.execute("SELECT max(t_ms) FROM readings").fetchone()
+    conn.close()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def read_status(data_dir: Path) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (also the `--json` output)."""
+    conn = open_readonly(data_dir)
+    try:
+        path = db_path(data_dir)
+        size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+        oldest, newest = conn.execute("SELECT min(t_ms), max(t_ms) FROM readings").fetchone()
+        counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+        aggregates = conn.execute("SELECT count(*) FROM readings_1m").fetchone()[0]
+        latest = [
+            {
+                "channel": name,
+                "unit": unit,
+                "t_ms": t_ms,
+                "value": None if value is None or not math.isfinite(value) else value,
+                "quality": Quality(quality).name.lower(),
+            }
+            for name, unit, t_ms, value, quality in conn.execute(
+                "SELECT c.name, c.unit, l.t_ms, l.value, l.quality FROM latest l "
+                "JOIN channels c ON c.id = l.channel_id ORDER BY c.name"
+            )
+        ]
+    finally:
+        conn.close()
+    sensors: dict[str, dict[str, int]] = {}
+    for name, value in counters.items():
+        if name.startswith("sensor."):
+            sensor, _, what = name[len("sensor.") :].rpartition(".")
+            sensors.setdefault(sensor, {})[what] = value
+    pid = running_pid(data_dir)
+    return {
+        "data_dir": str(data_dir),
+        "running": pid is not None,
+        "pid": pid,
+        "database": {
+            "path": str(db_path(data_dir)),
+            "bytes": size,
+            "readings": counters.get("readings_stored", 0),
+            "minute_aggregates": aggregates,
+            "oldest_ms": oldest,
+            "newest_ms": newest,
+        },
+        "sensors": sensors,
+        "latest": latest,
+    }
+
+
+def _when(t_ms: int | None) -> str:
+    if t_ms is None:
+        return "-"
+    text = datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    age = time.time() - t_ms / 1000
+    if 0 <= age < 86_400 * 3:
+        text += f" ({_age(age)} ago)"
+    return text
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The status report as a table for a terminal."""
+    db = report["database"]
+    lines = [
+        f"node data dir   {report['data_dir']}",
+        "daemon          "
+        + (f"running (pid {report['pid']})" if report["running"] else "not running"),
+        f"database        {_size(db['bytes'])}, {db['readings']:,} raw readings, "
+        f"{db['minute_aggregates']:,} minute aggregates",
+        f"  oldest        {_when(db['oldest_ms'])}",
+        f"  newest        {_when(db['newest_ms'])}",
+        "",
+    ]
+    rows = [("CHANNEL", "VALUE", "UNIT", "QUALITY", "AT (UTC)")]
+    for r in report["latest"]:
+        value = "unavailable" if r["value"] is None else f"{r['value']:.6g}"
+        at = datetime.fromtimestamp(r["t_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((r["channel"], value, r["unit"], r["quality"], at))
+    lines += _table(rows)
+    if report["sensors"]:
+        lines.append("")
+        rows = [("SENSOR", "READS", "ERRORS", "BAD READINGS")]
+        for name, c in sorted(report["sensors"].items()):
+            rows.append(
+                (name, f"{c.get('reads', 0):,}", f"{c.get('errors', 0):,}", f"{c.get('bad', 0):,}")
+            )
+        lines += _table(rows)
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
