@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -125,7 +126,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit_on_early_stop() -> None:
+    """Until the daemon installs its own handlers, a stop request just ends the process cleanly."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _exit_on_early_stop()
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
     return _run_node(config, config_path=args.config)

@@ -181,16 +181,23 @@ class Store:
         """Open (creating if needed), check integrity, migrate. A corrupt file is moved aside."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            await self._connect()
-            ok = await self._quick_check()
-        except sqlite3.DatabaseError as exc:
-            ok = False
-            self._log.error("database unreadable", path=str(self.path), error=str(exc))
-        if not ok:
-            await self._quarantine()
-            await self._connect()
-        await self._migrate()
-        await self._load_channels()
+            try:
+                await self._connect()
+                ok = await self._quick_check()
+            except sqlite3.DatabaseError as exc:
+                ok = False
+                self._log.error("database unreadable", path=str(self.path), error=str(exc))
+            if not ok:
+                await self._quarantine()
+                await self._connect()
+            await self._migrate()
+            await self._load_channels()
+        except BaseException:
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    await self._db.close()
+                self._db = None
+            raise
         self._next_maintenance = self.clock.now() + min(5.0, self.retention.maintenance_interval_s)
 
     async def _connect(self) -> None:
@@ -466,15 +473,13 @@ class Store:
         # Raw readings are deleted only once they are summarised in the aggregates.
         if rolled is not None:
             raw_cutoff = min(raw_cutoff, rolled)
-            deleted = await self._delete_chunked(
+            self.stats.deleted_raw += await self._delete_chunked(
                 "DELETE FROM readings WHERE t_ms < ?",
                 "SELECT min(t_ms) FROM readings",
                 raw_cutoff,
                 3_600_000,
+                counter="readings_stored",
             )
-            self.stats.deleted_raw += deleted
-            if deleted:
-                self.add_counter("readings_stored", -deleted)
         agg_cutoff = (now_ms - int(self.retention.aggregate_days * DAY_MS)) // MINUTE_MS
         self.stats.deleted_aggregates += await self._delete_chunked(
             "DELETE FROM readings_1m WHERE minute < ?",
@@ -483,7 +488,10 @@ class Store:
             24 * 60,
         )
 
-    async def _delete_chunked(self, delete_sql: str, min_sql: str, cutoff: int, step: int) -> int:
+    async def _delete_chunked(
+        self, delete_sql: str, min_sql: str, cutoff: int, step: int, counter: str | None = None
+    ) -> int:
+        """Delete below `cutoff` in `step`-wide slices, one short transaction each."""
         assert self._db is not None
         async with self._db.execute(min_sql) as cur:
             row = await cur.fetchone()
@@ -496,6 +504,8 @@ class Store:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = await self._db.execute(delete_sql, (lower,))
+                if counter and cur.rowcount > 0:
+                    await self._db.execute(_ADD_COUNTER, (counter, -cur.rowcount, now_ms()))
                 await self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -528,6 +538,10 @@ def _split_sql(script: str) -> list[str]:
     """Split a migration into statements (none of ours contain `;` inside a literal)."""
     lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _move_aside(path: Path, tag: str) -> None:

@@ -1,0 +1,181 @@
+"""Config validation: every problem at once, each with its TOML path; examples stay valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daisee_node.config import load_config, parse_config
+from daisee_node.errors import ConfigError
+from tests.conftest import ROOT
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+
+def problems_of(text: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    return {p.path: p.message for p in info.value.problems}
+
+
+def test_there_are_examples() -> None:
+    assert EXAMPLES, "examples/ must hold at least one config"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.node.id
+    assert config.sensors
+    # Relative data dirs are anchored at the file, not at whatever directory we run from.
+    assert config.node.data_dir.is_absolute()
+
+
+def test_minimal_config_gets_defaults() -> None:
+    config = parse_config('[node]\nid = "house-3"\n')
+    assert config.node.data_dir == Path("/var/lib/daisee-node")
+    assert config.store.flush_interval_s <= 1.0
+    assert config.sensors == []
+
+
+def test_every_problem_is_listed_with_its_path() -> None:
+    found = problems_of(
+        """
+[node]
+id = "House 3"
+data_dirr = "/tmp/x"
+
+[store]
+raw_days = -1
+
+[[sensors]]
+name = "pv"
+kind = "simulated"
+model = "sun"
+intervl_s = 2
+
+[[sensors]]
+name = "meter"
+kind = "teleporter"
+
+[[sensors]]
+name = "grid"
+
+[bogus]
+x = 1
+"""
+    )
+    assert set(found) == {
+        "node.id",
+        "node.data_dirr",
+        "store.raw_days",
+        "sensors[0].model",
+        "sensors[0].intervl_s",
+        "sensors[1]",
+        "sensors[2]",
+        "bogus",
+    }
+    assert "did you mean 'data_dir'" in found["node.data_dirr"]
+    assert "did you mean 'interval_s'" in found["sensors[0].intervl_s"]
+    assert "teleporter" in found["sensors[1]"] and "simulated" in found["sensors[1]"]
+    assert "kind" in found["sensors[2]"]
+    assert "unknown key" in found["bogus"]
+    assert "'House 3'" in found["node.id"]
+
+
+def test_missing_node_id_is_reported() -> None:
+    assert "node" in problems_of("[store]\nraw_days = 3\n")
+    assert "node.id" in problems_of("[node]\ndata_dir = '/tmp'\n")
+
+
+def test_duplicate_sensor_names_collide() -> None:
+    found = problems_of(
+        """
+[node]
+id = "a"
+[[sensors]]
+name = "pv"
+kind = "simulated"
+model = "pv"
+[[sensors]]
+name = "pv"
+kind = "simulated"
+model = "load"
+"""
+    )
+    assert list(found) == ["sensors[1].name"]
+    assert "sensors[0]" in found["sensors[1].name"]
+
+
+def test_flush_interval_cannot_promise_more_than_a_second_of_loss() -> None:
+    assert "store.flush_interval_s" in problems_of("[node]\nid='a'\n[store]\nflush_interval_s=5\n")
+
+
+def test_toml_syntax_error_shows_line_and_column() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config('[node]\nid = "a"\nbroken = = 1\n')
+    text = str(info.value.problems[0])
+    assert "line 3" in text and "column" in text
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.toml")
+    assert "cannot read" in str(info.value)
+
+
+def test_binary_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert "UTF-8" in str(info.value)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daisee_node", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    good = run_cli("check-config", str(EXAMPLES[0]))
+    assert good.returncode == 0, good.stderr
+    assert "ok" in good.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nid = "BAD ID"\n[[sensors]]\nname = "x"\nkind = "nope"\n')
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 2
+    assert "node.id" in result.stderr and "sensors[0]" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text("[node\n")
+    result = run_cli("check-config", str(syntax))
+    assert result.returncode == 2
+    assert "line 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nid = "x"\n[store]\nraw_days = "many"\n')
+    result = run_cli("run", "-c", str(bad))
+    assert result.returncode == 2
+    assert "store.raw_days" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    from daisee_node import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and __version__ in result.stdout

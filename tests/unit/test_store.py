@@ -1,0 +1,272 @@
+"""The SQLite buffer, against a real SQLite file: batching, migrations, rollup, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import statistics
+from pathlib import Path
+
+import pytest
+
+from daisee_node.clock import Clock
+from daisee_node.readings import Channel, Quality, Reading
+from daisee_node.store import DAY_MS, MIGRATIONS, MINUTE_MS, Retention, Store, StoreError
+
+T0 = 1_781_000_000_000 // MINUTE_MS * MINUTE_MS  # a minute boundary in 2026
+
+
+class FixedClock(Clock):
+    """A clock the test sets by hand."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.t_ms = now_ms
+
+    def now_ms(self) -> int:
+        return self.t_ms
+
+    def now(self) -> float:
+        return self.t_ms / 1000
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(
+        tmp_path / "node.db", clock=FixedClock(T0), retention=Retention(flush_interval_s=0.01)
+    )
+    await s.open()
+    writer = asyncio.create_task(s.run())
+    yield s
+    s.stop()
+    await writer
+    await s.close()
+
+
+def rows(path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_readings_round_trip_with_quality_and_nan(store: Store) -> None:
+    store.declare([Channel("grid.power_w", "W")])
+    sent = [
+        Reading("grid.power_w", T0 + 1000, 12.5),
+        Reading("grid.power_w", T0 + 2000, math.nan, Quality.SOURCE_ERROR),
+        Reading("grid.power_w", T0 + 3000, -3.25, Quality.OUT_OF_RANGE),
+    ]
+    store.put_many(sent)
+    await store.flush()
+    got = await store.readings("grid.power_w", T0, T0 + 10_000)
+    assert [(r.t_ms, r.quality) for r in got] == [(r.t_ms, r.quality) for r in sent]
+    assert got[0].value == 12.5 and math.isnan(got[1].value) and got[2].value == -3.25
+    assert (await store.query("SELECT unit FROM channels"))[0][0] == "W"
+
+
+async def test_many_readings_arrive_in_few_transactions(store: Store) -> None:
+    for i in range(20_000):
+        store.put(Reading(f"ch.c{i % 8}_w", T0 + i, float(i)))
+    await store.flush()
+    assert store.stats.written == 20_000
+    assert store.stats.batches <= 3
+    (count,) = (await store.query("SELECT count(*) FROM readings"))[0]
+    assert count == 20_000
+
+
+async def test_duplicates_are_ignored_and_counted(store: Store) -> None:
+    store.put(Reading("a.x_w", T0, 1.0))
+    await store.flush()
+    store.put_many([Reading("a.x_w", T0, 2.0), Reading("a.x_w", T0 + 1, 3.0)])
+    await store.flush()
+    assert store.stats.duplicates == 1
+    got = await store.readings("a.x_w", T0, T0 + 10)
+    assert [r.value for r in got] == [1.0, 3.0]  # the first value at a time wins
+
+
+async def test_latest_keeps_the_newest_value_per_channel(store: Store) -> None:
+    store.put_many([Reading("a.x_w", T0 + 5, 5.0), Reading("a.x_w", T0 + 9, 9.0)])
+    await store.flush()
+    store.put(Reading("a.x_w", T0 + 7, 7.0))  # late, older reading
+    await store.flush()
+    assert await store.query("SELECT t_ms, value FROM latest") == [(T0 + 9, 9.0)]
+
+
+async def test_counters_persist_and_add_up(tmp_path: Path, store: Store) -> None:
+    store.add_counter("sensor.pv.reads", 3)
+    store.add_counter("sensor.pv.reads", 4)
+    store.put(Reading("a.x_w", T0, 1.0))
+    await store.flush()
+    store.add_counter("sensor.pv.reads", 1)
+    store.put(Reading("a.x_w", T0 + 1, 1.0))
+    await store.flush()
+    counters = dict(await store.query("SELECT name, value FROM counters"))
+    assert counters["sensor.pv.reads"] == 8
+    assert counters["readings_stored"] == 2
+
+
+async def test_backlog_cap_drops_oldest_and_counts(tmp_path: Path) -> None:
+    s = Store(tmp_path / "node.db", retention=Retention(max_pending=1000))
+    for i in range(1500):
+        s.put(Reading("a.x_w", T0 + i, float(i)))
+    assert s.pending == 1000
+    assert s.stats.dropped == 500
+    await s.open()
+    s.stop()
+    await s.run()
+    await s.close()
+    kept = rows(tmp_path / "node.db", "SELECT min(t_ms), count(*) FROM readings")
+    assert kept == [(T0 + 500, 1000)]
+
+
+async def test_a_failed_write_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    s = Store(tmp_path / "node.db", retention=Retention(flush_interval_s=0.01))
+    await s.open()
+    s.put_many([Reading("a.x_w", T0 + i, float(i)) for i in range(100)])
+    assert s._db is not None
+    real = s._db.executemany
+    calls = {"n": 0}
+
+    async def failing_once(sql, params):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return await real(sql, params)
+
+    monkeypatch.setattr(s._db, "executemany", failing_once)
+    with pytest.raises(sqlite3.OperationalError):
+        await s.run()
+    assert s.pending == 100  # the batch went back in the queue
+    s.put(Reading("a.x_w", T0 + 100, 100.0))
+    s.stop()
+    await s.run()  # as the supervisor would restart it
+    await s.close()
+    assert rows(tmp_path / "node.db", "SELECT count(*) FROM readings") == [(101,)]
+
+
+async def test_migrations_number_the_schema(tmp_path: Path) -> None:
+    async with Store(tmp_path / "node.db"):
+        pass
+    assert rows(tmp_path / "node.db", "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert rows(tmp_path / "node.db", "PRAGMA journal_mode") == [("wal",)]
+    async with Store(tmp_path / "node.db"):  # opening again migrates nothing, keeps data
+        pass
+    assert rows(tmp_path / "node.db", "PRAGMA user_version") == [(len(MIGRATIONS),)]
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "node.db")
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 5}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        await Store(tmp_path / "node.db").open()
+
+
+async def test_a_corrupt_database_is_moved_aside_and_the_node_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\x13" * 8192)
+    s = Store(path)
+    await s.open()
+    s.put(Reading("a.x_w", T0, 1.0))
+    s.stop()
+    await s.run()
+    await s.close()
+    kept = list(tmp_path.glob("node.db.corrupt-*"))
+    assert kept and kept[0].read_bytes().startswith(b"SQLite format 3")
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+    assert rows(path, "SELECT count(*) FROM readings") == [(1,)]
+
+
+def minute_series() -> list[Reading]:
+    """Ten minutes of two channels, with a bad reading now and then."""
+    out = []
+    for i in range(600):
+        t = T0 + i * 1000
+        out.append(Reading("pv.power_w", t, 100 + 50 * math.sin(i / 17)))
+        quality = Quality.SOURCE_ERROR if i % 13 == 0 else Quality.GOOD
+        value = math.nan if quality else float(i % 60)
+        out.append(Reading("load.power_w", t, value, quality))
+    return out
+
+
+async def test_rollup_summarises_each_minute(tmp_path: Path) -> None:
+    clock = FixedClock(T0)
+    s = Store(tmp_path / "node.db", clock=clock)
+    await s.open()
+    series = minute_series()
+    s.put_many(series)
+    s.stop()
+    await s.run()
+    await s.maintain(now_ms=T0 + 10 * MINUTE_MS + 10_000)
+    got = {
+        (c, m): rest
+        for m, c, *rest in await s.query(
+            "SELECT a.minute, c.name, a.min, a.max, a.mean, a.last, a.count, a.bad "
+            "FROM readings_1m a JOIN channels c ON c.id = a.channel_id"
+        )
+    }
+    await s.close()
+    assert len(got) == 20
+    for channel in ("pv.power_w", "load.power_w"):
+        for m in range(10):
+            minute = T0 // MINUTE_MS + m
+            ours = [r for r in series if r.channel == channel and r.t_ms // MINUTE_MS == minute]
+            good = [r.value for r in ours if r.good]
+            mn, mx, mean, last, count, bad = got[(channel, minute)]
+            assert (mn, mx, count, bad) == (min(good), max(good), len(good), len(ours) - len(good))
+            assert mean == pytest.approx(statistics.fmean(good))
+            assert last == [r.value for r in ours if r.good][-1]
+
+
+async def test_rollup_waits_for_the_minute_to_end(tmp_path: Path) -> None:
+    s = Store(tmp_path / "node.db", clock=FixedClock(T0))
+    await s.open()
+    s.put_many(minute_series())
+    s.stop()
+    await s.run()
+    first = T0 // MINUTE_MS
+    # Minute 1 ended a second ago, within the grace for late readings: only minute 0 is done.
+    await s.maintain(now_ms=T0 + 2 * MINUTE_MS + 1000)
+    done_early = [m for (m,) in await s.query("SELECT DISTINCT minute FROM readings_1m")]
+    await s.maintain(now_ms=T0 + 2 * MINUTE_MS + 6000)
+    done_later = [m for (m,) in await s.query("SELECT DISTINCT minute FROM readings_1m")]
+    await s.close()
+    assert sorted(done_early) == [first]
+    assert sorted(done_later) == [first, first + 1]
+
+
+async def test_retention_keeps_raw_days_then_aggregates(tmp_path: Path) -> None:
+    retention = Retention(raw_days=2, aggregate_days=5)
+    s = Store(tmp_path / "node.db", retention=retention, clock=FixedClock(T0))
+    await s.open()
+    # One reading a minute for 6 days.
+    s.put_many([Reading("a.x_w", T0 + k * MINUTE_MS, float(k)) for k in range(6 * 24 * 60)])
+    s.stop()
+    await s.run()
+    now = T0 + 6 * DAY_MS
+    await s.maintain(now_ms=now)
+    raw_min, raw_count = (await s.query("SELECT min(t_ms), count(*) FROM readings"))[0]
+    agg_min = (await s.query("SELECT min(minute) FROM readings_1m"))[0][0]
+    stored = dict(await s.query("SELECT name, value FROM counters"))
+    await s.close()
+    assert raw_min >= now - 2 * DAY_MS
+    assert raw_count == 2 * 24 * 60
+    assert agg_min * MINUTE_MS >= now - 5 * DAY_MS
+    assert agg_min * MINUTE_MS < now - 4 * DAY_MS  # and no more than needed was dropped
+    assert stored["readings_stored"] == raw_count
+
+
+async def test_raw_readings_are_never_dropped_before_they_are_summarised(tmp_path: Path) -> None:
+    s = Store(tmp_path / "node.db", retention=Retention(raw_days=1), clock=FixedClock(T0))
+    await s.open()
+    s.put_many([Reading("a.x_w", T0 + k * MINUTE_MS, 1.0) for k in range(3 * 24 * 60)])
+    s.stop()
+    await s.run()
+    # Pretend the rollup is stuck at the start: nothing may be deleted.
+    await s.query("INSERT INTO meta (key, value) VALUES ('rollup_until_ms', ?)", (str(T0),))
+    await s._expire(T0 + 3 * DAY_MS)
+    (count,) = (await s.query("SELECT count(*) FROM readings"))[0]
+    await s.close()
+    assert count == 3 * 24 * 60
