@@ -13,16 +13,13 @@ import json
 import os
 import platform
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from daisee_node import logs  # noqa: E402
-from daisee_node.readings import Reading  # noqa: E402
-from daisee_node.store import Retention, Store  # noqa: E402
+from daisee_node import logs
+from daisee_node.readings import Reading
+from daisee_node.store import Retention, Store
 
 TARGET = 200_000
 CHANNELS = [f"ch{i}.power_w" for i in range(8)]
@@ -36,10 +33,7 @@ async def through_writer(n: int, directory: Path) -> float:
     t0_ms = 1_781_000_000_000
     chunk = 800  # 8 channels × 100 samples, then yield to the loop
     batches = [
-        [
-            Reading(CHANNELS[j % 8], t0_ms + (k + j) // 8, float(j))
-            for j in range(chunk)
-        ]
+        [Reading(CHANNELS[j % 8], t0_ms + (k + j) // 8, float(j)) for j in range(chunk)]
         for k in range(0, n, chunk)
     ]
     start = time.perf_counter()
@@ -81,21 +75,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         ours = asyncio.run(through_writer(args.readings, Path(tmp)))
         naive = one_commit_per_reading(args.reference_readings, Path(tmp))
-    print(json.dumps({
-        "bench": "store_ingest",
-        "readings": args.readings,
-        "readings_per_s": round(ours),
-        "target_per_s": TARGET,
-        "meets_target": ours >= TARGET,
-        "reference": {
-            "name": "one INSERT + durable COMMIT per reading (naive logger, same SQLite settings)",
-            "readings": args.reference_readings,
-            "readings_per_s": round(naive),
-        },
-        "speedup_vs_reference": round(ours / naive, 1),
-        "sqlite": sqlite3.sqlite_version,
-        "python": platform.python_version(),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "store_ingest",
+                "readings": args.readings,
+                "readings_per_s": round(ours),
+                "target_per_s": TARGET,
+                "meets_target": ours >= TARGET,
+                "reference": {
+                    "name": "one INSERT + durable COMMIT per reading (naive logger, same SQLite settings)",
+                    "readings": args.reference_readings,
+                    "readings_per_s": round(naive),
+                },
+                "speedup_vs_reference": round(ours / naive, 1),
+                "sqlite": sqlite3.sqlite_version,
+                "python": platform.python_version(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -49,23 +49,37 @@ def main() -> None:
     p.add_argument("--speed", type=float, default=60.0, help="the demo's simulated time speed")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        node_cmd = [sys.executable, "-m", "daisee_node", "demo", "--data-dir", tmp,
-                    "--speed", str(args.speed)]
+        node_cmd = [
+            sys.executable,
+            "-m",
+            "daisee_node",
+            "demo",
+            "--data-dir",
+            tmp,
+            "--speed",
+            str(args.speed),
+        ]
         node_rss, node_peak = measure(node_cmd, args.seconds)
     bare_cmd = [sys.executable, "-c", "import asyncio; asyncio.run(asyncio.sleep(3600))"]
     bare_rss, _ = measure(bare_cmd, 2.0)
-    print(json.dumps({
-        "bench": "node_memory",
-        "after_s": args.seconds,
-        "demo_speed": args.speed,
-        "rss_mb": round(node_rss, 1),
-        "peak_rss_mb": round(node_peak, 1),
-        "target_mb": TARGET_MB,
-        "meets_target": node_peak <= TARGET_MB,
-        "reference": {"name": "bare Python interpreter running an asyncio loop",
-                      "rss_mb": round(bare_rss, 1)},
-        "node_over_interpreter_mb": round(node_rss - bare_rss, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "node_memory",
+                "after_s": args.seconds,
+                "demo_speed": args.speed,
+                "rss_mb": round(node_rss, 1),
+                "peak_rss_mb": round(node_peak, 1),
+                "target_mb": TARGET_MB,
+                "meets_target": node_peak <= TARGET_MB,
+                "reference": {
+                    "name": "bare Python interpreter running an asyncio loop",
+                    "rss_mb": round(bare_rss, 1),
+                },
+                "node_over_interpreter_mb": round(node_rss - bare_rss, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
