@@ -84,7 +84,7 @@ def main() -> None:
                 "target_per_s": TARGET,
                 "meets_target": ours >= TARGET,
                 "reference": {
-                    "name": "one INSERT + durable COMMIT per reading (naive logger, same SQLite settings)",
+                    "name": "one INSERT + durable COMMIT per reading (naive logger)",
                     "readings": args.reference_readings,
                     "readings_per_s": round(naive),
                 },
