@@ -112,6 +112,15 @@ def test_sighup_rejects_a_broken_config_and_applies_a_good_one(tmp_path: Path, d
     assert rejected and any("sensors[1].wrong_key" in p for p in rejected[0]["problems"])
 
 
+def test_sigint_stops_like_sigterm(tmp_path: Path, daemon) -> None:
+    d = daemon(config(tmp_path))
+    wait_for(lambda: newest_ms(tmp_path) > 0)
+    d.signal(signal.SIGINT)
+    code, stderr = d.wait()
+    assert code == 0, stderr
+    assert "node stopped" in stderr
+
+
 def test_sigterm_during_startup_exits_cleanly(tmp_path: Path, daemon) -> None:
     d = daemon(config(tmp_path))
     time.sleep(0.3)  # still importing
