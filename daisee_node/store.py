@@ -356,6 +356,9 @@ class Store:
 
     async def _write_batch(self, batch: list[Reading]) -> None:
         assert self._db is not None
+        # Taken before the first await: what arrives while this batch commits goes in the next.
+        adds, self._counter_adds = self._counter_adds, {}
+        sets, self._counter_sets = self._counter_sets, {}
         try:
             try:
                 ids = self._channel_ids
@@ -376,13 +379,12 @@ class Store:
                     await self._db.executemany(
                         _UPSERT_LATEST, [(c, t, v, q) for (t, c, v, q) in latest.values()]
                     )
-                adds = dict(self._counter_adds)
+                counted = dict(adds)
                 if inserted:
-                    adds["readings_stored"] = adds.get("readings_stored", 0) + inserted
-                sets = dict(self._counter_sets)
-                if adds:
+                    counted["readings_stored"] = counted.get("readings_stored", 0) + inserted
+                if counted:
                     await self._db.executemany(
-                        _ADD_COUNTER, [(k, v, now_ms) for k, v in adds.items()]
+                        _ADD_COUNTER, [(k, v, now_ms) for k, v in counted.items()]
                     )
                 if sets:
                     await self._db.executemany(
@@ -394,11 +396,13 @@ class Store:
                     await self._db.execute("ROLLBACK")
                 raise
         except BaseException:
-            # Nothing is lost: the batch goes back in front of what arrived meanwhile.
+            # Nothing is lost: the batch and the counters go back in front of what came since.
             self._pending[:0] = batch
+            for k, v in adds.items():
+                self._counter_adds[k] = self._counter_adds.get(k, 0) + v
+            for k, v in sets.items():
+                self._counter_sets.setdefault(k, v)
             raise
-        self._counter_adds.clear()
-        self._counter_sets.clear()
         s = self.stats
         s.written += inserted
         s.duplicates += len(rows) - inserted
@@ -522,6 +526,17 @@ class Store:
         assert self._db is not None
         async with self._db.execute(sql, params) as cur:
             return list(await cur.fetchall())
+
+    async def load_latest(self) -> dict[str, Reading]:
+        """The newest stored reading of every channel."""
+        rows = await self.query(
+            "SELECT c.name, l.t_ms, l.value, l.quality FROM latest l "
+            "JOIN channels c ON c.id = l.channel_id"
+        )
+        return {
+            name: Reading(name, t, math.nan if v is None else v, Quality(q))
+            for name, t, v, q in rows
+        }
 
     async def readings(self, channel: str, t0_ms: int, t1_ms: int) -> list[Reading]:
         """Raw readings of one channel in [t0, t1), oldest first."""

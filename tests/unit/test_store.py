@@ -270,3 +270,30 @@ async def test_raw_readings_are_never_dropped_before_they_are_summarised(tmp_pat
     (count,) = (await s.query("SELECT count(*) FROM readings"))[0]
     await s.close()
     assert count == 3 * 24 * 60
+
+
+async def test_counters_added_during_a_commit_are_kept(tmp_path: Path, monkeypatch) -> None:
+    s = Store(tmp_path / "node.db", retention=Retention(flush_interval_s=0.01))
+    await s.open()
+    assert s._db is not None
+    real = s._db.executemany
+
+    async def slow(sql, params):
+        # While this batch is in flight, a sensor counts another read.
+        s.add_counter("sensor.x.reads", 1)
+        return await real(sql, params)
+
+    monkeypatch.setattr(s._db, "executemany", slow)
+    s.add_counter("sensor.x.reads", 1)
+    s.put(Reading("a.x_w", T0, 1.0))
+    writer = asyncio.create_task(s.run())
+    await s.flush()
+    monkeypatch.setattr(s._db, "executemany", real)
+    s.put(Reading("a.x_w", T0 + 1, 1.0))
+    await s.flush()
+    s.stop()
+    await writer
+    await s.close()
+    # 1 before the batch + 1 per executemany of the first batch (readings, latest, counters).
+    assert rows(tmp_path / "node.db", "SELECT value FROM counters WHERE name = 'sensor.x.reads'"
+                ) == [(4,)]
