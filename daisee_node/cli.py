@@ -90,6 +90,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="measure the zero-current output of ADS1115 current sensors "
+        "(with no load!) and store it in the data dir",
+    )
+    calibrate.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    calibrate.add_argument(
+        "--sensor",
+        action="append",
+        default=None,
+        help="only this sensor (repeatable); default: every DC sensor",
+    )
+    calibrate.add_argument(
+        "--seconds", type=float, default=2.0, help="how long to average each input (default 2)"
+    )
+    calibrate.set_defaults(func=cmd_calibrate)
+
     status = sub.add_parser("status", help="what a node is doing, from its data dir")
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -155,6 +172,59 @@ def _run_node(
         return await _demo(node, demo)
 
     return asyncio.run(main())
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from daisee_node.daemon import make_clock, running_pid
+    from daisee_node.sensors.ads1115 import Ads1115Sensor
+    from daisee_node.sensors.base import SensorContext
+
+    config = load_config(args.config)
+    logs.configure("warning", config.log.format)
+    data_dir = config.node.data_dir
+    pid = running_pid(data_dir) if data_dir.exists() else None
+    if pid is not None:
+        raise DaiseeError(
+            f"the node is running (pid {pid}); stop it first "
+            "(sudo systemctl stop daisee-node): it holds the ADC"
+        )
+    chosen = [
+        s
+        for s in config.sensors
+        if s.kind == "ads1115" and (args.sensor is None or s.name in args.sensor)
+    ]
+    unknown = set(args.sensor or ()) - {s.name for s in chosen}
+    if unknown:
+        raise DaiseeError(f"no ADS1115 sensor named {', '.join(sorted(unknown))} in {args.config}")
+    if not chosen:
+        raise DaiseeError(f"no ADS1115 sensor in {args.config}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> None:
+        ctx = SensorContext(make_clock(config), data_dir, config.simulation)
+        for sensor_config in chosen:
+            if sensor_config.mode == "ac":
+                print(
+                    f"{sensor_config.name}: skipped — in AC mode the zero is taken from "
+                    "every window"
+                )
+                continue
+            sensor = Ads1115Sensor(sensor_config, ctx)
+            await sensor.setup()
+            try:
+                entry = await sensor.calibrate(args.seconds)
+            finally:
+                await sensor.close()
+            print(
+                f"{sensor_config.name}: zero {entry['zero_v']:.4f} V "
+                f"(datasheet {entry['datasheet_zero_v']:.4f} V, noise "
+                f"{entry['noise_v_rms'] * 1000:.2f} mV RMS, {entry['samples']} samples)"
+            )
+
+    print("Calibrating with NO current in the conductors.")
+    asyncio.run(run())
+    print(f"saved in {data_dir / 'calibration.json'}; the node uses it from its next start")
+    return EXIT_OK
 
 
 # -- demo -----------------------------------------------------------------------------------------

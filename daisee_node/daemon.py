@@ -29,8 +29,9 @@ from daisee_node import logs
 from daisee_node.clock import Clock, ScaledClock
 from daisee_node.config import Config, load_config
 from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
-from daisee_node.readings import Quality, Reading
+from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
+from daisee_node.sensors.base import SourceUnavailable
 from daisee_node.store import Store, db_path
 from daisee_node.systemd import Notifier
 
@@ -64,6 +65,36 @@ class SensorStats:
     bad: int = 0
     overruns: int = 0
     errors_in_row: int = 0
+
+
+class ChannelChecks:
+    """Checks every source gets: plausible ranges, and counters that must never go backwards."""
+
+    def __init__(self, channels: Sequence[Channel]) -> None:
+        self.limits = {
+            c.name: (-math.inf if c.min is None else c.min, math.inf if c.max is None else c.max)
+            for c in channels
+            if c.min is not None or c.max is not None
+        }
+        self.totals = {c.name for c in channels if c.state_class == "total_increasing"}
+
+    def apply(self, readings: Sequence[Reading], latest: dict[str, Reading]) -> Sequence[Reading]:
+        if not self.limits and not self.totals:
+            return readings
+        out = list(readings)
+        for i, r in enumerate(out):
+            if not r.good:
+                continue
+            bounds = self.limits.get(r.channel)
+            if bounds is not None and not bounds[0] <= r.value <= bounds[1]:
+                out[i] = r._replace(quality=Quality.OUT_OF_RANGE)
+            elif r.channel in self.totals:
+                prev = latest.get(r.channel)
+                # A tiny tolerance: meters round their counters differently from read to read.
+                slack = 1e-9 * max(1.0, abs(prev.value)) if prev is not None else 0.0
+                if prev is not None and prev.good and r.value < prev.value - slack:
+                    out[i] = r._replace(quality=Quality.COUNTER_BACKWARDS)
+        return out
 
 
 class DataDirLock:
@@ -133,11 +164,12 @@ class Node:
             clock=self.clock,
             synchronous=config.store.synchronous.upper(),
         )
-        self.ctx = SensorContext(self.clock, data_dir, config.simulation)
+        #: the newest reading of every channel, as published (and, at start, as stored)
+        self.latest: dict[str, Reading] = {}
+        self.ctx = SensorContext(self.clock, data_dir, config.simulation, latest=self.latest)
         self.sensors: dict[str, Sensor] = {}
         self.sensor_stats: dict[str, SensorStats] = {}
-        #: the newest reading of every channel, as published
-        self.latest: dict[str, Reading] = {}
+        self._checks: dict[str, ChannelChecks] = {}
         self._sinks: list[ReadingSink] = [self.store.put_many, self._remember]
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
@@ -183,6 +215,7 @@ class Node:
         installed = self._install_signals(loop)
         try:
             await self.store.open()
+            self.latest.update(await self.store.load_latest())
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
@@ -289,6 +322,7 @@ class Node:
     def _start_sensor(self, sensor_config: Any) -> None:
         sensor = build_sensor(sensor_config, self.ctx)
         self.sensors[sensor.name] = sensor
+        self._checks[sensor.name] = ChannelChecks(sensor.channels)
         self.sensor_stats.setdefault(sensor.name, SensorStats())
         self.store.declare(sensor.channels)
         self._spawn(f"sampler.{sensor.name}", lambda s=sensor: self._sample(s))
@@ -304,6 +338,7 @@ class Node:
     async def _sample(self, sensor: Sensor) -> None:
         """Read one sensor every `interval_s` until cancelled. A failed read never ends the loop."""
         stats = self.sensor_stats[sensor.name]
+        checks = self._checks[sensor.name]
         prefix = f"sensor.{sensor.name}"
         try:
             await sensor.setup()
@@ -323,15 +358,18 @@ class Node:
                     self.store.add_counter(f"{prefix}.errors", 1)
                     if stats.errors_in_row == 1:
                         self.log.warning("sensor read failed", sensor=sensor.name, error=repr(exc))
-                    readings = self._publish_failure(sensor, Quality.SOURCE_ERROR)
+                    unavailable = isinstance(exc, SourceUnavailable)
+                    quality = Quality.UNAVAILABLE if unavailable else Quality.SOURCE_ERROR
+                    readings = self._publish_failure(sensor, quality)
                 else:
                     if stats.errors_in_row:
                         self.log.info(
                             "sensor recovered", sensor=sensor.name, failed_reads=stats.errors_in_row
                         )
                     stats.errors_in_row = 0
-                    readings = self._screen(readings)
-                    self.publish(readings)
+                    readings = checks.apply(self._screen(readings), self.latest)
+                    if readings:
+                        self.publish(readings)
                 stats.reads += 1
                 bad = sum(1 for r in readings if r.quality != Quality.GOOD)
                 if bad:

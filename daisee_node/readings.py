@@ -48,6 +48,9 @@ class Channel:
     #: "measurement" (instantaneous), "total_increasing" (a cumulative counter) — the Home
     #: Assistant state classes, so discovery can be derived from it.
     state_class: str = "measurement"
+    #: values outside [min, max] cannot be real: they are kept but marked OUT_OF_RANGE
+    min: float | None = None
+    max: float | None = None
 
     def __post_init__(self) -> None:
         if not CHANNEL_RE.match(self.name):

@@ -116,3 +116,12 @@ def db_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
         return []
     finally:
         conn.close()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (on loopback)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

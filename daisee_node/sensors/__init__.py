@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from daisee_node.sensors.ads1115 import Ads1115Sensor
 from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext
+from daisee_node.sensors.http_json import HttpJsonSensor
+from daisee_node.sensors.modbus_meter import ModbusMeter
 from daisee_node.sensors.simulated import SimulatedSensor
 
 #: kind → driver class. A driver's config model is `cls.config_model`.
 SENSOR_KINDS: dict[str, type[Sensor]] = {
     SimulatedSensor.kind: SimulatedSensor,
+    Ads1115Sensor.kind: Ads1115Sensor,
+    ModbusMeter.kind: ModbusMeter,
+    HttpJsonSensor.kind: HttpJsonSensor,
 }
 
 

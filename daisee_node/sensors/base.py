@@ -7,7 +7,7 @@ any machine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from daisee_node.clock import Clock
+from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
 from daisee_node.readings import Channel, Reading
 
@@ -30,6 +31,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SourceUnavailable(DaiseeError):
+    """A source that has stopped answering and is now polled less often."""
+
+
 class SensorConfig(StrictModel):
     """Keys every sensor has. Each kind adds its own."""
 
@@ -41,12 +46,24 @@ class SensorConfig(StrictModel):
 
 @dataclass
 class SensorContext:
-    """What a sensor may use from the node: its clock, data dir and the simulated site."""
+    """What a sensor may use from the node.
+
+    `latest` is the newest reading of every channel (loaded from the database at start, so
+    cumulative counters continue across restarts); `resources` holds hardware shared by several
+    sensors (an I2C bus, an ADC chip, a serial line), keyed by what they are.
+    """
 
     clock: Clock
     data_dir: Path
     simulation: SimulationConfig | None = None
+    latest: Mapping[str, Reading] = field(default_factory=dict)
+    resources: dict[Hashable, Any] = field(default_factory=dict)
     _site: SimulatedSite | None = field(default=None, repr=False)
+
+    def restore(self, channel: str) -> float | None:
+        """The last good value of a channel, if the node has one."""
+        r = self.latest.get(channel)
+        return r.value if r is not None and r.good else None
 
     def site(self) -> SimulatedSite:
         """The one simulated site all simulated sensors of this node share."""
