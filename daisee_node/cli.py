@@ -245,10 +245,26 @@ def demo_config(
     if start is None:
         today = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
         start = today
-    sensors = [
+    sensors: list[dict[str, Any]] = [
         {"name": model, "kind": "simulated", "model": model, "interval_s": 1.0}
         for model in ("pv", "load", "battery", "grid")
     ]
+    # A CT clamp on the PV line, read through the real ADS1115 driver on the fake I2C bus: its
+    # current follows the simulated PV output.
+    sensors.append(
+        {
+            "name": "pv_line",
+            "kind": "ads1115",
+            "bus": "fake",
+            "channel": 0,
+            "current_sensor": "sct013-030",
+            "mode": "ac",
+            "voltage_v": 230.0,
+            "direction": "export",
+            "interval_s": 5.0,
+            "fake": {"ac_rms_a": 10.0, "noise_a": 0.02, "follow_channel": "pv.power_w"},
+        }
+    )
     return config_from_dict(
         {
             "node": {
@@ -317,10 +333,12 @@ def _summary_line(node: Any) -> str:
 
     t = datetime.fromtimestamp(node.clock.now(), UTC).strftime("%Y-%m-%d %H:%M")
     battery = v("battery.power_w")
+    line = v("pv_line.current_a")
     return (
         f"{t} UTC  pv {v('pv.power_w'):6.0f} W  load {v('load.power_w'):6.0f} W  "
         f"battery {v('battery.soc_pct'):5.1f} % ({battery:+6.0f} W)  "
-        f"grid {v('grid.power_w'):+6.0f} W  | stored {node.store.stats.written}"
+        f"grid {v('grid.power_w'):+6.0f} W  PV line {line:5.2f} A (ADS1115)  "
+        f"| stored {node.store.stats.written}"
     )
 
 

@@ -165,12 +165,12 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
             seen[sensor.name] = i
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
-            if sensor.kind != "simulated":
+            if sensor.kind != "simulated" and getattr(sensor, "bus", None) != "fake":
                 problems.append(
                     ConfigProblem(
                         f"sensors[{i}].kind",
                         "simulated time (node.time_speed/time_start) needs every sensor to be "
-                        "'simulated': real hardware runs on real time",
+                        "simulated or on the fake bus: real hardware runs on real time",
                     )
                 )
     return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import shutil
 import subprocess
@@ -29,8 +30,16 @@ from tests.support.meters import (
 
 
 def meter_config(port: int, **extra: Any) -> ModbusConfig:
-    base = {"name": "grid", "kind": "modbus", "model": "sdm630", "host": "127.0.0.1",
-            "port": port, "timeout_s": 0.3, "retries": 0, "interval_s": 0.05}
+    base = {
+        "name": "grid",
+        "kind": "modbus",
+        "model": "sdm630",
+        "host": "127.0.0.1",
+        "port": port,
+        "timeout_s": 0.3,
+        "retries": 0,
+        "interval_s": 0.05,
+    }
     return ModbusConfig(**{**base, **extra})
 
 
@@ -50,7 +59,7 @@ async def opened(config: ModbusConfig, tmp_path: Path) -> ModbusMeter:
 
 
 async def test_sdm630_values_arrive_as_channels_in_si_units(sdm630, tmp_path: Path) -> None:
-    meter, server = sdm630
+    _, server = sdm630
     sensor = await opened(meter_config(server.port), tmp_path)
     readings = {r.channel: r for r in await sensor.read()}
     await sensor.close()
@@ -76,15 +85,23 @@ async def test_contiguous_registers_are_read_in_one_request(sdm630, tmp_path: Pa
 
 
 def test_block_planning_splits_at_gaps_functions_and_the_protocol_limit() -> None:
-    cfg = ModbusConfig(name="m", kind="modbus", model="custom", registers=[
-        {"quantity": "a", "address": 0, "type": "uint16", "function": 3},
-        {"quantity": "b", "address": 1, "type": "int32", "function": 3},
-        {"quantity": "c", "address": 10, "type": "uint16", "function": 3},
-        {"quantity": "d", "address": 0, "type": "float32", "function": 4},
-        {"quantity": "e", "address": 122, "type": "float32", "function": 4},
-        {"quantity": "f", "address": 124, "type": "float32", "function": 4},
-    ] + [{"quantity": f"g{i}", "address": 2 + 2 * i, "type": "float32", "function": 4}
-         for i in range(60)])
+    cfg = ModbusConfig(
+        name="m",
+        kind="modbus",
+        model="custom",
+        registers=[
+            {"quantity": "a", "address": 0, "type": "uint16", "function": 3},
+            {"quantity": "b", "address": 1, "type": "int32", "function": 3},
+            {"quantity": "c", "address": 10, "type": "uint16", "function": 3},
+            {"quantity": "d", "address": 0, "type": "float32", "function": 4},
+            {"quantity": "e", "address": 122, "type": "float32", "function": 4},
+            {"quantity": "f", "address": 124, "type": "float32", "function": 4},
+        ]
+        + [
+            {"quantity": f"g{i}", "address": 2 + 2 * i, "type": "float32", "function": 4}
+            for i in range(60)
+        ],
+    )
     blocks = [(b.function, b.address, b.count) for b in plan_blocks(cfg.register_map())]
     assert blocks == [(3, 0, 3), (3, 10, 1), (4, 0, 124), (4, 124, 2)]
     assert all(b[2] <= 125 for b in blocks)
@@ -94,29 +111,51 @@ async def test_a_custom_map_decodes_types_word_order_and_scale(sdm630, tmp_path:
     meter, server = sdm630
     meter.holding = {
         100: 0xFFF6,  # int16 -10
-        101: 0x0001, 102: 0x86A0,  # uint32 100000, high word first
-        103: 0x86A0, 104: 0x0001,  # uint32 100000, low word first
+        101: 0x0001,
+        102: 0x86A0,  # uint32 100000, high word first
+        103: 0x86A0,
+        104: 0x0001,  # uint32 100000, low word first
     }
-    config = meter_config(server.port, model="custom", registers=[
-        {"quantity": "temp_c", "address": 100, "function": 3, "type": "int16", "scale": 0.5},
-        {"quantity": "energy_wh", "address": 101, "function": 3, "type": "uint32",
-         "state_class": "total_increasing"},
-        {"quantity": "other_wh", "address": 103, "function": 3, "type": "uint32",
-         "word_order": "little", "scale": 0.001, "offset": 1},
-    ])
+    config = meter_config(
+        server.port,
+        model="custom",
+        registers=[
+            {"quantity": "temp_c", "address": 100, "function": 3, "type": "int16", "scale": 0.5},
+            {
+                "quantity": "energy_wh",
+                "address": 101,
+                "function": 3,
+                "type": "uint32",
+                "state_class": "total_increasing",
+            },
+            {
+                "quantity": "other_wh",
+                "address": 103,
+                "function": 3,
+                "type": "uint32",
+                "word_order": "little",
+                "scale": 0.001,
+                "offset": 1,
+            },
+        ],
+    )
     sensor = await opened(config, tmp_path)
     values = {r.channel: r.value for r in await sensor.read()}
     await sensor.close()
-    assert values == {"grid.temp_c": -5.0, "grid.energy_wh": 100000.0,
-                      "grid.other_wh": pytest.approx(101.0)}
+    assert values == {
+        "grid.temp_c": -5.0,
+        "grid.energy_wh": 100000.0,
+        "grid.other_wh": pytest.approx(101.0),
+    }
 
 
 async def test_a_meter_that_disappears_is_marked_unavailable_polled_less_and_returns(
     sdm630, tmp_path: Path
 ) -> None:
-    meter, server = sdm630
-    sensor = await opened(meter_config(server.port, unavailable_after=3, max_backoff_s=0.4),
-                          tmp_path)
+    _, server = sdm630
+    sensor = await opened(
+        meter_config(server.port, unavailable_after=3, max_backoff_s=0.4), tmp_path
+    )
     assert (await sensor.read())[0].good
     await server.stop()
     errors: list[type[BaseException]] = []
@@ -140,10 +179,8 @@ async def test_a_meter_that_disappears_is_marked_unavailable_polled_less_and_ret
     deadline = time.monotonic() + 5
     readings: list[Reading] = []
     while time.monotonic() < deadline and not readings:
-        try:
+        with contextlib.suppress(Exception):
             readings = list(await sensor.read())
-        except Exception:
-            pass
         await asyncio.sleep(0.05)
     await sensor.close()
     assert readings and all(r.good for r in readings)
@@ -151,7 +188,7 @@ async def test_a_meter_that_disappears_is_marked_unavailable_polled_less_and_ret
 
 
 async def test_a_missing_unit_is_an_error_not_a_crash(sdm630, tmp_path: Path) -> None:
-    meter, server = sdm630
+    _, server = sdm630
     sensor = await opened(meter_config(server.port, unit=9), tmp_path)
     with pytest.raises(OSError, match="refused"):
         await sensor.read()
@@ -161,8 +198,9 @@ async def test_a_missing_unit_is_an_error_not_a_crash(sdm630, tmp_path: Path) ->
 async def test_meters_behind_one_gateway_are_polled_one_at_a_time(tmp_path: Path) -> None:
     values = sdm630_values()
     m1 = EmulatedMeter(1, SDM630_INPUT, values)
-    m2 = EmulatedMeter(2, SDM120_INPUT, {k: values.get(k, 1.0) for k in SDM120_INPUT}
-                       | {"voltage_v": 240.0})
+    m2 = EmulatedMeter(
+        2, SDM120_INPUT, {k: values.get(k, 1.0) for k in SDM120_INPUT} | {"voltage_v": 240.0}
+    )
     for m in (m1, m2):
         m.delay_s = 0.02
     server = MeterServer([m1, m2], port=free_port())
@@ -188,12 +226,23 @@ async def test_in_a_node_counter_resets_and_implausible_values_are_flagged(
     sdm630, tmp_path: Path
 ) -> None:
     meter, server = sdm630
-    config = config_from_dict({
-        "node": {"id": "meter-node", "data_dir": str(tmp_path / "data")},
-        "store": {"flush_interval_s": 0.05},
-        "sensors": [{"name": "grid", "kind": "modbus", "model": "sdm630", "host": "127.0.0.1",
-                     "port": server.port, "interval_s": 0.05, "timeout_s": 0.3}],
-    })
+    config = config_from_dict(
+        {
+            "node": {"id": "meter-node", "data_dir": str(tmp_path / "data")},
+            "store": {"flush_interval_s": 0.05},
+            "sensors": [
+                {
+                    "name": "grid",
+                    "kind": "modbus",
+                    "model": "sdm630",
+                    "host": "127.0.0.1",
+                    "port": server.port,
+                    "interval_s": 0.05,
+                    "timeout_s": 0.3,
+                }
+            ],
+        }
+    )
     node = Node(config)
     task = asyncio.create_task(node.run())
     await asyncio.wait_for(node.started.wait(), 10)
@@ -220,8 +269,11 @@ def pty_pair(tmp_path: Path):
     if socat is None:
         pytest.fail("socat is needed for the RTU test (./run test installs it)")
     a, b = tmp_path / "ttyA", tmp_path / "ttyB"
-    proc = subprocess.Popen([socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 5
     while not (a.exists() and b.exists()):
         if time.monotonic() > deadline:
@@ -239,8 +291,16 @@ async def test_rtu_over_a_serial_line(pty_pair, tmp_path: Path) -> None:
     server = MeterServer([meter], serial_port=server_end)
     await server.start()
     try:
-        config = ModbusConfig(name="grid", kind="modbus", model="sdm630", transport="rtu",
-                              device=client_end, baudrate=19200, unit=3, timeout_s=1.0)
+        config = ModbusConfig(
+            name="grid",
+            kind="modbus",
+            model="sdm630",
+            transport="rtu",
+            device=client_end,
+            baudrate=19200,
+            unit=3,
+            timeout_s=1.0,
+        )
         sensor = ModbusMeter(config, SensorContext(Clock(), tmp_path))
         await sensor.setup()
         readings = {r.channel: r.value for r in await sensor.read()}

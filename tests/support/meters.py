@@ -15,26 +15,50 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 # Input registers (function 4), float32, high word first. Energies in kWh.
 SDM630_INPUT = {
-    "l1_voltage_v": 0, "l2_voltage_v": 2, "l3_voltage_v": 4,
-    "l1_current_a": 6, "l2_current_a": 8, "l3_current_a": 10,
-    "l1_power_w": 12, "l2_power_w": 14, "l3_power_w": 16,
-    "power_w": 52, "power_factor": 62, "frequency_hz": 70,
-    "import_kwh": 72, "export_kwh": 74,
+    "l1_voltage_v": 0,
+    "l2_voltage_v": 2,
+    "l3_voltage_v": 4,
+    "l1_current_a": 6,
+    "l2_current_a": 8,
+    "l3_current_a": 10,
+    "l1_power_w": 12,
+    "l2_power_w": 14,
+    "l3_power_w": 16,
+    "power_w": 52,
+    "power_factor": 62,
+    "frequency_hz": 70,
+    "import_kwh": 72,
+    "export_kwh": 74,
 }
 SDM120_INPUT = {
-    "voltage_v": 0, "current_a": 6, "power_w": 12, "apparent_power_va": 18,
-    "reactive_power_var": 24, "power_factor": 30, "frequency_hz": 70,
-    "import_kwh": 72, "export_kwh": 74,
+    "voltage_v": 0,
+    "current_a": 6,
+    "power_w": 12,
+    "apparent_power_va": 18,
+    "reactive_power_var": 24,
+    "power_factor": 30,
+    "frequency_hz": 70,
+    "import_kwh": 72,
+    "export_kwh": 74,
 }
 
 
 def sdm630_values() -> dict[str, float]:
     return {
-        "l1_voltage_v": 231.5, "l2_voltage_v": 229.0, "l3_voltage_v": 232.25,
-        "l1_current_a": 4.5, "l2_current_a": 1.25, "l3_current_a": 0.5,
-        "l1_power_w": 1020.0, "l2_power_w": 280.0, "l3_power_w": -110.0,
-        "power_w": 1190.0, "power_factor": 0.97, "frequency_hz": 50.02,
-        "import_kwh": 1234.5, "export_kwh": 321.25,
+        "l1_voltage_v": 231.5,
+        "l2_voltage_v": 229.0,
+        "l3_voltage_v": 232.25,
+        "l1_current_a": 4.5,
+        "l2_current_a": 1.25,
+        "l3_current_a": 0.5,
+        "l1_power_w": 1020.0,
+        "l2_power_w": 280.0,
+        "l3_power_w": -110.0,
+        "power_w": 1190.0,
+        "power_factor": 0.97,
+        "frequency_hz": 50.02,
+        "import_kwh": 1234.5,
+        "export_kwh": 321.25,
     }
 
 
@@ -52,8 +76,15 @@ class EmulatedMeter:
         self.max_in_flight = 0
         self.delay_s = 0.0
 
-    async def action(self, function_code: int, start_address: int, address: int, count: int,
-                     current_registers: list[int], set_values: Any) -> None:
+    async def action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        current_registers: list[int],
+        set_values: Any,
+    ) -> None:
         self.requests.append((function_code, address, count))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -76,15 +107,17 @@ class EmulatedMeter:
     def device(self) -> SimDevice:
         bits = [SimData(0, count=1, values=False, datatype=DataType.BITS)]
         registers = [SimData(0, count=400, values=0, datatype=DataType.REGISTERS)]
-        return SimDevice(id=self.unit, simdata=(bits, list(bits), registers, list(registers)),
-                         action=self.action)
+        return SimDevice(
+            id=self.unit, simdata=(bits, list(bits), registers, list(registers)), action=self.action
+        )
 
 
 class MeterServer:
     """A Modbus TCP server on loopback (or a serial one on a tty) with one or more meters."""
 
-    def __init__(self, meters: list[EmulatedMeter], *, port: int = 0,
-                 serial_port: str | None = None) -> None:
+    def __init__(
+        self, meters: list[EmulatedMeter], *, port: int = 0, serial_port: str | None = None
+    ) -> None:
         self.meters = meters
         self.port = port
         self.serial_port = serial_port

@@ -16,13 +16,20 @@ from daisee_node.sensors.base import SensorContext
 
 
 def config(**kw: Any) -> Ads1115Config:
-    base: dict[str, Any] = {"name": "line", "kind": "ads1115", "bus": "fake", "channel": 0,
-                            "current_sensor": "acs712-20a", "fake": {}}
+    base: dict[str, Any] = {
+        "name": "line",
+        "kind": "ads1115",
+        "bus": "fake",
+        "channel": 0,
+        "current_sensor": "acs712-20a",
+        "fake": {},
+    }
     return Ads1115Config(**{**base, **kw})
 
 
-async def sensor(cfg: Ads1115Config, tmp_path: Path, ctx: SensorContext | None = None
-                 ) -> Ads1115Sensor:
+async def sensor(
+    cfg: Ads1115Config, tmp_path: Path, ctx: SensorContext | None = None
+) -> Ads1115Sensor:
     s = Ads1115Sensor(cfg, ctx or SensorContext(Clock(), tmp_path))
     await s.setup()
     return s
@@ -41,15 +48,26 @@ async def test_dc_mean_current_is_signed(amps: float, tmp_path: Path) -> None:
     assert current.value == pytest.approx(amps, abs=0.03)
 
 
-@pytest.mark.parametrize(("model", "rms", "h3"), [
-    ("sct013-030", 10.0, 0.0), ("sct013-030", 25.0, 0.0), ("acs712-20a", 12.0, 30.0),
-    ("acs758-100b", 60.0, 10.0),
-])
-async def test_ac_true_rms_over_whole_cycles(model: str, rms: float, h3: float,
-                                             tmp_path: Path) -> None:
-    s = await sensor(config(current_sensor=model, mode="ac",
-                            fake={"ac_rms_a": rms, "harmonic3_pct": h3, "noise_a": 0.02,
-                                  "dc_a": 0.0}), tmp_path)
+@pytest.mark.parametrize(
+    ("model", "rms", "h3"),
+    [
+        ("sct013-030", 10.0, 0.0),
+        ("sct013-030", 25.0, 0.0),
+        ("acs712-20a", 12.0, 30.0),
+        ("acs758-100b", 60.0, 10.0),
+    ],
+)
+async def test_ac_true_rms_over_whole_cycles(
+    model: str, rms: float, h3: float, tmp_path: Path
+) -> None:
+    s = await sensor(
+        config(
+            current_sensor=model,
+            mode="ac",
+            fake={"ac_rms_a": rms, "harmonic3_pct": h3, "noise_a": 0.02, "dc_a": 0.0},
+        ),
+        tmp_path,
+    )
     current = by_channel(await s.read())["current_a"]
     true_rms = rms * math.sqrt(1 + (h3 / 100) ** 2)  # orthogonal harmonics add in quadrature
     assert current.value == pytest.approx(true_rms, rel=0.02)
@@ -57,14 +75,19 @@ async def test_ac_true_rms_over_whole_cycles(model: str, rms: float, h3: float,
 
 
 async def test_ac_rms_ignores_a_drifted_bias(tmp_path: Path) -> None:
-    s = await sensor(config(current_sensor="sct013-030", mode="ac",
-                            fake={"ac_rms_a": 10.0, "zero_error_v": 0.2}), tmp_path)
+    s = await sensor(
+        config(
+            current_sensor="sct013-030", mode="ac", fake={"ac_rms_a": 10.0, "zero_error_v": 0.2}
+        ),
+        tmp_path,
+    )
     assert by_channel(await s.read())["current_a"].value == pytest.approx(10.0, rel=0.02)
 
 
 async def test_power_and_energy_from_a_configured_voltage(tmp_path: Path) -> None:
-    s = await sensor(config(fake={"dc_a": -5.0}, voltage_v=48.0, window_s=0.02,
-                            interval_s=0.05), tmp_path)
+    s = await sensor(
+        config(fake={"dc_a": -5.0}, voltage_v=48.0, window_s=0.02, interval_s=0.05), tmp_path
+    )
     first = by_channel(await s.read())
     assert first["power_w"].value == pytest.approx(-240.0, rel=0.01)
     assert first["import_wh"].value == first["export_wh"].value == 0.0
@@ -79,8 +102,10 @@ async def test_power_and_energy_from_a_configured_voltage(tmp_path: Path) -> Non
 
 async def test_energy_counters_continue_from_the_stored_values(tmp_path: Path) -> None:
     now = Clock().now_ms()
-    latest = {"line.import_wh": Reading("line.import_wh", now, 1500.0),
-              "line.export_wh": Reading("line.export_wh", now, 20.0)}
+    latest = {
+        "line.import_wh": Reading("line.import_wh", now, 1500.0),
+        "line.export_wh": Reading("line.export_wh", now, 20.0),
+    }
     ctx = SensorContext(Clock(), tmp_path, latest=latest)
     s = await sensor(config(fake={"dc_a": 2.0}, voltage_v=230.0, window_s=0.02), tmp_path, ctx)
     readings = by_channel(await s.read())
@@ -92,8 +117,13 @@ async def test_measured_voltage_is_used_while_fresh(tmp_path: Path) -> None:
     clock = Clock()
     latest: dict[str, Reading] = {}
     ctx = SensorContext(clock, tmp_path, latest=latest)
-    s = await sensor(config(fake={"dc_a": 10.0}, voltage_channel="bat.voltage_v",
-                            voltage_max_age_s=5, window_s=0.02), tmp_path, ctx)
+    s = await sensor(
+        config(
+            fake={"dc_a": 10.0}, voltage_channel="bat.voltage_v", voltage_max_age_s=5, window_s=0.02
+        ),
+        tmp_path,
+        ctx,
+    )
     assert by_channel(await s.read())["power_w"].quality == Quality.UNAVAILABLE
     latest["bat.voltage_v"] = Reading("bat.voltage_v", clock.now_ms(), 51.2)
     assert by_channel(await s.read())["power_w"].value == pytest.approx(512.0, rel=0.01)
@@ -121,8 +151,19 @@ async def test_i2c_errors_fail_the_read(tmp_path: Path) -> None:
 async def test_two_sensors_share_one_chip(tmp_path: Path) -> None:
     ctx = SensorContext(Clock(), tmp_path)
     a = await sensor(config(name="a", channel=0, fake={"dc_a": 3.0}), tmp_path, ctx)
-    b = await sensor(config(name="b", channel=1, current_sensor="acs712-5a", gain=2,
-                            supply_v=3.3, divider=0.6, fake={"dc_a": -1.5}), tmp_path, ctx)
+    b = await sensor(
+        config(
+            name="b",
+            channel=1,
+            current_sensor="acs712-5a",
+            gain=2,
+            supply_v=3.3,
+            divider=0.6,
+            fake={"dc_a": -1.5},
+        ),
+        tmp_path,
+        ctx,
+    )
     chip = ctx.resources[("i2c", "fake")].devices[0x48]
     for _ in range(2):
         ra = await a.read()
@@ -145,15 +186,18 @@ async def test_calibration_removes_a_transducer_offset(tmp_path: Path) -> None:
     assert by_channel(await again.read())["current_a"].value == pytest.approx(0.0, abs=0.02)
 
 
-@pytest.mark.parametrize(("changes", "words"), [
-    ({"channel": None}, "exactly one"),
-    ({"differential": [0, 2]}, "pairs"),
-    ({"current_sensor": "sct013-030", "mode": "dc"}, "only measures"),
-    ({"current_sensor": "hall-9000"}, "unknown current sensor"),
-    ({"current_sensor": "shunt"}, "shunt_ohm"),
-    ({"fake": None}, "fake"),
-    ({"address": 0x50}, "less than or equal"),
-])
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"channel": None}, "exactly one"),
+        ({"differential": [0, 2]}, "pairs"),
+        ({"current_sensor": "sct013-030", "mode": "dc"}, "only measures"),
+        ({"current_sensor": "hall-9000"}, "unknown current sensor"),
+        ({"current_sensor": "shunt"}, "shunt_ohm"),
+        ({"fake": None}, "fake"),
+        ({"address": 0x50}, "less than or equal"),
+    ],
+)
 def test_config_mistakes_are_explained(changes: dict[str, Any], words: str) -> None:
     with pytest.raises(ValidationError) as info:
         config(**changes)
@@ -162,6 +206,12 @@ def test_config_mistakes_are_explained(changes: dict[str, Any], words: str) -> N
 
 def test_auto_gain_picks_the_smallest_range_that_holds_the_swing() -> None:
     # Shunt 1 mΩ × 50 = 50 mV/A, ±10 A → ±0.5 V (+5 % margin) fits ±1.024 V, not ±0.512 V.
-    cfg = config(current_sensor="shunt", shunt_ohm=0.001, amplifier_gain=50, rated_a=10,
-                 differential=[0, 1], channel=None)
+    cfg = config(
+        current_sensor="shunt",
+        shunt_ohm=0.001,
+        amplifier_gain=50,
+        rated_a=10,
+        differential=[0, 1],
+        channel=None,
+    )
     assert cfg.full_scale_v() == 1.024

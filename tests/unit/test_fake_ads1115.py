@@ -6,8 +6,8 @@ import math
 import time
 
 import pytest
-from adafruit_ads1x15.ads1115 import ADS1115
 from adafruit_ads1x15.ads1x15 import Mode
+from adafruit_ads1x15.ads1115 import ADS1115
 from adafruit_ads1x15.analog_in import AnalogIn
 
 from daisee_node.sensors.fake_i2c import FakeADS1115, FakeI2C
@@ -45,7 +45,7 @@ def test_single_shot_conversion_takes_one_period() -> None:
     ads = ADS1115(bus, data_rate=8, mode=Mode.SINGLE)  # 125 ms per conversion
     chip.set_input(0, 1.0)
     start = time.monotonic()
-    AnalogIn(ads, 0).value  # the driver polls the OS bit until the conversion is done
+    _ = AnalogIn(ads, 0).value  # the driver polls the OS bit until the conversion is done
     assert time.monotonic() - start >= 1 / 8 * 0.9
 
 
@@ -54,7 +54,7 @@ def test_continuous_mode_produces_one_result_per_period() -> None:
     chip.set_input(0, lambda t: t)  # a ramp: each conversion sees a new value
     ads = ADS1115(bus, data_rate=860, mode=Mode.CONTINUOUS, address=0x49)
     a = AnalogIn(ads, 0)
-    a.value
+    _ = a.value
     before = chip.conversions
     t0 = time.monotonic()
     values = {a.value for _ in range(2000)}
@@ -72,7 +72,7 @@ def test_missing_chip_and_bus_errors_raise_oserror() -> None:
     ads = ADS1115(bus, address=0x4A)
     bus.fail_next(1)
     with pytest.raises(OSError):
-        AnalogIn(ads, 0).value
+        _ = AnalogIn(ads, 0).value
     assert isinstance(AnalogIn(ads, 0).value, int)  # and the bus works again after
 
 

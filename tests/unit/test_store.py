@@ -295,5 +295,6 @@ async def test_counters_added_during_a_commit_are_kept(tmp_path: Path, monkeypat
     await writer
     await s.close()
     # 1 before the batch + 1 per executemany of the first batch (readings, latest, counters).
-    assert rows(tmp_path / "node.db", "SELECT value FROM counters WHERE name = 'sensor.x.reads'"
-                ) == [(4,)]
+    assert rows(
+        tmp_path / "node.db", "SELECT value FROM counters WHERE name = 'sensor.x.reads'"
+    ) == [(4,)]
