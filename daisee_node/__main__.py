@@ -2,6 +2,6 @@
 
 import sys
 
-from daisee_node.cli import main
+from daisee_node._entry import main
 
 sys.exit(main())

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -107,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     calibrate.set_defaults(func=cmd_calibrate)
 
+    safe = sub.add_parser(
+        "safe-state", help="drive every relay to its safe state (systemd runs this after any stop)"
+    )
+    safe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    safe.set_defaults(func=cmd_safe_state)
+
     status = sub.add_parser("status", help="what a node is doing, from its data dir")
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -143,18 +148,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _exit_on_early_stop() -> None:
-    """Until the daemon installs its own handlers, a stop request just ends the process cleanly."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    _exit_on_early_stop()
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
     return _run_node(config, config_path=args.config)
@@ -224,6 +218,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print("Calibrating with NO current in the conductors.")
     asyncio.run(run())
     print(f"saved in {data_dir / 'calibration.json'}; the node uses it from its next start")
+    return EXIT_OK
+
+
+def cmd_safe_state(args: argparse.Namespace) -> int:
+    from daisee_node.actuators.relays import RelayController
+
+    config = load_config(args.config)
+    if not config.relays:
+        print("no relays configured")
+        return EXIT_OK
+    controller = RelayController(config.relays, config.gpio, config.node.data_dir)
+    controller.open(force_safe=True)
+    try:
+        asyncio.run(controller.all_safe())
+        for name, r in controller.relays.items():
+            print(f"{name}: {'on' if r.on else 'off'} (safe state, GPIO{r.config.pin})")
+    finally:
+        controller.close()
     return EXIT_OK
 
 

@@ -17,7 +17,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
+from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
+from daisee_node.readings import CHANNEL_RE
+from daisee_node.rules.engine import RuleConfig
+from daisee_node.rules.expressions import TIME_NAMES, check
 from daisee_node.sensors import SENSOR_KINDS
 from daisee_node.sensors.base import NAME_PATTERN, StrictModel
 from daisee_node.sensors.simulated import SimulationConfig
@@ -94,6 +98,21 @@ class Config(StrictModel):
     log: LogSection = LogSection()
     simulation: SimulationConfig | None = None
     sensors: list[SensorEntry] = Field(default_factory=list)  # type: ignore[valid-type]
+    gpio: GpioSection = GpioSection()
+    relays: list[RelayConfig] = Field(default_factory=list)
+    derived: dict[str, str] = Field(
+        default_factory=dict, description="named values computed from channels, for rules"
+    )
+    rules: list[RuleConfig] = Field(default_factory=list)
+
+    def channel_names(self) -> set[str]:
+        """Every channel the configured sensors publish."""
+        from daisee_node.clock import Clock
+        from daisee_node.sensors import build_sensor
+        from daisee_node.sensors.base import SensorContext
+
+        ctx = SensorContext(Clock(), self.node.data_dir, self.simulation)
+        return {c.name for s in self.sensors for c in build_sensor(s, ctx).channels}
 
     @property
     def data_dir(self) -> Path:
@@ -163,6 +182,7 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
             )
         else:
             seen[sensor.name] = i
+    problems += _check_relays_and_rules(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
             if sensor.kind != "simulated" and getattr(sensor, "bus", None) != "fake":
@@ -172,6 +192,66 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
                         "simulated time (node.time_speed/time_start) needs every sensor to be "
                         "simulated or on the fake bus: real hardware runs on real time",
                     )
+                )
+    return problems
+
+
+def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    relays: dict[str, int] = {}
+    pins: dict[int, int] = {}
+    for i, relay in enumerate(config.relays):
+        if relay.name in relays:
+            problems.append(
+                ConfigProblem(
+                    f"relays[{i}].name",
+                    f"{relay.name!r} is already the name of relays[{relays[relay.name]}]",
+                )
+            )
+        relays.setdefault(relay.name, i)
+        if relay.pin in pins:
+            problems.append(
+                ConfigProblem(
+                    f"relays[{i}].pin",
+                    f"GPIO{relay.pin} is already used by relays[{pins[relay.pin]}]",
+                )
+            )
+        pins.setdefault(relay.pin, i)
+    channels = config.channel_names()
+    derived = set(config.derived)
+
+    def known(name: str) -> bool:
+        return name in channels or name in derived or name in TIME_NAMES
+
+    for name, text in config.derived.items():
+        if name in channels:
+            problems.append(ConfigProblem(f"derived.{name}", "a sensor already has this channel"))
+        elif not CHANNEL_RE.match(name):
+            problems.append(
+                ConfigProblem(
+                    f"derived.{name}", "must be named like a channel, e.g. 'home.surplus_w'"
+                )
+            )
+        problems += [ConfigProblem(f"derived.{name}", p) for p in check(text, known)]
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(config.rules):
+        if rule.name in seen:
+            problems.append(
+                ConfigProblem(
+                    f"rules[{i}].name",
+                    f"{rule.name!r} is already the name of rules[{seen[rule.name]}]",
+                )
+            )
+        seen.setdefault(rule.name, i)
+        for key in ("when", "until"):
+            text = getattr(rule, key)
+            if text is not None:
+                problems += [ConfigProblem(f"rules[{i}].{key}", p) for p in check(text, known)]
+        for key in ("then", "otherwise"):
+            action = getattr(rule, key)
+            if action is not None and action.relay not in relays:
+                problems.append(
+                    ConfigProblem(f"rules[{i}].{key}.relay", f"no relay named {action.relay!r}")
                 )
     return problems
 

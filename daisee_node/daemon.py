@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import math
 import os
 import random
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from daisee_node import logs
+from daisee_node.actuators.relays import RelayController, RelayState
 from daisee_node.clock import Clock, ScaledClock
 from daisee_node.config import Config, load_config
 from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
 from daisee_node.readings import Channel, Quality, Reading
+from daisee_node.rules.engine import Decision, RuleEngine
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
 from daisee_node.store import Store, db_path
@@ -171,6 +174,15 @@ class Node:
         self.sensor_stats: dict[str, SensorStats] = {}
         self._checks: dict[str, ChannelChecks] = {}
         self._sinks: list[ReadingSink] = [self.store.put_many, self._remember]
+        self.relays: RelayController | None = None
+        if config.relays:
+            self.relays = RelayController(
+                config.relays, config.gpio, data_dir, on_change=self._relay_changed
+            )
+        self.rules: RuleEngine | None = None
+        if config.rules:
+            self.rules = self._build_rules(config)
+            self._sinks.append(self.rules.on_readings)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -216,10 +228,16 @@ class Node:
         try:
             await self.store.open()
             self.latest.update(await self.store.load_latest())
+            if self.relays is not None:
+                self.relays.open()
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     self._spawn("store.writer", self.store.run)
+                    if self.relays is not None:
+                        self._spawn("relays.worker", self.relays.run)
+                    if self.rules is not None or self.relays is not None:
+                        self._spawn("rules.tick", self._rules_tick)
                     for sensor_config in self.config.sensors:
                         if sensor_config.enabled:
                             self._start_sensor(sensor_config)
@@ -237,6 +255,11 @@ class Node:
                     await self._stop.wait()
                     await self._shutdown()
             finally:
+                if self.relays is not None:
+                    # Also after a crash: whatever happened, the relays end safe.
+                    with contextlib.suppress(Exception):
+                        await self.relays.all_safe()
+                    self.relays.close()
                 await self.store.close()
         finally:
             for sig in installed:
@@ -270,6 +293,14 @@ class Node:
             task.cancel()
         if samplers:
             await asyncio.wait(samplers, timeout=max(0.1, (deadline - time.monotonic()) / 2))
+        for name in ("rules.tick", "relays.worker"):
+            task = self._tasks.get(name)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.relays is not None:
+            await self.relays.all_safe()
         self.store.stop()
         writer = self._tasks.get("store.writer")
         if writer is not None:
@@ -434,6 +465,70 @@ class Node:
             f"{self.store.pending} pending"
         )
 
+    # -- rules and relays ----------------------------------------------------------------------
+
+    def _build_rules(self, config: Config) -> RuleEngine:
+        safe = {r.name: r.safe_state for r in config.relays}
+        clock = self.clock
+        return RuleEngine(
+            config.rules,
+            config.derived,
+            self.latest,
+            safe,
+            now_ms=clock.now_ms,
+            request=self._rule_request,
+            record=self._record_decision,
+        )
+
+    def _rule_request(self, relay: str, on: bool | None, reason: str) -> None:
+        if self.relays is not None:
+            self.relays.request(relay, on, reason)
+
+    def _record_decision(self, d: Decision) -> None:
+        self.store.put_event(
+            d.t_ms, "rule", d.rule, d.relay, d.state, d.reason, json.dumps(d.inputs, sort_keys=True)
+        )
+        self.store.set_counter(f"rule.{d.rule}.active", int(d.active))
+
+    def _relay_changed(self, r: RelayState, reason: str) -> None:
+        name = r.config.name
+        self.store.put_event(
+            self.clock.now_ms(), "relay", name, None, "on" if r.on else "off", reason
+        )
+        self.store.add_counter(f"relay.{name}.switches", 1)
+        self.store.set_counter(f"relay.{name}.state", int(r.on))
+        self.store.set_counter(f"relay.{name}.since_ms", self.clock.now_ms())
+
+    async def _rules_tick(self) -> None:
+        """Timers (hold, minimum on/off, override expiry) and staleness, four times a second."""
+        while True:
+            if self.relays is not None:
+                self.relays.expire_overrides()
+                if self.rules is not None:
+                    for name, r in self.relays.relays.items():
+                        self.rules.set_suspended(name, r.override is not None)
+            if self.rules is not None:
+                self.rules.tick()
+            await asyncio.sleep(0.25)
+
+    def override(
+        self, relay: str, mode: str, expires_s: float | None = None, reason: str = "manual"
+    ) -> None:
+        """Manual ON / OFF / AUTO of a relay (the API the MQTT commands use)."""
+        if self.relays is None:
+            raise DaiseeError("this node has no relays")
+        self.relays.override(relay, mode, expires_s, reason)  # type: ignore[arg-type]
+        if self.rules is not None:
+            self.rules.set_suspended(relay, mode != "auto")
+        self.store.put_event(
+            self.clock.now_ms(),
+            "override",
+            relay,
+            relay,
+            mode,
+            f"{reason}" + (f" for {expires_s:g} s" if expires_s else ""),
+        )
+
     # -- SIGHUP ------------------------------------------------------------------------------
 
     async def _reload_loop(self) -> None:
@@ -459,12 +554,11 @@ class Node:
                 return False
             old = self.config
             fixed = ("id", "data_dir", "time_speed", "time_start")
-            changed = [k for k in fixed if getattr(old.node, k) != getattr(new.node, k)]
+            changed = [f"node.{k}" for k in fixed if getattr(old.node, k) != getattr(new.node, k)]
+            if new.relays != old.relays or new.gpio != old.gpio:
+                changed.append("relays/gpio")
             if changed:
-                self.log.error(
-                    "config reload rejected: these need a restart",
-                    keys=[f"node.{k}" for k in changed],
-                )
+                self.log.error("config reload rejected: these need a restart", keys=changed)
                 return False
             await self._apply(old, new)
             self.log.info("config reloaded", sensors=sorted(self.sensors))
@@ -481,6 +575,12 @@ class Node:
         if site_changed:
             self.ctx.simulation = new.simulation
             self.ctx._site = None
+        if new.rules != old.rules or new.derived != old.derived:
+            if self.rules is not None:
+                self._sinks.remove(self.rules.on_readings)
+            self.rules = self._build_rules(new) if new.rules else None
+            if self.rules is not None:
+                self._sinks.append(self.rules.on_readings)
         old_by_name = {s.name: s for s in old.sensors if s.enabled}
         new_by_name = {s.name: s for s in new.sensors if s.enabled}
         for name, cfg in old_by_name.items():

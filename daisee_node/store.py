@@ -70,6 +70,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL, t_ms INTEGER NOT NULL);
     """,
+    """
+    -- Rule decisions and relay switches, with their reasons: what the node did and why.
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        t_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        target TEXT,
+        state TEXT,
+        reason TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_by_time ON events (t_ms);
+    """,
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (t_ms, kind, name, target, state, reason, data) VALUES (?,?,?,?,?,?,?)"
 )
 
 _INSERT_READING = (
@@ -169,6 +186,7 @@ class Store:
         self._channel_info: dict[str, Channel] = {}
         self._counter_adds: dict[str, int] = {}
         self._counter_sets: dict[str, int] = {}
+        self._events: list[tuple[Any, ...]] = []
         self._next_maintenance = 0.0
         self._drained = asyncio.Event()
         self._drained.set()
@@ -303,6 +321,21 @@ class Store:
             self._wakeup.set()
         self._drained.clear()
 
+    def put_event(
+        self,
+        t_ms: int,
+        kind: str,
+        name: str,
+        target: str | None,
+        state: str | None,
+        reason: str,
+        data: str | None = None,
+    ) -> None:
+        """Record a decision or a switch (written with the next batch)."""
+        self._events.append((t_ms, kind, name, target, state, reason, data))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
     def add_counter(self, name: str, delta: int) -> None:
         """Add to a persistent counter (written with the next batch)."""
         self._counter_adds[name] = self._counter_adds.get(name, 0) + delta
@@ -322,7 +355,7 @@ class Store:
             await self.open()
         last_commit = 0.0
         while True:
-            if not self._pending and not self._stopping:
+            if not (self._pending or self._events) and not self._stopping:
                 self._drained.set()
                 self._wakeup.clear()
                 timeout = max(0.05, (self._next_maintenance - self.clock.now()) / self.clock.speed)
@@ -335,7 +368,7 @@ class Store:
             since = time.monotonic() - last_commit
             if not self._stopping and since < self.retention.flush_interval_s:
                 await asyncio.sleep(self.retention.flush_interval_s - since)
-            if self._pending or self._counter_adds or self._counter_sets:
+            if self._pending or self._counter_adds or self._counter_sets or self._events:
                 batch, self._pending = self._pending, []
                 last_commit = time.monotonic()
                 await self._write_batch(batch)
@@ -359,6 +392,7 @@ class Store:
         # Taken before the first await: what arrives while this batch commits goes in the next.
         adds, self._counter_adds = self._counter_adds, {}
         sets, self._counter_sets = self._counter_sets, {}
+        events, self._events = self._events, []
         try:
             try:
                 ids = self._channel_ids
@@ -390,6 +424,8 @@ class Store:
                     await self._db.executemany(
                         _SET_COUNTER, [(k, v, now_ms) for k, v in sets.items()]
                     )
+                if events:
+                    await self._db.executemany(_INSERT_EVENT, events)
                 await self._db.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -402,6 +438,7 @@ class Store:
                 self._counter_adds[k] = self._counter_adds.get(k, 0) + v
             for k, v in sets.items():
                 self._counter_sets.setdefault(k, v)
+            self._events[:0] = events
             raise
         s = self.stats
         s.written += inserted

@@ -1,0 +1,286 @@
+"""Local exchange rules: evaluated on every new input, turned into relay requests.
+
+A rule is `active` while its `when` holds (or, with `until`, from when `when` becomes true until
+`until` does: hysteresis). A change of that raw condition must hold for `hold_s` before the rule
+acts on it; the rule then stays in its new state at least `min_on_s` / `min_off_s`. An active rule
+asks for `then`, an inactive one for `otherwise` (or nothing). If an input is missing, bad or older
+than `stale_after_s`, the rule asks for its `fallback` at once: safety comes before hold and
+minimum times. Among the rules that ask something of one relay, the highest `priority` wins
+(the first in the file on a tie). A relay under manual override suspends its rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from daisee_node.readings import Reading
+from daisee_node.rules.expressions import Expression
+from daisee_node.sensors.base import StrictModel
+
+RULE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+class Action(StrictModel):
+    """Set one relay."""
+
+    relay: str
+    state: Literal["on", "off"]
+
+
+class RuleConfig(StrictModel):
+    """One `[[rules]]` entry."""
+
+    name: str = Field(pattern=RULE_NAME)
+    when: str = Field(min_length=1)
+    until: str | None = Field(None, description="with it, the rule stays active until this holds")
+    then: Action
+    otherwise: Action | None = None
+    hold_s: float = Field(0.0, ge=0)
+    min_on_s: float = Field(0.0, ge=0)
+    min_off_s: float = Field(0.0, ge=0)
+    priority: int = 0
+    stale_after_s: float = Field(10.0, gt=0)
+    fallback: Literal["safe", "off", "on", "keep"] = "safe"
+    enabled: bool = True
+
+    def relays(self) -> list[str]:
+        names = [self.then.relay]
+        if self.otherwise is not None and self.otherwise.relay not in names:
+            names.append(self.otherwise.relay)
+        return names
+
+
+@dataclass
+class Decision:
+    """Why a rule asked what it asked; recorded when it changes."""
+
+    t_ms: int
+    rule: str
+    relay: str
+    state: str | None
+    reason: str
+    inputs: dict[str, float | None]
+    active: bool = False
+
+
+@dataclass
+class RuleState:
+    """A rule's live state."""
+
+    config: RuleConfig
+    when: Expression
+    until: Expression | None
+    inputs: frozenset[str]
+    active: bool = False
+    raw: bool | None = None  # the condition as last evaluated (None: stale)
+    raw_since_ms: int | None = None
+    changed_ms: int | None = None  # when `active` last flipped
+    stale: bool = True
+    suspended: bool = False
+    #: what the rule asks now: relay → "on"/"off"/None
+    asks: dict[str, str | None] = field(default_factory=dict)
+    reason: str = "not evaluated yet"
+
+
+class RuleEngine:
+    """Evaluates every rule whose inputs changed, and on a tick for timers and staleness."""
+
+    def __init__(
+        self,
+        rules: Sequence[RuleConfig],
+        derived: Mapping[str, str],
+        latest: Mapping[str, Reading],
+        safe_states: Mapping[str, str],
+        *,
+        now_ms: Callable[[], int],
+        local_time: Callable[[int], datetime] | None = None,
+        request: Callable[[str, bool | None, str], None],
+        record: Callable[[Decision], None] | None = None,
+    ) -> None:
+        self.latest = latest
+        self.safe_states = dict(safe_states)
+        self.now_ms = now_ms
+        self.local_time = local_time or (lambda t: datetime.fromtimestamp(t / 1000))
+        self.request = request
+        self.record = record
+        self.derived = {name: Expression(text) for name, text in derived.items()}
+        self.rules: list[RuleState] = []
+        for cfg in rules:
+            when = Expression(cfg.when)
+            until = Expression(cfg.until) if cfg.until else None
+            names = set(when.names) | (set(until.names) if until else set())
+            self.rules.append(RuleState(cfg, when, until, frozenset(self._expand(names))))
+        self._by_input: dict[str, list[RuleState]] = {}
+        for rule in self.rules:
+            for name in rule.inputs:
+                self._by_input.setdefault(name, []).append(rule)
+        self._by_relay: dict[str, list[RuleState]] = {}
+        for rule in self.rules:
+            for relay in rule.config.relays():
+                self._by_relay.setdefault(relay, []).append(rule)
+        self._asked: dict[str, tuple[bool | None, str]] = {}
+        self.evaluations = 0
+
+    def _expand(self, names: set[str]) -> set[str]:
+        """Channels behind derived values count as the rule's inputs."""
+        out: set[str] = set()
+        for name in names:
+            if name in self.derived:
+                out |= self._expand(set(self.derived[name].names))
+            else:
+                out.add(name)
+        return out
+
+    # -- triggers --------------------------------------------------------------------------------
+
+    def on_readings(self, readings: Sequence[Reading]) -> None:
+        """Evaluate the rules that read any of these channels (called for every batch)."""
+        by_input = self._by_input
+        touched: list[RuleState] = []
+        for r in readings:
+            for rule in by_input.get(r.channel, ()):
+                if rule not in touched:
+                    touched.append(rule)
+        if touched:
+            self.evaluate(touched)
+
+    def tick(self) -> None:
+        """Evaluate everything: hold and minimum times run out, inputs go stale."""
+        self.evaluate(self.rules)
+
+    def set_suspended(self, relay: str, suspended: bool) -> None:
+        for rule in self._by_relay.get(relay, ()):
+            rule.suspended = suspended
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, rules: Sequence[RuleState]) -> None:
+        now = self.now_ms()
+        relays: set[str] = set()
+        for rule in rules:
+            if rule.config.enabled:
+                self._step(rule, now)
+                relays.update(rule.config.relays())
+        for relay in sorted(relays):
+            self._resolve(relay, now)
+
+    def _values(self, rule: RuleState, now: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The inputs of a rule, or None (and why) when one is missing, bad or stale."""
+        max_age = rule.config.stale_after_s * 1000
+        values: dict[str, Any] = {}
+        shown: dict[str, Any] = {}
+        stale = False
+        for name in rule.inputs:
+            if name.startswith("time."):
+                continue
+            r = self.latest.get(name)
+            if r is None or not r.good or not math.isfinite(r.value) or now - r.t_ms > max_age:
+                stale = True
+                shown[name] = None if r is None or not math.isfinite(r.value) else r.value
+            else:
+                values[name] = shown[name] = r.value
+        local = self.local_time(now)
+        values["time.hour"] = local.hour + local.minute / 60 + local.second / 3600
+        values["time.minute"] = float(local.minute)
+        values["time.weekday"] = float(local.weekday())
+        if stale:
+            return None, shown
+        for name, expression in self.derived.items():
+            values[name] = expression.evaluate(values)
+        return values, shown
+
+    def _step(self, rule: RuleState, now: int) -> None:
+        self.evaluations += 1
+        cfg = rule.config
+        values, shown = self._values(rule, now)
+        if values is None:
+            rule.stale, rule.raw, rule.raw_since_ms = True, None, None
+            rule.reason = "inputs missing or stale: " + ", ".join(
+                f"{k}={v}" for k, v in sorted(shown.items())
+            )
+            rule.asks = self._fallback(cfg)
+            self._note(rule, now, shown)
+            return
+        rule.stale = False
+        if rule.until is None:
+            raw = rule.when.test(values)
+        elif rule.active:
+            raw = not rule.until.test(values)
+        else:
+            raw = rule.when.test(values)
+        if raw != rule.raw:
+            rule.raw, rule.raw_since_ms = raw, now
+        held = now - (rule.raw_since_ms or now) >= cfg.hold_s * 1000
+        in_state = now - rule.changed_ms if rule.changed_ms is not None else math.inf
+        minimum = cfg.min_on_s if rule.active else cfg.min_off_s
+        if raw != rule.active and held and in_state >= minimum * 1000:
+            rule.active, rule.changed_ms = raw, now
+        described = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items()))
+        if rule.active:
+            rule.asks = {cfg.then.relay: cfg.then.state}
+            rule.reason = f"{'until' if rule.until else 'when'} condition: active ({described})"
+        else:
+            rule.asks = {cfg.otherwise.relay: cfg.otherwise.state} if cfg.otherwise else {}
+            rule.reason = f"inactive ({described})"
+        if raw != rule.active:
+            left = max(
+                cfg.hold_s * 1000 - (now - (rule.raw_since_ms or now)), minimum * 1000 - in_state
+            )
+            rule.reason += f"; changes in {left / 1000:.1f} s if it holds"
+        self._note(rule, now, shown)
+
+    def _fallback(self, cfg: RuleConfig) -> dict[str, str | None]:
+        if cfg.fallback == "keep":
+            return {}
+        return {
+            relay: (self.safe_states.get(relay, "off") if cfg.fallback == "safe" else cfg.fallback)
+            for relay in cfg.relays()
+        }
+
+    def _note(self, rule: RuleState, now: int, shown: dict[str, Any]) -> None:
+        key = (rule.active, rule.stale, tuple(sorted(rule.asks.items())))
+        if getattr(rule, "_last_key", None) == key:
+            return
+        rule._last_key = key  # type: ignore[attr-defined]
+        if self.record is not None:
+            for relay in rule.config.relays():
+                self.record(
+                    Decision(
+                        now, rule.config.name, relay, rule.asks.get(relay), rule.reason, dict(shown)
+                    )
+                )
+
+    def _resolve(self, relay: str, now: int) -> None:
+        candidates = [
+            r
+            for r in self._by_relay.get(relay, ())
+            if r.config.enabled and not r.suspended and r.asks.get(relay) is not None
+        ]
+        if candidates:
+            best = max(candidates, key=lambda r: r.config.priority)  # max keeps the first on ties
+            wish: bool | None = best.asks[relay] == "on"
+            reason = f"rule {best.config.name}: {best.reason}"
+        else:
+            wish, reason = None, "no rule asks anything"
+        if self._asked.get(relay, (None, ""))[0] != wish or relay not in self._asked:
+            self._asked[relay] = (wish, reason)
+            self.request(relay, wish, reason)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {
+            r.config.name: {
+                "enabled": r.config.enabled,
+                "active": r.active,
+                "stale": r.stale,
+                "suspended": r.suspended,
+                "asks": dict(r.asks),
+                "reason": r.reason,
+            }
+            for r in self.rules
+        }
