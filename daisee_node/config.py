@@ -217,6 +217,13 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
                 )
             )
         pins.setdefault(relay.pin, i)
+    sim = config.simulation
+    if sim is not None and sim.external_supply_relay and sim.external_supply_relay not in relays:
+        problems.append(
+            ConfigProblem(
+                "simulation.external_supply_relay", f"no relay named {sim.external_supply_relay!r}"
+            )
+        )
     channels = config.channel_names()
     derived = set(config.derived)
 

@@ -179,6 +179,9 @@ class Node:
             self.relays = RelayController(
                 config.relays, config.gpio, data_dir, on_change=self._relay_changed
             )
+        if self.relays is not None:
+            relays = self.relays
+            self.ctx.relay_on = lambda name: name in relays.relays and relays.relays[name].on
         self.rules: RuleEngine | None = None
         if config.rules:
             self.rules = self._build_rules(config)

@@ -157,19 +157,20 @@ class RelayController:
 
     async def all_safe(self) -> None:
         """Every relay to its safe state: openings first, closings after their dead time."""
-        opened: set[str] = set()
         for r in self.relays.values():
             r.override = None
             r.auto = r.config.safe_state == "on"
             if r.on and not r.auto:
                 self._drive(r, False, "safe state")
-                if r.config.group:
-                    opened.add(r.config.group)
         for r in self.relays.values():
             if r.auto and not r.on:
-                if r.config.group in opened:
-                    await asyncio.sleep(r.config.dead_time_s)
-                    opened.discard(r.config.group)
+                # Counted from the group's last opening, whoever made it (a change of source
+                # may have been waiting out its dead time when the stop came).
+                opened = self._group_opened.get(r.config.group or "")
+                if opened is not None:
+                    wait = opened + r.config.dead_time_s - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 self._drive(r, True, "safe state")
 
     # -- what rules and people ask -----------------------------------------------------------
@@ -232,7 +233,9 @@ class RelayController:
             group = r.config.group
             if group:
                 peers = [p for p in self.relays.values() if p is not r and p.config.group == group]
-                rivals = [p for p in peers if p.wanted]
+                # Only an explicit wish (a rule's request or an override) competes; a relay
+                # merely kept closed yields to a change of source.
+                rivals = [p for p in peers if p.wanted and (p.override is not None or p.auto)]
                 if rivals and self.configs.index(rivals[0].config) < self.configs.index(r.config):
                     self.conflicts += 1
                     self.log.warning(

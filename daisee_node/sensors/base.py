@@ -7,7 +7,7 @@ any machine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -58,6 +58,8 @@ class SensorContext:
     simulation: SimulationConfig | None = None
     latest: Mapping[str, Reading] = field(default_factory=dict)
     resources: dict[Hashable, Any] = field(default_factory=dict)
+    #: whether a relay is closed (the simulation's view of the physical world)
+    relay_on: Callable[[str], bool] | None = None
     _site: SimulatedSite | None = field(default=None, repr=False)
 
     def restore(self, channel: str) -> float | None:
@@ -71,7 +73,14 @@ class SensorContext:
             from daisee_node.sensors.simulated import SimulatedSite, SimulationConfig
 
             config = self.simulation or SimulationConfig()
-            self._site = SimulatedSite(config, start=self.clock.now())
+            relay, relay_on = config.external_supply_relay, self.relay_on
+            external = None
+            if relay is not None and relay_on is not None:
+
+                def external() -> bool:
+                    return relay_on(relay)
+
+            self._site = SimulatedSite(config, start=self.clock.now(), external_supply=external)
         return self._site
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from pydantic import Field
@@ -65,6 +65,11 @@ class SimulationConfig(StrictModel):
     battery_min_soc_pct: float = Field(10.0, ge=0, le=100)
     battery_efficiency: float = Field(0.95, gt=0, le=1)
     noise_pct: float = Field(1.0, ge=0, le=50, description="measurement noise on power values")
+    external_supply_relay: str | None = Field(
+        None,
+        description="a relay that, when on, feeds the house from another line: the "
+        "battery then only charges (the DAISEE scenario)",
+    )
 
 
 # Noise streams.
@@ -75,8 +80,14 @@ _FAULT, _GARBAGE = 31, 32
 class SimulatedSite:
     """The physics shared by all simulated sensors of one node."""
 
-    def __init__(self, config: SimulationConfig, start: float) -> None:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        start: float,
+        external_supply: Callable[[], bool] | None = None,
+    ) -> None:
         self.config = config
+        self.external_supply = external_supply or (lambda: False)
         self.start = float(math.floor(start))
         self._t = self.start  # the last integrated second
         self.soc_wh = config.battery_capacity_wh * config.battery_initial_soc_pct / 100
@@ -126,6 +137,11 @@ class SimulatedSite:
         load = self.load_w(t)
         surplus = pv - load
         cap = c.battery_capacity_wh
+        if self.external_supply():
+            # The house runs on the other line; the battery takes what PV gives it.
+            room_w = max(0.0, (cap - self.soc_wh) * 3600.0 / c.battery_efficiency)
+            battery = min(pv, c.battery_max_charge_w, room_w)
+            return pv, load, battery, load - pv + battery
         if surplus >= 0:
             room_w = max(0.0, (cap - self.soc_wh) * 3600.0 / c.battery_efficiency)
             battery = min(surplus, c.battery_max_charge_w, room_w)

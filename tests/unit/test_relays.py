@@ -30,8 +30,7 @@ def test_start_goes_straight_to_the_safe_state(tmp_path: Path) -> None:
     assert [(h[1]) for h in pin_history(tmp_path / "mock-gpio", 5)] == [True]
     assert pin_history(tmp_path / "mock-gpio", 6) == []  # never driven high, never toggled
     assert pin_level(tmp_path / "mock-gpio", 7) is True  # active-low relay, off = pin high
-    assert {n: r.on for n, r in c.relays.items()} == {"own": True, "neighbour": False,
-                                                      "low": False}
+    assert {n: r.on for n, r in c.relays.items()} == {"own": True, "neighbour": False, "low": False}
     c.close()
 
 
@@ -122,4 +121,21 @@ def test_unknown_relay_override_is_a_clear_error(tmp_path: Path) -> None:
     c = controller(tmp_path, {"name": "heater", "pin": 12})
     with pytest.raises(DaiseeError, match="no relay"):
         c.override("boiler", "on")
+    c.close()
+
+
+async def test_a_stop_during_the_dead_time_still_waits_it_out(tmp_path: Path) -> None:
+    c = controller(tmp_path, *SUPPLY)
+    c.request("own", False, "rule")
+    c.request("neighbour", True, "rule")
+    await c.converge()  # own opened, neighbour closed after the dead time
+    c.request("neighbour", None, "rule")
+    c.request("own", True, "rule")
+    switching_back = asyncio.create_task(c.converge())  # opens neighbour, waits the dead time
+    await asyncio.sleep(0.05)
+    switching_back.cancel()  # the node stops right then
+    await c.all_safe()
+    t_open = pin_history(tmp_path / "mock-gpio", 6)[-1][0]
+    t_close = pin_history(tmp_path / "mock-gpio", 5)[-1][0]
+    assert t_close - t_open >= 0.2 - 1e-3
     c.close()

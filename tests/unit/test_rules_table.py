@@ -22,8 +22,13 @@ class Harness:
         self.asked: dict[str, bool | None] = {}
         self.decisions: list[Decision] = []
         self.engine = RuleEngine(
-            [RuleConfig(**r) for r in rules], derived or {}, self.latest, SAFE,
-            now_ms=lambda: self.t_ms, request=self._request, record=self.decisions.append,
+            [RuleConfig(**r) for r in rules],
+            derived or {},
+            self.latest,
+            SAFE,
+            now_ms=lambda: self.t_ms,
+            request=self._request,
+            record=self.decisions.append,
         )
 
     def _request(self, relay: str, on: bool | None, reason: str) -> None:
@@ -31,8 +36,7 @@ class Harness:
 
     def at(self, t_s: float, quality: Quality = Quality.GOOD, **values: float) -> dict:
         self.t_ms = int(t_s * 1000)
-        readings = [Reading(k.replace("__", "."), self.t_ms, v, quality)
-                    for k, v in values.items()]
+        readings = [Reading(k.replace("__", "."), self.t_ms, v, quality) for k, v in values.items()]
         for r in readings:
             self.latest[r.channel] = r
         self.engine.on_readings(readings)
@@ -41,16 +45,22 @@ class Harness:
 
 
 def low_battery(**extra: Any) -> dict[str, Any]:
-    return {"name": "buy-when-low", "when": "battery.soc_pct < 20",
-            "then": {"relay": "neighbour", "state": "on"},
-            "otherwise": {"relay": "neighbour", "state": "off"}, "stale_after_s": 5, **extra}
+    return {
+        "name": "buy-when-low",
+        "when": "battery.soc_pct < 20",
+        "then": {"relay": "neighbour", "state": "on"},
+        "otherwise": {"relay": "neighbour", "state": "off"},
+        "stale_after_s": 5,
+        **extra,
+    }
 
 
 ON, OFF = True, False
 
 
-def run_table(h: Harness, table: list[tuple[float, dict[str, float], dict[str, bool | None]]]
-              ) -> None:
+def run_table(
+    h: Harness, table: list[tuple[float, dict[str, float], dict[str, bool | None]]]
+) -> None:
     for t, inputs, expected in table:
         got = h.at(t, **inputs)
         for relay, state in expected.items():
@@ -58,57 +68,81 @@ def run_table(h: Harness, table: list[tuple[float, dict[str, float], dict[str, b
 
 
 def test_acts_at_once_without_hold() -> None:
-    run_table(Harness([low_battery()]), [
-        (0, {"battery__soc_pct": 50}, {"neighbour": OFF}),
-        (1, {"battery__soc_pct": 19}, {"neighbour": ON}),
-        (2, {"battery__soc_pct": 21}, {"neighbour": OFF}),
-    ])
+    run_table(
+        Harness([low_battery()]),
+        [
+            (0, {"battery__soc_pct": 50}, {"neighbour": OFF}),
+            (1, {"battery__soc_pct": 19}, {"neighbour": ON}),
+            (2, {"battery__soc_pct": 21}, {"neighbour": OFF}),
+        ],
+    )
 
 
 def test_hold_means_held_for_the_whole_time() -> None:
-    run_table(Harness([low_battery(hold_s=10)]), [
-        (0, {"battery__soc_pct": 50}, {"neighbour": OFF}),
-        (1, {"battery__soc_pct": 19}, {"neighbour": OFF}),
-        (6, {"battery__soc_pct": 25}, {"neighbour": OFF}),  # not held: the clock restarts
-        (7, {"battery__soc_pct": 18}, {"neighbour": OFF}),
-        (16, {"battery__soc_pct": 18}, {"neighbour": OFF}),  # 9 s
-        (17, {"battery__soc_pct": 18}, {"neighbour": ON}),  # 10 s
-        (18, {"battery__soc_pct": 30}, {"neighbour": ON}),  # going back also needs 10 s
-        (28, {"battery__soc_pct": 30}, {"neighbour": OFF}),
-    ])
+    run_table(
+        Harness([low_battery(hold_s=10)]),
+        [
+            (0, {"battery__soc_pct": 50}, {"neighbour": OFF}),
+            (1, {"battery__soc_pct": 19}, {"neighbour": OFF}),
+            (6, {"battery__soc_pct": 25}, {"neighbour": OFF}),  # not held: the clock restarts
+            (7, {"battery__soc_pct": 18}, {"neighbour": OFF}),
+            (16, {"battery__soc_pct": 18}, {"neighbour": OFF}),  # 9 s
+            (17, {"battery__soc_pct": 18}, {"neighbour": ON}),  # 10 s
+            (18, {"battery__soc_pct": 30}, {"neighbour": ON}),  # going back also needs 10 s
+            (28, {"battery__soc_pct": 30}, {"neighbour": OFF}),
+        ],
+    )
 
 
 def test_until_gives_hysteresis() -> None:
-    run_table(Harness([low_battery(until="battery.soc_pct > 30")]), [
-        (0, {"battery__soc_pct": 19}, {"neighbour": ON}),
-        (1, {"battery__soc_pct": 25}, {"neighbour": ON}),  # above 20, not above 30
-        (2, {"battery__soc_pct": 31}, {"neighbour": OFF}),
-        (3, {"battery__soc_pct": 25}, {"neighbour": OFF}),  # below 30, not below 20
-        (4, {"battery__soc_pct": 19}, {"neighbour": ON}),
-    ])
+    run_table(
+        Harness([low_battery(until="battery.soc_pct > 30")]),
+        [
+            (0, {"battery__soc_pct": 19}, {"neighbour": ON}),
+            (1, {"battery__soc_pct": 25}, {"neighbour": ON}),  # above 20, not above 30
+            (2, {"battery__soc_pct": 31}, {"neighbour": OFF}),
+            (3, {"battery__soc_pct": 25}, {"neighbour": OFF}),  # below 30, not below 20
+            (4, {"battery__soc_pct": 19}, {"neighbour": ON}),
+        ],
+    )
 
 
 def test_minimum_on_and_off_times() -> None:
-    run_table(Harness([low_battery(min_on_s=60, min_off_s=30)]), [
-        (0, {"battery__soc_pct": 19}, {"neighbour": ON}),
-        (10, {"battery__soc_pct": 50}, {"neighbour": ON}),  # on for 10 s < 60
-        (59, {"battery__soc_pct": 50}, {"neighbour": ON}),
-        (60, {"battery__soc_pct": 50}, {"neighbour": OFF}),
-        (70, {"battery__soc_pct": 10}, {"neighbour": OFF}),  # off for 10 s < 30
-        (90, {"battery__soc_pct": 10}, {"neighbour": ON}),
-    ])
+    run_table(
+        Harness([low_battery(min_on_s=60, min_off_s=30)]),
+        [
+            (0, {"battery__soc_pct": 19}, {"neighbour": ON}),
+            (10, {"battery__soc_pct": 50}, {"neighbour": ON}),  # on for 10 s < 60
+            (59, {"battery__soc_pct": 50}, {"neighbour": ON}),
+            (60, {"battery__soc_pct": 50}, {"neighbour": OFF}),
+            (70, {"battery__soc_pct": 10}, {"neighbour": OFF}),  # off for 10 s < 30
+            (90, {"battery__soc_pct": 10}, {"neighbour": ON}),
+        ],
+    )
 
 
 def test_stale_or_bad_inputs_fall_back_at_once() -> None:
-    h = Harness([low_battery(min_on_s=600, fallback="safe"),
-                 {**low_battery(), "name": "heat", "fallback": "on",
-                  "then": {"relay": "heater", "state": "off"}, "otherwise": None}])
-    run_table(h, [
-        (0, {"battery__soc_pct": 10}, {"neighbour": ON, "heater": OFF}),
-        (4, {}, {"neighbour": ON}),
-        (6, {}, {"neighbour": OFF, "heater": ON}),  # 6 s old > 5 s: safe state / fallback
-        (7, {"battery__soc_pct": 10}, {"neighbour": ON, "heater": OFF}),  # fresh again
-    ])
+    h = Harness(
+        [
+            low_battery(min_on_s=600, fallback="safe"),
+            {
+                **low_battery(),
+                "name": "heat",
+                "fallback": "on",
+                "then": {"relay": "heater", "state": "off"},
+                "otherwise": None,
+            },
+        ]
+    )
+    run_table(
+        h,
+        [
+            (0, {"battery__soc_pct": 10}, {"neighbour": ON, "heater": OFF}),
+            (4, {}, {"neighbour": ON}),
+            (6, {}, {"neighbour": OFF, "heater": ON}),  # 6 s old > 5 s: safe state / fallback
+            (7, {"battery__soc_pct": 10}, {"neighbour": ON, "heater": OFF}),  # fresh again
+        ],
+    )
     h.at(8, quality=Quality.SOURCE_ERROR, battery__soc_pct=float("nan"))
     assert h.asked["neighbour"] is OFF
     assert any("stale" in d.reason for d in h.decisions)
@@ -121,10 +155,20 @@ def test_missing_input_is_stale_too() -> None:
 def test_priority_decides_between_rules_for_one_relay() -> None:
     rules = [
         low_battery(),
-        {"name": "never-at-night", "when": "time.hour >= 22 or time.hour < 6", "priority": 10,
-         "then": {"relay": "neighbour", "state": "off"}, "stale_after_s": 5},
-        {"name": "price", "when": "grid.price_eur < 0.1", "priority": 10,
-         "then": {"relay": "neighbour", "state": "on"}, "stale_after_s": 5},
+        {
+            "name": "never-at-night",
+            "when": "time.hour >= 22 or time.hour < 6",
+            "priority": 10,
+            "then": {"relay": "neighbour", "state": "off"},
+            "stale_after_s": 5,
+        },
+        {
+            "name": "price",
+            "when": "grid.price_eur < 0.1",
+            "priority": 10,
+            "then": {"relay": "neighbour", "state": "on"},
+            "stale_after_s": 5,
+        },
     ]
     h = Harness(rules)
     h.engine.local_time = lambda t: datetime(2026, 6, 21, 23, 0)
@@ -134,9 +178,12 @@ def test_priority_decides_between_rules_for_one_relay() -> None:
 
 
 def test_derived_values_and_disabled_rules() -> None:
-    rule = {"name": "surplus", "when": "home.surplus_w > 500",
-            "then": {"relay": "heater", "state": "on"},
-            "otherwise": {"relay": "heater", "state": "off"}}
+    rule = {
+        "name": "surplus",
+        "when": "home.surplus_w > 500",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+    }
     h = Harness([rule], {"home.surplus_w": "pv.power_w - load.power_w"})
     assert h.at(0, pv__power_w=2000, load__power_w=800)["heater"] is ON
     assert h.at(1, pv__power_w=900, load__power_w=800)["heater"] is OFF

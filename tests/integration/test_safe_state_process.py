@@ -1,0 +1,68 @@
+"""After a crash or kill -9, `daisee-node safe-state` from a fresh process makes relays safe."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from daisee_node.actuators.mockpins import pin_level
+from tests.conftest import ROOT, wait_for, write_config
+
+
+def relay_config(tmp_path: Path) -> Path:
+    return write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "relay-node", "data_dir": str(tmp_path / "data")},
+            "sensors": [{"name": "load", "kind": "simulated", "model": "load", "interval_s": 0.1}],
+            "gpio": {"backend": "mock"},
+            "relays": [
+                {"name": "heater", "pin": 22, "safe_state": "off"},
+                {"name": "supply_own", "pin": 23, "safe_state": "on"},
+            ],
+            # Any household draws more than 1 W: the heater relay closes at once.
+            "rules": [
+                {
+                    "name": "heat",
+                    "when": "load.power_w > 1",
+                    "then": {"relay": "heater", "state": "on"},
+                    "otherwise": {"relay": "heater", "state": "off"},
+                }
+            ],
+        },
+    )
+
+
+def test_kill_9_then_safe_state_opens_what_the_daemon_left_closed(tmp_path: Path, daemon) -> None:
+    path = relay_config(tmp_path)
+    pins = tmp_path / "data" / "mock-gpio"
+    d = daemon(path)
+    wait_for(lambda: pin_level(pins, 22) is True, timeout=30)
+    assert pin_level(pins, 23) is True
+    d.kill()  # no chance to clean up: the heater stays on
+    time.sleep(0.2)
+    assert pin_level(pins, 22) is True
+
+    result = subprocess.run(
+        [sys.executable, "-m", "daisee_node", "safe-state", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert pin_level(pins, 22) is False and pin_level(pins, 23) is True
+    assert "heater: off" in result.stdout
+
+
+def test_a_clean_stop_leaves_relays_safe(tmp_path: Path, daemon) -> None:
+    path = relay_config(tmp_path)
+    pins = tmp_path / "data" / "mock-gpio"
+    d = daemon(path)
+    wait_for(lambda: pin_level(pins, 22) is True, timeout=30)
+    d.signal(signal.SIGTERM)
+    assert d.wait()[0] == 0
+    assert pin_level(pins, 22) is False and pin_level(pins, 23) is True
