@@ -62,8 +62,42 @@ def read_status(data_dir: Path) -> dict[str, Any]:
                 "JOIN channels c ON c.id = l.channel_id ORDER BY c.name"
             )
         ]
+        has_events = (
+            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
+        )
+        last_events: dict[tuple[str, str], tuple[Any, ...]] = {}
+        if has_events:
+            # The newest row of each group: SQLite takes bare columns from the max(id) row.
+            for kind, name, target, state, reason, t_ms, _ in conn.execute(
+                "SELECT kind, name, target, state, reason, t_ms, max(id) FROM events "
+                "GROUP BY kind, name, target"
+            ):
+                last_events[(kind, name if kind != "rule" else f"{name}>{target}")] = (
+                    state,
+                    reason,
+                    t_ms,
+                )
     finally:
         conn.close()
+    relays: dict[str, dict[str, Any]] = {}
+    rules: dict[str, dict[str, Any]] = {}
+    for name, value in counters.items():
+        if name.startswith("relay."):
+            relay, _, what = name[len("relay.") :].rpartition(".")
+            relays.setdefault(relay, {})[what] = value
+        elif name.startswith("rule."):
+            rule, _, what = name[len("rule.") :].rpartition(".")
+            rules.setdefault(rule, {})[what] = value
+    for relay, info in relays.items():
+        info["state"] = "on" if info.get("state") else "off"
+        event = last_events.get(("relay", relay))
+        info["reason"] = event[1] if event else ""
+    for (kind, key), (state, reason, t_ms) in last_events.items():
+        if kind == "rule":
+            rule, _, target = key.partition(">")
+            entry = rules.setdefault(rule, {})
+            entry.setdefault("asks", {})[target] = state
+            entry["reason"], entry["t_ms"] = reason, t_ms
     sensors: dict[str, dict[str, int]] = {}
     for name, value in counters.items():
         if name.startswith("sensor."):
@@ -84,6 +118,8 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         },
         "sensors": sensors,
         "latest": latest,
+        "relays": relays,
+        "rules": rules,
     }
 
 
@@ -139,6 +175,19 @@ def render_status(report: dict[str, Any]) -> str:
             rows.append(
                 (name, f"{c.get('reads', 0):,}", f"{c.get('errors', 0):,}", f"{c.get('bad', 0):,}")
             )
+        lines += _table(rows)
+    if report.get("relays"):
+        lines.append("")
+        rows = [("RELAY", "STATE", "SWITCHES", "WHY")]
+        for name, r in sorted(report["relays"].items()):
+            rows.append((name, r["state"], f"{r.get('switches', 0):,}", r.get("reason", "")))
+        lines += _table(rows)
+    if report.get("rules"):
+        lines.append("")
+        rows = [("RULE", "ACTIVE", "ASKS", "WHY")]
+        for name, r in sorted(report["rules"].items()):
+            asks = ", ".join(f"{k} {v or '-'}" for k, v in sorted(r.get("asks", {}).items()))
+            rows.append((name, "yes" if r.get("active") else "no", asks, r.get("reason", "")))
         lines += _table(rows)
     return "\n".join(lines)
 

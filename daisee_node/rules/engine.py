@@ -252,7 +252,13 @@ class RuleEngine:
             for relay in rule.config.relays():
                 self.record(
                     Decision(
-                        now, rule.config.name, relay, rule.asks.get(relay), rule.reason, dict(shown)
+                        now,
+                        rule.config.name,
+                        relay,
+                        rule.asks.get(relay),
+                        rule.reason,
+                        dict(shown),
+                        active=rule.active,
                     )
                 )
 

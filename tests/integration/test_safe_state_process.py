@@ -66,3 +66,38 @@ def test_a_clean_stop_leaves_relays_safe(tmp_path: Path, daemon) -> None:
     d.signal(signal.SIGTERM)
     assert d.wait()[0] == 0
     assert pin_level(pins, 22) is False and pin_level(pins, 23) is True
+
+
+def test_status_shows_relays_rules_and_why(tmp_path: Path, daemon) -> None:
+    import json
+
+    path = relay_config(tmp_path)
+    d = daemon(path)
+    wait_for(lambda: pin_level(tmp_path / "data" / "mock-gpio", 22) is True, timeout=30)
+    time.sleep(0.6)  # a commit
+    result = subprocess.run(
+        [sys.executable, "-m", "daisee_node", "status", "-c", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    d.signal(signal.SIGTERM)
+    d.wait()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["running"] is True
+    assert report["relays"]["heater"]["state"] == "on"
+    assert report["relays"]["heater"]["switches"] >= 1
+    assert "rule heat" in report["relays"]["heater"]["reason"]
+    assert report["rules"]["heat"]["active"] == 1
+    assert report["rules"]["heat"]["asks"] == {"heater": "on"}
+    assert "load.power_w=" in report["rules"]["heat"]["reason"]
+    table = subprocess.run(
+        [sys.executable, "-m", "daisee_node", "status", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert "RELAY" in table.stdout and "heater" in table.stdout and "RULE" in table.stdout
