@@ -179,3 +179,47 @@ def test_version() -> None:
 
     result = run_cli("--version")
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_rule_and_relay_mistakes_are_config_errors() -> None:
+    found = problems_of(
+        """
+[node]
+id = "a"
+[[sensors]]
+name = "battery"
+kind = "simulated"
+model = "battery"
+[[relays]]
+name = "supply"
+pin = 17
+[[relays]]
+name = "pump"
+pin = 17
+[derived]
+"home.double_w" = "battery.power_w * 2"
+[[rules]]
+name = "low"
+when = "battery.soc_pct < 20 and peer.solar.surplus_w > 50"
+then = { relay = "supply", state = "on" }
+otherwise = { relay = "boiler", state = "off" }
+[[rules]]
+name = "broken"
+when = "battery.soc_pct <"
+then = { relay = "supply", state = "on" }
+[[rules]]
+name = "fine"
+when = "home.double_w > 100 and time.hour >= 18"
+until = "battery.soc_pct > 90"
+then = { relay = "pump", state = "on" }
+"""
+    )
+    assert set(found) == {
+        "relays[1].pin",
+        "rules[0].when",
+        "rules[0].otherwise.relay",
+        "rules[1].when",
+    }
+    assert "peer.solar.surplus_w" in found["rules[0].when"]
+    assert "boiler" in found["rules[0].otherwise.relay"]
+    assert "syntax" in found["rules[1].when"]
