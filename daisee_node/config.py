@@ -11,6 +11,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -167,21 +168,29 @@ def config_from_dict(
     return config
 
 
+def _unique(
+    section: str, key: str, values: list[Any], message: Callable[[Any, int], str]
+) -> list[ConfigProblem]:
+    """A problem for each entry of a section that repeats an earlier one's `key`."""
+    first: dict[Any, int] = {}
+    problems = []
+    for i, value in enumerate(values):
+        if value in first:
+            problems.append(ConfigProblem(f"{section}[{i}].{key}", message(value, first[value])))
+        else:
+            first[value] = i
+    return problems
+
+
 def _check_semantics(config: Config) -> list[ConfigProblem]:
     """Rules that span several keys."""
     problems: list[ConfigProblem] = []
-    seen: dict[str, int] = {}
-    for i, sensor in enumerate(config.sensors):
-        if sensor.name in seen:
-            problems.append(
-                ConfigProblem(
-                    f"sensors[{i}].name",
-                    f"{sensor.name!r} is already the name of sensors[{seen[sensor.name]}]; "
-                    "channel names would collide",
-                )
-            )
-        else:
-            seen[sensor.name] = i
+    problems += _unique(
+        "sensors",
+        "name",
+        [sensor.name for sensor in config.sensors],
+        lambda v, j: f"{v!r} is already the name of sensors[{j}]; channel names would collide",
+    )
     problems += _check_relays_and_rules(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
@@ -198,25 +207,19 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
 
 def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
-    relays: dict[str, int] = {}
-    pins: dict[int, int] = {}
-    for i, relay in enumerate(config.relays):
-        if relay.name in relays:
-            problems.append(
-                ConfigProblem(
-                    f"relays[{i}].name",
-                    f"{relay.name!r} is already the name of relays[{relays[relay.name]}]",
-                )
-            )
-        relays.setdefault(relay.name, i)
-        if relay.pin in pins:
-            problems.append(
-                ConfigProblem(
-                    f"relays[{i}].pin",
-                    f"GPIO{relay.pin} is already used by relays[{pins[relay.pin]}]",
-                )
-            )
-        pins.setdefault(relay.pin, i)
+    relays = {relay.name for relay in config.relays}
+    problems += _unique(
+        "relays",
+        "name",
+        [r.name for r in config.relays],
+        lambda v, j: f"{v!r} is already the name of relays[{j}]",
+    )
+    problems += _unique(
+        "relays",
+        "pin",
+        [r.pin for r in config.relays],
+        lambda v, j: f"GPIO{v} is already used by relays[{j}]",
+    )
     sim = config.simulation
     if sim is not None and sim.external_supply_relay and sim.external_supply_relay not in relays:
         problems.append(
@@ -240,16 +243,13 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
                 )
             )
         problems += [ConfigProblem(f"derived.{name}", p) for p in check(text, known)]
-    seen: dict[str, int] = {}
+    problems += _unique(
+        "rules",
+        "name",
+        [rule.name for rule in config.rules],
+        lambda v, j: f"{v!r} is already the name of rules[{j}]",
+    )
     for i, rule in enumerate(config.rules):
-        if rule.name in seen:
-            problems.append(
-                ConfigProblem(
-                    f"rules[{i}].name",
-                    f"{rule.name!r} is already the name of rules[{seen[rule.name]}]",
-                )
-            )
-        seen.setdefault(rule.name, i)
         for key in ("when", "until"):
             text = getattr(rule, key)
             if text is not None:
