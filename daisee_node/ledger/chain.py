@@ -1,0 +1,245 @@
+"""The ledger contract over web3: connect, deploy, register nodes, submit batches, read proofs.
+
+Everything here is synchronous web3; the daemon calls it through `asyncio.to_thread` so a slow
+or unreachable chain never stalls sampling or rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.middleware import ExtraDataToPOAMiddleware
+
+from daisee_node.errors import DaiseeError
+from daisee_node.ledger import merkle
+from daisee_node.ledger.commitment import Commitment
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+EMBEDDED = "embedded"
+# eth-tester's pre-funded development accounts use the private keys 1, 2, 3 …
+TESTER_KEYS = tuple(i.to_bytes(32, "big") for i in range(1, 11))
+REJECT_REASONS = {
+    1: "bad signature",
+    2: "node not registered",
+    3: "seq already committed",
+    4: "period overlaps or is empty",
+    5: "prevHash does not match",
+}
+
+
+class ChainError(DaiseeError):
+    """The chain cannot be reached or refused what the node asked."""
+
+
+@cache
+def artifact(name: str) -> dict[str, Any]:
+    return json.loads((ARTIFACTS / f"{name}.json").read_text())
+
+
+def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
+    """A web3 connection; `embedded` gives a fresh in-process chain (py-evm)."""
+    if rpc_url == EMBEDDED:
+        from web3 import EthereumTesterProvider
+
+        return Web3(EthereumTesterProvider())
+    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
+    # PoA chains (Clique, AuRa) carry signer data in extraData; web3 needs this to parse blocks.
+    w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+    return w3
+
+
+def fee_fields(w3: Web3, bump: float = 1.0) -> dict[str, int]:
+    """EIP-1559 fees when the chain has a base fee, a legacy gas price when it has not."""
+    block = w3.eth.get_block("latest")
+    base = block.get("baseFeePerGas")
+    if base is None:
+        return {"gasPrice": int(w3.eth.gas_price * bump)}
+    try:
+        tip = int(w3.eth.max_priority_fee)
+    except Exception:  # noqa: BLE001 - not every PoA client answers eth_maxPriorityFeePerGas
+        tip = 1_000_000_000
+    tip = max(int(tip * bump), 1)
+    return {"maxFeePerGas": int(2 * base * bump) + tip, "maxPriorityFeePerGas": tip}
+
+
+def send(w3: Web3, account: LocalAccount, tx: dict[str, Any]) -> str:
+    """Sign locally, send, wait for the receipt; raise ChainError if it reverted."""
+    tx = {"from": account.address, "chainId": w3.eth.chain_id, **tx}
+    tx.setdefault("nonce", w3.eth.get_transaction_count(account.address, "pending"))
+    if "gas" not in tx:
+        tx["gas"] = int(w3.eth.estimate_gas(tx) * 1.2) + 10_000
+    if "gasPrice" not in tx and "maxFeePerGas" not in tx:
+        tx.update(fee_fields(w3))
+    signed = account.sign_transaction(tx)
+    tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+    if receipt["status"] != 1:
+        raise ChainError(f"transaction {tx_hash.hex()} reverted")
+    return receipt
+
+
+def deploy(w3: Web3, account: LocalAccount, governance: str | None, wh_per_credit: int) -> str:
+    """Deploy the ledger (which creates its energy-credit token); return the ledger address."""
+    art = artifact("DaiseeLedger")
+    args = w3.codec.encode(
+        ["address", "uint256"], [to_checksum_address(governance or account.address), wh_per_credit]
+    )
+    data = art["bytecode"] + args.hex()
+    receipt = send(w3, account, {"data": data})
+    return receipt["contractAddress"]
+
+
+def fund(w3: Web3, sender: LocalAccount, to: str, wei: int) -> None:
+    send(w3, sender, {"to": to_checksum_address(to), "value": wei, "gas": 21_000})
+
+
+@dataclass
+class Head:
+    """What the ledger knows of a node."""
+
+    registered: bool
+    seq: int
+    t1: int
+    hash_low: int
+
+    def follows(self, commitment_hash: bytes) -> bool:
+        """True when the last accepted commitment is the one with this hash."""
+        return self.hash_low == int.from_bytes(commitment_hash, "big") & ((1 << 120) - 1)
+
+
+@dataclass
+class Included:
+    """Where one commitment landed."""
+
+    node: str
+    seq: int
+    batch: int
+    commitment_hash: bytes
+    tx_hash: bytes
+    block_number: int
+    block_hash: bytes
+    log_index: int
+
+
+class Ledger:
+    """The deployed ledger contract at `address`."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self.contract: Contract = w3.eth.contract(
+            address=self.address, abi=artifact("DaiseeLedger")["abi"]
+        )
+        self._chain_id: int | None = None
+
+    @property
+    def chain_id(self) -> int:
+        if self._chain_id is None:
+            self._chain_id = self.w3.eth.chain_id
+        return self._chain_id
+
+    def check_deployed(self) -> None:
+        if not self.w3.eth.get_code(self.address):
+            raise ChainError(f"no contract at {self.address} on chain {self.chain_id}")
+
+    def head(self, node: str, block: int | str = "latest") -> Head:
+        registered, seq, t1, low = self.contract.functions.heads(to_checksum_address(node)).call(
+            block_identifier=block
+        )
+        return Head(registered, seq, t1, low)
+
+    def credit(self) -> Contract:
+        address = self.contract.functions.credit().call()
+        return self.w3.eth.contract(address=address, abi=artifact("EnergyCredit")["abi"])
+
+    def set_node(self, account: LocalAccount, node: str, registered: bool = True) -> None:
+        fn = self.contract.functions.addNode if registered else self.contract.functions.removeNode
+        data = fn(to_checksum_address(node))._encode_transaction_data()
+        send(self.w3, account, {"to": self.address, "data": data})
+
+    def batch_data(self, items: list[tuple[Commitment, bytes]]) -> str:
+        return self.contract.functions.commitBatch(
+            [c.as_tuple() for c, _ in items], [sig for _, sig in items]
+        )._encode_transaction_data()
+
+    def outcome(self, receipt: Any) -> tuple[list[Included], list[tuple[str, int, str]]]:
+        """Committed and rejected commitments of a mined batch transaction."""
+        events = self.contract.events
+        included = [
+            Included(
+                ev["args"]["node"],
+                ev["args"]["seq"],
+                ev["args"]["batch"],
+                bytes(ev["args"]["commitmentHash"]),
+                bytes(receipt["transactionHash"]),
+                receipt["blockNumber"],
+                bytes(receipt["blockHash"]),
+                ev["logIndex"],
+            )
+            for ev in events.Committed().process_receipt(receipt, errors=DISCARD)
+        ]
+        rejected = [
+            (
+                ev["args"]["node"],
+                ev["args"]["seq"],
+                REJECT_REASONS.get(ev["args"]["reason"], "?"),
+            )
+            for ev in events.Rejected().process_receipt(receipt, errors=DISCARD)
+        ]
+        return included, rejected
+
+    def find(self, node: str, seq: int, from_block: int = 0) -> Included | None:
+        """Where (node, seq) was committed, from the chain's logs."""
+        logs = self.contract.events.Committed().get_logs(
+            argument_filters={"node": to_checksum_address(node), "seq": seq},
+            from_block=from_block,
+        )
+        if not logs:
+            return None
+        ev = logs[-1]
+        return Included(
+            ev["args"]["node"],
+            seq,
+            ev["args"]["batch"],
+            bytes(ev["args"]["commitmentHash"]),
+            bytes(ev["transactionHash"]),
+            ev["blockNumber"],
+            bytes(ev["blockHash"]),
+            ev["logIndex"],
+        )
+
+    def batch_proof(self, batch: int, commitment_hash: bytes, from_block: int = 0) -> list[bytes]:
+        """The proof that a commitment is in `batch`, rebuilt from the batch's events."""
+        logs = self.contract.events.Committed().get_logs(
+            argument_filters={"batch": batch}, from_block=from_block
+        )
+        logs = sorted(logs, key=lambda ev: ev["logIndex"])
+        hashes = [bytes(ev["args"]["commitmentHash"]) for ev in logs]
+        if commitment_hash not in hashes:
+            raise ChainError(f"commitment {commitment_hash.hex()} is not in batch {batch}")
+        tree = merkle.levels(hashes)
+        return merkle.proof(tree, hashes.index(commitment_hash))
+
+    def verify_reading(
+        self,
+        commitment: Commitment,
+        batch: int,
+        batch_proof: list[bytes],
+        reading: tuple[bytes, int, int, int],
+        proof: list[bytes],
+    ) -> bool:
+        return bool(
+            self.contract.functions.verifyReading(
+                commitment.as_tuple(), batch, batch_proof, reading, proof
+            ).call()
+        )
+

@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.28;
+
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {EnergyCredit} from "./EnergyCredit.sol";
+
+/// @title The commitment ledger of a DAISEE microgrid
+/// @notice Nodes keep their readings; each period they sign a commitment (a Merkle root of the
+/// period's readings plus its energy totals). Anyone may submit a batch of signed commitments.
+/// Accepted commitments of a batch are hashed into one batch root, so a batch costs one storage
+/// slot however many commitments it carries; any reading can be proven against it later.
+contract DaiseeLedger is EIP712 {
+    struct Commitment {
+        address node;
+        uint64 seq;
+        uint64 t0;
+        uint64 t1;
+        bytes32 root;
+        uint32 count;
+        uint64 importWh;
+        uint64 exportWh;
+        bytes32 prevHash;
+        bytes32 rulesHash;
+    }
+
+    struct Reading {
+        bytes32 channel;
+        uint64 tMs;
+        int256 valueMicro;
+        uint8 quality;
+    }
+
+    /// @dev One slot per node: registration, the last accepted seq and period end, and the low
+    /// 120 bits of the last commitment's hash (enough to check the next one's `prevHash`).
+    struct Head {
+        bool registered;
+        uint64 seq;
+        uint64 t1;
+        uint120 hashLow;
+    }
+
+    bytes32 public constant COMMITMENT_TYPEHASH = keccak256(
+        "Commitment(address node,uint64 seq,uint64 t0,uint64 t1,bytes32 root,uint32 count,"
+        "uint64 importWh,uint64 exportWh,bytes32 prevHash,bytes32 rulesHash)"
+    );
+
+    // Reasons a commitment of a batch is skipped (the rest of the batch still counts).
+    uint8 public constant BAD_SIGNATURE = 1;
+    uint8 public constant NOT_REGISTERED = 2;
+    uint8 public constant STALE_SEQ = 3;
+    uint8 public constant BAD_PERIOD = 4;
+    uint8 public constant BAD_PREV_HASH = 5;
+
+    EnergyCredit public immutable credit;
+    address public governance;
+    mapping(address => Head) public heads;
+    mapping(uint256 => bytes32) public batchRoots;
+    uint256 public batchCount;
+
+    event NodeAdded(address indexed node);
+    event NodeRemoved(address indexed node);
+    event GovernanceTransferred(address indexed previous, address indexed next);
+    event Committed(
+        address indexed node,
+        uint64 indexed seq,
+        uint256 indexed batch,
+        bytes32 commitmentHash,
+        Commitment commitment
+    );
+    event Gap(address indexed node, uint64 expected, uint64 got);
+    event Rejected(address indexed node, uint64 indexed seq, uint8 reason);
+    event BatchRecorded(uint256 indexed batch, bytes32 root, uint256 accepted);
+
+    error OnlyGovernance();
+    error LengthMismatch();
+
+    modifier onlyGovernance() {
+        if (msg.sender != governance) revert OnlyGovernance();
+        _;
+    }
+
+    constructor(address governance_, uint256 whPerCredit) EIP712("DAISEE", "1") {
+        governance = governance_;
+        credit = new EnergyCredit(whPerCredit);
+        emit GovernanceTransferred(address(0), governance_);
+    }
+
+    // -- governance ----------------------------------------------------------------------
+
+    function addNode(address node) external onlyGovernance {
+        heads[node].registered = true;
+        emit NodeAdded(node);
+    }
+
+    /// @notice A removed node keeps its seq, so re-adding it never lets old commitments replay.
+    function removeNode(address node) external onlyGovernance {
+        heads[node].registered = false;
+        emit NodeRemoved(node);
+    }
+
+    function transferGovernance(address next) external onlyGovernance {
+        emit GovernanceTransferred(governance, next);
+        governance = next;
+    }
+
+    // -- commitments -----------------------------------------------------------------------
+
+    function commitmentHash(Commitment calldata c) public pure returns (bytes32) {
+        return keccak256(abi.encode(COMMITMENT_TYPEHASH, c));
+    }
+
+    /// @notice The EIP-712 digest a node signs for commitment `c`.
+    function digest(Commitment calldata c) public view returns (bytes32) {
+        return _hashTypedDataV4(commitmentHash(c));
+    }
+
+    /// @notice Record signed commitments. Invalid ones are skipped with a `Rejected` event.
+    /// @return batch the batch id (meaningful when `accepted` > 0)
+    /// @return accepted how many commitments were recorded
+    function commitBatch(Commitment[] calldata cs, bytes[] calldata signatures)
+        external
+        returns (uint256 batch, uint256 accepted)
+    {
+        if (cs.length != signatures.length) revert LengthMismatch();
+        batch = batchCount;
+        bytes32[] memory hashes = new bytes32[](cs.length);
+        for (uint256 i = 0; i < cs.length; ++i) {
+            Commitment calldata c = cs[i];
+            bytes32 h = commitmentHash(c);
+            uint8 reason = _check(c, h, signatures[i]);
+            if (reason != 0) {
+                emit Rejected(c.node, c.seq, reason);
+                continue;
+            }
+            Head storage head = heads[c.node];
+            if (c.seq != head.seq + 1) emit Gap(c.node, head.seq + 1, c.seq);
+            head.seq = c.seq;
+            head.t1 = c.t1;
+            head.hashLow = uint120(uint256(h));
+            hashes[accepted++] = h;
+            emit Committed(c.node, c.seq, batch, h, c);
+            if (c.exportWh > 0) credit.mintFor(c.node, c.exportWh);
+        }
+        if (accepted > 0) {
+            bytes32 root = _root(hashes, accepted);
+            batchRoots[batch] = root;
+            batchCount = batch + 1;
+            emit BatchRecorded(batch, root, accepted);
+        }
+    }
+
+    function _check(Commitment calldata c, bytes32 h, bytes calldata signature)
+        internal
+        view
+        returns (uint8)
+    {
+        (address signer, ECDSA.RecoverError err,) =
+            ECDSA.tryRecover(_hashTypedDataV4(h), signature);
+        if (err != ECDSA.RecoverError.NoError || signer != c.node) return BAD_SIGNATURE;
+        Head memory head = heads[c.node];
+        if (!head.registered) return NOT_REGISTERED;
+        if (c.seq <= head.seq) return STALE_SEQ;
+        if (c.t1 <= c.t0 || c.t0 < head.t1) return BAD_PERIOD;
+        if (c.seq == head.seq + 1 && uint120(uint256(c.prevHash)) != head.hashLow) {
+            return BAD_PREV_HASH;
+        }
+        return 0;
+    }
+
+    // -- proofs ----------------------------------------------------------------------------
+
+    function readingLeaf(address node, Reading calldata r) public pure returns (bytes32) {
+        return keccak256(abi.encode(node, r.channel, r.tMs, r.valueMicro, r.quality));
+    }
+
+    /// @notice True when `c` was recorded in `batch` and reading `r` is one of its leaves.
+    function verifyReading(
+        Commitment calldata c,
+        uint256 batch,
+        bytes32[] calldata batchProof,
+        Reading calldata r,
+        bytes32[] calldata proof
+    ) external view returns (bool) {
+        bytes32 batchRoot = batchRoots[batch];
+        if (batchRoot == bytes32(0)) return false;
+        if (!MerkleProof.verifyCalldata(batchProof, batchRoot, commitmentHash(c))) return false;
+        if (r.tMs < c.t0 || r.tMs >= c.t1) return false;
+        return MerkleProof.verifyCalldata(proof, c.root, readingLeaf(c.node, r));
+    }
+
+    /// @dev Pairs neighbours level by level (sorted-pair keccak, as OpenZeppelin's MerkleProof
+    /// expects); an odd node at the end of a level moves up unchanged.
+    function _root(bytes32[] memory h, uint256 n) internal pure returns (bytes32) {
+        while (n > 1) {
+            uint256 m = 0;
+            for (uint256 i = 0; i < n; i += 2) {
+                h[m++] = i + 1 < n ? _hashPair(h[i], h[i + 1]) : h[i];
+            }
+            n = m;
+        }
+        return h[0];
+    }
+
+    function _hashPair(bytes32 a, bytes32 b) private pure returns (bytes32) {
+        return a < b ? keccak256(abi.encode(a, b)) : keccak256(abi.encode(b, a));
+    }
+}

@@ -1,0 +1,80 @@
+"""The node's signing key: an encrypted keystore (JSON v3) readable only by its owner."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from daisee_node.errors import DaiseeError
+
+# PBKDF2 rather than scrypt: scrypt's default needs 256 MB, half a Pi Zero 2 W's memory.
+KDF = "pbkdf2"
+KDF_ITERATIONS = 262_144
+
+
+class KeyStoreError(DaiseeError):
+    """The keystore or its password cannot be used."""
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ensure_password(password_file: Path) -> str:
+    """Read the keystore password, creating a random one (mode 0600) when the file is absent."""
+    if not password_file.exists():
+        _write_private(password_file, secrets.token_urlsafe(24) + "\n")
+    return read_password(password_file)
+
+
+def read_password(password_file: Path) -> str:
+    try:
+        return password_file.read_text().rstrip("\n")
+    except OSError as exc:
+        raise KeyStoreError(f"cannot read the key password {password_file}: {exc.strerror}") from exc
+
+
+def new_keystore(keystore: Path, password_file: Path) -> str:
+    """Create a new key in `keystore` (never overwriting one); return its address."""
+    if keystore.exists():
+        raise KeyStoreError(f"{keystore} already exists; refusing to replace a node key")
+    password = ensure_password(password_file)
+    account = Account.create()
+    data = Account.encrypt(account.key, password, kdf=KDF, iterations=KDF_ITERATIONS)
+    _write_private(keystore, json.dumps(data))
+    return account.address
+
+
+def keystore_address(keystore: Path) -> str:
+    """The address a keystore holds (public: no password needed)."""
+    try:
+        data = json.loads(keystore.read_text())
+        return to_checksum_address("0x" + str(data["address"]).removeprefix("0x"))
+    except FileNotFoundError as exc:
+        raise KeyStoreError(f"no keystore at {keystore}; create one with `daisee-node keys new`") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise KeyStoreError(f"{keystore} is not a keystore: {exc}") from exc
+
+
+def load_account(keystore: Path, password_file: Path) -> LocalAccount:
+    """Decrypt the node key. Warns nothing, fails clearly: wrong password, bad file, bad mode."""
+    mode = keystore.stat().st_mode & 0o777 if keystore.exists() else 0
+    if mode & 0o077:
+        raise KeyStoreError(f"{keystore} is readable by others (mode {mode:o}); chmod 600 it")
+    keystore_address(keystore)
+    try:
+        key = Account.decrypt(json.loads(keystore.read_text()), read_password(password_file))
+    except ValueError as exc:
+        raise KeyStoreError(f"cannot decrypt {keystore}: {exc}") from exc
+    return Account.from_key(key)
