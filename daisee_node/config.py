@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
+from daisee_node.ledger.settings import ChainSection
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
 from daisee_node.rules.expressions import TIME_NAMES, check
@@ -105,6 +106,7 @@ class Config(StrictModel):
         default_factory=dict, description="named values computed from channels, for rules"
     )
     rules: list[RuleConfig] = Field(default_factory=list)
+    chain: ChainSection | None = None
 
     def channel_names(self) -> set[str]:
         """Every channel the configured sensors publish."""
@@ -161,10 +163,25 @@ def config_from_dict(
     problems = _check_semantics(config)
     if problems:
         raise ConfigError(source, problems)
-    if base_dir is not None and not config.node.data_dir.is_absolute():
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Relative paths in the file are relative to the file's folder."""
+    if not config.node.data_dir.is_absolute():
         data_dir = (base_dir / config.node.data_dir).resolve()
         node = config.node.model_copy(update={"data_dir": data_dir})
         config = config.model_copy(update={"node": node})
+    if config.chain is not None:
+        updates = {
+            key: (base_dir / path).resolve()
+            for key in ("keystore", "password_file")
+            if (path := getattr(config.chain, key)) is not None and not path.is_absolute()
+        }
+        if updates:
+            config = config.model_copy(update={"chain": config.chain.model_copy(update=updates)})
     return config
 
 
@@ -192,6 +209,7 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
         lambda v, j: f"{v!r} is already the name of sensors[{j}]; channel names would collide",
     )
     problems += _check_relays_and_rules(config)
+    problems += _check_chain(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
             if sensor.kind != "simulated" and getattr(sensor, "bus", None) != "fake":
@@ -202,6 +220,29 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
                         "simulated or on the fake bus: real hardware runs on real time",
                     )
                 )
+    return problems
+
+
+def _check_chain(config: Config) -> list[ConfigProblem]:
+    chain = config.chain
+    if chain is None:
+        return []
+    problems = []
+    if chain.rpc_url != "embedded" and chain.ledger_address is None:
+        problems.append(
+            ConfigProblem("chain.ledger_address", "required unless rpc_url is 'embedded'")
+        )
+    if chain.rpc_url != "embedded" and not chain.rpc_url.startswith(("http://", "https://")):
+        problems.append(
+            ConfigProblem("chain.rpc_url", "use an http(s):// JSON-RPC URL, or 'embedded'")
+        )
+    channels = config.channel_names() if chain.import_channel or chain.export_channel else set()
+    for key in ("import_channel", "export_channel"):
+        name = getattr(chain, key)
+        if name is not None and name not in channels:
+            hint = difflib.get_close_matches(name, sorted(channels), n=1)
+            more = f"; did you mean {hint[0]!r}?" if hint else ""
+            problems.append(ConfigProblem(f"chain.{key}", f"no sensor publishes {name!r}{more}"))
     return problems
 
 

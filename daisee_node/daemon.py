@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daisee_node import logs
 from daisee_node.actuators.relays import RelayController, RelayState
@@ -37,6 +37,9 @@ from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
 from daisee_node.store import Store, db_path
 from daisee_node.systemd import Notifier
+
+if TYPE_CHECKING:
+    from daisee_node.ledger.service import LedgerService
 
 SHUTDOWN_S = 5.0
 RESTART_BASE_S = 0.5
@@ -186,6 +189,13 @@ class Node:
         if config.rules:
             self.rules = self._build_rules(config)
             self._sinks.append(self.rules.on_readings)
+        self.ledger: LedgerService | None = None
+        if config.chain is not None:
+            from daisee_node.ledger.service import LedgerService
+
+            self.ledger = LedgerService(
+                config.chain, self.store, self.clock, data_dir, config.rules, config.derived
+            )
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -244,6 +254,9 @@ class Node:
                     for sensor_config in self.config.sensors:
                         if sensor_config.enabled:
                             self._start_sensor(sensor_config)
+                    if self.ledger is not None:
+                        self._spawn("ledger.sealer", self.ledger.seal_loop)
+                        self._spawn("ledger.submitter", self.ledger.submit_loop)
                     self._spawn("systemd.watchdog", self._watchdog, supervise=False)
                     self._spawn("config.reload", self._reload_loop)
                     self.store.set_counter("node.started_ms", self.clock.now_ms())
@@ -296,7 +309,7 @@ class Node:
             task.cancel()
         if samplers:
             await asyncio.wait(samplers, timeout=max(0.1, (deadline - time.monotonic()) / 2))
-        for name in ("rules.tick", "relays.worker"):
+        for name in ("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter"):
             task = self._tasks.get(name)
             if task is not None:
                 task.cancel()
@@ -560,10 +573,17 @@ class Node:
             changed = [f"node.{k}" for k in fixed if getattr(old.node, k) != getattr(new.node, k)]
             if new.relays != old.relays or new.gpio != old.gpio:
                 changed.append("relays/gpio")
+            if new.chain != old.chain:
+                changed.append("chain")
             if changed:
                 self.log.error("config reload rejected: these need a restart", keys=changed)
                 return False
             await self._apply(old, new)
+            if self.ledger is not None:
+                from daisee_node.ledger.outbox import rules_hash
+
+                # Periods sealed from now on name the rules that now run.
+                self.ledger.sealer.rules_hash = rules_hash(new.rules, new.derived)
             self.log.info("config reloaded", sensors=sorted(self.sensors))
             return True
         finally:

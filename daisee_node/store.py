@@ -17,7 +17,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,40 @@ MIGRATIONS: tuple[str, ...] = (
         data TEXT
     );
     CREATE INDEX events_by_time ON events (t_ms);
+    """,
+    """
+    -- The ledger's outbox: signed commitments (own and peers') and where they landed on chain.
+    CREATE TABLE commitments (
+        node TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        own INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        t0 INTEGER NOT NULL,
+        t1 INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        sealed_ms INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        tx_hash BLOB,
+        block_number INTEGER,
+        block_hash BLOB,
+        batch INTEGER,
+        note TEXT,
+        PRIMARY KEY (node, seq)
+    );
+    CREATE INDEX commitments_by_state ON commitments (state, own);
+    -- Every transaction the node signed, with its nonce: the node's own nonce ledger.
+    CREATE TABLE ledger_txs (
+        id INTEGER PRIMARY KEY,
+        nonce INTEGER NOT NULL,
+        tx_hash BLOB NOT NULL UNIQUE,
+        raw BLOB NOT NULL,
+        items TEXT NOT NULL,
+        fee INTEGER NOT NULL,
+        sent_ms INTEGER NOT NULL,
+        state TEXT NOT NULL
+    );
     """,
 )
 _INSERT_EVENT = (
@@ -190,6 +224,9 @@ class Store:
         self._next_maintenance = 0.0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._tx_lock = asyncio.Lock()
+        #: with a ledger, raw readings are kept until their period is sealed
+        self.keep_unsealed = False
         #: called after each commit with the readings just made durable
         self.on_commit: list[Callable[[Sequence[Reading]], None]] = []
 
@@ -224,6 +261,20 @@ class Store:
         await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
         await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.execute("PRAGMA temp_store=MEMORY")
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; writers take turns (they share the one connection)."""
+        assert self._db is not None
+        async with self._tx_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self._db.execute("ROLLBACK")
+                raise
 
     async def _quick_check(self) -> bool:
         assert self._db is not None
@@ -404,33 +455,23 @@ class Store:
             latest = {row[1]: row for row in rows}
             now_ms = self.clock.now_ms()
             t0 = time.perf_counter()
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self.transaction() as db:
                 inserted = 0
                 if rows:
-                    cur = await self._db.executemany(_INSERT_READING, rows)
+                    cur = await db.executemany(_INSERT_READING, rows)
                     inserted = cur.rowcount
-                    await self._db.executemany(
+                    await db.executemany(
                         _UPSERT_LATEST, [(c, t, v, q) for (t, c, v, q) in latest.values()]
                     )
                 counted = dict(adds)
                 if inserted:
                     counted["readings_stored"] = counted.get("readings_stored", 0) + inserted
                 if counted:
-                    await self._db.executemany(
-                        _ADD_COUNTER, [(k, v, now_ms) for k, v in counted.items()]
-                    )
+                    await db.executemany(_ADD_COUNTER, [(k, v, now_ms) for k, v in counted.items()])
                 if sets:
-                    await self._db.executemany(
-                        _SET_COUNTER, [(k, v, now_ms) for k, v in sets.items()]
-                    )
+                    await db.executemany(_SET_COUNTER, [(k, v, now_ms) for k, v in sets.items()])
                 if events:
-                    await self._db.executemany(_INSERT_EVENT, events)
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._db.execute("ROLLBACK")
-                raise
+                    await db.executemany(_INSERT_EVENT, events)
         except BaseException:
             # Nothing is lost: the batch and the counters go back in front of what came since.
             self._pending[:0] = batch
@@ -491,18 +532,12 @@ class Store:
         step = 60 * MINUTE_MS  # an hour per transaction keeps each write short
         while start < until:
             end = min(until, start + step)
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await self._db.execute(_ROLLUP, (start, end))
-                await self._db.execute(
+            async with self.transaction() as db:
+                cur = await db.execute(_ROLLUP, (start, end))
+                await db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('rollup_until_ms', ?)",
                     (str(end),),
                 )
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._db.execute("ROLLBACK")
-                raise
             self.stats.rolled_up_minutes += max(0, cur.rowcount)
             start = end
             await asyncio.sleep(0)  # let the loop breathe between chunks
@@ -512,6 +547,10 @@ class Store:
         rolled = await self._meta_int("rollup_until_ms")
         raw_cutoff = now_ms - int(self.retention.raw_days * DAY_MS)
         # Raw readings are deleted only once they are summarised in the aggregates.
+        if self.keep_unsealed:
+            # Readings of a period not yet sealed into a commitment are the ledger's to keep.
+            sealed = await self._meta_int("ledger_sealed_until_ms")
+            raw_cutoff = min(raw_cutoff, sealed or 0)
         if rolled is not None:
             raw_cutoff = min(raw_cutoff, rolled)
             self.stats.deleted_raw += await self._delete_chunked(
@@ -542,16 +581,10 @@ class Store:
         lower = int(row[0])
         while lower < cutoff:
             lower = min(cutoff, lower + step)
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await self._db.execute(delete_sql, (lower,))
+            async with self.transaction() as db:
+                cur = await db.execute(delete_sql, (lower,))
                 if counter and cur.rowcount > 0:
-                    await self._db.execute(_ADD_COUNTER, (counter, -cur.rowcount, now_ms()))
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self._db.execute("ROLLBACK")
-                raise
+                    await db.execute(_ADD_COUNTER, (counter, -cur.rowcount, now_ms()))
             total += max(0, cur.rowcount)
             await asyncio.sleep(0)
         return total

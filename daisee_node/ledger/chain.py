@@ -65,7 +65,7 @@ def fee_fields(w3: Web3, bump: float = 1.0) -> dict[str, int]:
         return {"gasPrice": int(w3.eth.gas_price * bump)}
     try:
         tip = int(w3.eth.max_priority_fee)
-    except Exception:  # noqa: BLE001 - not every PoA client answers eth_maxPriorityFeePerGas
+    except Exception:
         tip = 1_000_000_000
     tip = max(int(tip * bump), 1)
     return {"maxFeePerGas": int(2 * base * bump) + tip, "maxPriorityFeePerGas": tip}
@@ -242,4 +242,3 @@ class Ledger:
                 commitment.as_tuple(), batch, batch_proof, reading, proof
             ).call()
         )
-

@@ -136,7 +136,7 @@ def signer(commitment: Commitment, signature: bytes, chain_id: int, contract: st
     try:
         sig = eth_keys.Signature(signature[:64] + bytes([v]))
         key = sig.recover_public_key_from_msg_hash(commitment.digest(chain_id, contract))
-    except Exception:  # noqa: BLE001 - any malformed signature is simply not valid
+    except Exception:
         return None
     return key.to_checksum_address()
 

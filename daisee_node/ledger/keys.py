@@ -42,7 +42,9 @@ def read_password(password_file: Path) -> str:
     try:
         return password_file.read_text().rstrip("\n")
     except OSError as exc:
-        raise KeyStoreError(f"cannot read the key password {password_file}: {exc.strerror}") from exc
+        raise KeyStoreError(
+            f"cannot read the key password {password_file}: {exc.strerror}"
+        ) from exc
 
 
 def new_keystore(keystore: Path, password_file: Path) -> str:
@@ -62,7 +64,9 @@ def keystore_address(keystore: Path) -> str:
         data = json.loads(keystore.read_text())
         return to_checksum_address("0x" + str(data["address"]).removeprefix("0x"))
     except FileNotFoundError as exc:
-        raise KeyStoreError(f"no keystore at {keystore}; create one with `daisee-node keys new`") from exc
+        raise KeyStoreError(
+            f"no keystore at {keystore}; create one with `daisee-node keys new`"
+        ) from exc
     except (OSError, ValueError, KeyError) as exc:
         raise KeyStoreError(f"{keystore} is not a keystore: {exc}") from exc
 

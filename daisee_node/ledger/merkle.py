@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 from eth_hash.auto import keccak
 
 ZERO32 = b"\x00" * 32
 
 
+@lru_cache(maxsize=4096)
 def channel_id(name: str) -> bytes:
     """A channel's id in the ledger: the keccak of its name, so anyone can derive it."""
     return keccak(name.encode())

@@ -39,7 +39,15 @@ def make(node, seq, t0, t1, rows, prev=b"\0" * 32, export_wh=0) -> tuple[Commitm
     rows = sorted(rows, key=lambda r: (r[1], r[0]))
     leaves = [merkle.reading_leaf(addr, *r) for r in rows]
     c = Commitment(
-        node.address, seq, t0, t1, merkle.root(leaves), len(rows), 5, export_wh, prev,
+        node.address,
+        seq,
+        t0,
+        t1,
+        merkle.root(leaves),
+        len(rows),
+        5,
+        export_wh,
+        prev,
         keccak(b"rules"),
     )
     return c, leaves
@@ -51,7 +59,7 @@ def submit(w3, sender, ledger, items):
 
 
 def test_hashes_and_digest_match_the_contract(env):
-    w3, gov, ledger, node = env
+    _w3, _gov, ledger, node = env
     c, _ = make(node, 1, 0, 900_000, readings(node.address, 0, 3))
     fn = ledger.contract.functions
     assert bytes(fn.commitmentHash(c.as_tuple()).call()) == c.struct_hash()
@@ -67,12 +75,24 @@ def test_commit_chain_of_periods_mints_credits_and_proves_each_reading(env):
     w3, gov, ledger, node = env
     rows1 = readings(node.address, 0, 5)
     c1, leaves1 = make(node, 1, 0, 900_000, rows1, export_wh=1500)
-    c2, _ = make(node, 2, 900_000, 1_800_000, readings(node.address, 900_000, 4),
-                 prev=c1.struct_hash(), export_wh=250)
-    ok, rejected = submit(w3, gov, ledger, [
-        (c1, sign(c1, node.key, ledger.chain_id, ledger.address)),
-        (c2, sign(c2, node.key, ledger.chain_id, ledger.address)),
-    ])
+    c2, _ = make(
+        node,
+        2,
+        900_000,
+        1_800_000,
+        readings(node.address, 900_000, 4),
+        prev=c1.struct_hash(),
+        export_wh=250,
+    )
+    ok, rejected = submit(
+        w3,
+        gov,
+        ledger,
+        [
+            (c1, sign(c1, node.key, ledger.chain_id, ledger.address)),
+            (c2, sign(c2, node.key, ledger.chain_id, ledger.address)),
+        ],
+    )
     assert rejected == []
     assert [(i.seq, i.batch) for i in ok] == [(1, 0), (2, 0)]
     head = ledger.head(node.address)
@@ -102,17 +122,23 @@ def test_forged_replayed_and_unregistered_commitments_are_rejected(env):
     assert submit(w3, gov, ledger, [(c1, sig1)])[1] == []
 
     stranger = Account.create()
-    c2, _ = make(node, 2, 900_000, 1_800_000, readings(node.address, 900_000, 2),
-                 prev=c1.struct_hash())
+    c2, _ = make(
+        node, 2, 900_000, 1_800_000, readings(node.address, 900_000, 2), prev=c1.struct_hash()
+    )
     forged = sign(c2, stranger.key, cid, addr)
     altered = c2.with_(export_wh=10**6)  # signed c2, claims more export
     c_stranger, _ = make(stranger, 1, 0, 900_000, readings(stranger.address, 0, 2))
-    ok, rejected = submit(w3, gov, ledger, [
-        (c1, sig1),  # replay
-        (c2, forged),
-        (altered, sign(c2, node.key, cid, addr)),
-        (c_stranger, sign(c_stranger, stranger.key, cid, addr)),
-    ])
+    ok, rejected = submit(
+        w3,
+        gov,
+        ledger,
+        [
+            (c1, sig1),  # replay
+            (c2, forged),
+            (altered, sign(c2, node.key, cid, addr)),
+            (c_stranger, sign(c_stranger, stranger.key, cid, addr)),
+        ],
+    )
     assert ok == []
     assert rejected == [
         (node.address, 1, "seq already committed"),
@@ -146,12 +172,12 @@ def test_prev_hash_overlap_gaps_and_removal(env):
     )
     # only governance manages the registry
     chain.fund(w3, gov, node.address, 10**18)
-    with pytest.raises(Exception, match="revert|OnlyGovernance"):
+    with pytest.raises(Exception, match=r"revert|OnlyGovernance"):
         ledger.set_node(node, node.address)
 
 
 def test_any_account_may_relay_a_signed_commitment(env):
-    w3, gov, ledger, node = env
+    w3, _gov, ledger, node = env
     relayer = Account.from_key(chain.TESTER_KEYS[1])
     c1, _ = make(node, 1, 0, 900_000, readings(node.address, 0, 2))
     ok, _ = submit(w3, relayer, ledger, [(c1, sign(c1, node.key, ledger.chain_id, ledger.address))])

@@ -1,0 +1,174 @@
+"""The ledger inside the daemon: key, chain connection, sealing loop and submitter loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from daisee_node.clock import Clock
+from daisee_node.errors import DaiseeError
+from daisee_node.ledger import chain as chainlib
+from daisee_node.ledger.commitment import Commitment, signer
+from daisee_node.ledger.keys import load_account
+from daisee_node.ledger.outbox import Outbox, Sealer, rules_hash
+from daisee_node.ledger.settings import ChainSection
+from daisee_node.ledger.submitter import ChainThread, Submitter
+from daisee_node.logs import get_logger
+from daisee_node.store import Store
+
+EMBEDDED_FUNDS_WEI = 10**20
+
+
+class LedgerService:
+    """Everything the node does for the ledger; the daemon runs `seal_loop` and `submit_loop`."""
+
+    def __init__(
+        self,
+        settings: ChainSection,
+        store: Store,
+        clock: Clock,
+        data_dir: Path,
+        rules: list[Any],
+        derived: dict[str, str],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.log = get_logger("ledger")
+        self.account: LocalAccount = load_account(
+            settings.keystore_path(data_dir), settings.password_path(data_dir)
+        )
+        self.address = self.account.address
+        self.outbox = Outbox(store)
+        self.worker = ChainThread()
+        self.chain_id: int | None = settings.chain_id
+        self.contract: str | None = settings.ledger_address
+        self.ledger: chainlib.Ledger | None = None
+        self.submitter: Submitter | None = None
+        self.sealer = Sealer(
+            store,
+            self.outbox,
+            self.account,
+            period_s=settings.period_s,
+            delay_s=settings.seal_delay_s,
+            import_channel=settings.import_channel,
+            export_channel=settings.export_channel,
+            rules_hash=rules_hash(rules, derived),
+            clock=clock,
+        )
+        #: called with each newly sealed own commitment and its signature (MQTT publishes them)
+        self.on_sealed: list[Callable[[Commitment, bytes], None]] = []
+        self._connected = asyncio.Event()
+        store.keep_unsealed = True
+
+    # -- chain connection ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Reach the chain (retrying forever); an embedded chain is created and set up here."""
+        delay = 1.0
+        while True:
+            try:
+                await self.worker.call(self._connect)
+                break
+            except Exception as exc:
+                self.log.warning("chain not reachable yet", error=str(exc)[:200])
+                await asyncio.sleep(delay)
+                delay = min(self.settings.retry_max_s, delay * 2)
+        assert self.ledger is not None
+        self.submitter = Submitter(
+            self.store,
+            self.outbox,
+            self.ledger,
+            self.account,
+            self.settings,
+            self.clock,
+            self.worker,
+        )
+        self._connected.set()
+
+    def _connect(self) -> None:
+        w3 = chainlib.connect(self.settings.rpc_url, self.settings.rpc_timeout_s)
+        if self.settings.rpc_url == chainlib.EMBEDDED:
+            gov = Account.from_key(chainlib.TESTER_KEYS[0])
+            address = chainlib.deploy(w3, gov, None, wh_per_credit=1000)
+            ledger = chainlib.Ledger(w3, address)
+            ledger.set_node(gov, self.address)
+            chainlib.fund(w3, gov, self.address, EMBEDDED_FUNDS_WEI)
+            self.log.info("embedded chain ready", ledger=address, chain_id=ledger.chain_id)
+        else:
+            if self.contract is None:
+                raise DaiseeError("chain.ledger_address is not set")
+            ledger = chainlib.Ledger(w3, self.contract)
+            ledger.check_deployed()
+            if self.chain_id is not None and ledger.chain_id != self.chain_id:
+                raise DaiseeError(
+                    f"chain id {ledger.chain_id} is not chain.chain_id {self.chain_id}"
+                )
+        self.ledger = ledger
+        self.chain_id = ledger.chain_id
+        self.contract = ledger.address
+
+    # -- loops ---------------------------------------------------------------------------------
+
+    async def seal_loop(self) -> None:
+        """Seal due periods. Needs the chain id and contract (from config or the chain)."""
+        if self.chain_id is None or self.contract is None:
+            await self._connected.wait()
+        assert self.chain_id is not None and self.contract is not None
+        poll_s = max(0.5, min(30.0, self.settings.period_s / 30))
+        while True:
+            sealed = await self.sealer.seal_due(self.chain_id, self.contract)
+            for commitment in sealed:
+                entry = await self.outbox.get(commitment.node, commitment.seq)
+                for callback in self.on_sealed:
+                    callback(commitment, entry.signature if entry else b"")
+            if sealed and self.submitter is not None:
+                self.submitter.wake.set()
+            await self.clock.sleep(poll_s)
+
+    async def submit_loop(self) -> None:
+        if self.submitter is None:
+            await self.connect()
+        assert self.submitter is not None
+        if self.settings.rpc_url == chainlib.EMBEDDED:
+            self.submitter.after_round = self._mine_embedded
+        await self.submitter.run()
+
+    async def _mine_embedded(self) -> None:
+        # An in-process chain only makes blocks for transactions; one per round lets
+        # confirmations accumulate as they would on a chain with a block time.
+        assert self.ledger is not None
+        provider: Any = self.ledger.w3.provider
+        await self.worker.call(provider.ethereum_tester.mine_blocks, 1)
+
+    async def accept_peer(self, commitment: Commitment, signature: bytes) -> bool:
+        """Keep a peer's signed commitment for relaying, if its signature is the node's own."""
+        if self.chain_id is None or self.contract is None or commitment.node == self.address:
+            return False
+        if signer(commitment, signature, self.chain_id, self.contract) != commitment.node:
+            self.store.add_counter("ledger.peer_bad_signatures", 1)
+            return False
+        added = await self.outbox.add(
+            commitment, signature, own=False, sealed_ms=self.clock.now_ms()
+        )
+        if added and self.submitter is not None:
+            self.submitter.wake.set()
+        return added
+
+    async def state(self) -> dict[str, Any]:
+        """The ledger topic's payload: sealed and confirmed seq, backlog, last tx."""
+        summary = await self.outbox.summary(self.address)
+        sub = self.submitter
+        return {
+            "address": self.address,
+            "sealed_seq": summary["sealed_seq"],
+            "confirmed_seq": summary["confirmed_seq"],
+            "backlog": summary["backlog"],
+            "last_tx": sub.last_tx if sub else None,
+            "error": sub.last_error if sub else None,
+        }

@@ -1,0 +1,48 @@
+"""`[chain]`: where the node commits its periods, with which key, how often."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from daisee_node.sensors.base import StrictModel
+
+ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+
+
+class ChainSection(StrictModel):
+    """`[chain]`: the PoA chain, the ledger contract and the node key."""
+
+    rpc_url: str = Field(
+        description="JSON-RPC URL of a chain node, or 'embedded' for an in-process chain"
+    )
+    ledger_address: str | None = Field(
+        None, pattern=ADDRESS_PATTERN, description="the deployed ledger (not for 'embedded')"
+    )
+    chain_id: int | None = Field(
+        None, ge=1, description="lets the node seal before it has ever reached the chain"
+    )
+    keystore: Path | None = Field(None, description="default: <data_dir>/node-key.json")
+    password_file: Path | None = Field(None, description="default: <data_dir>/node-key.pass")
+    period_s: int = Field(900, ge=10, le=86_400, description="settlement period")
+    seal_delay_s: float = Field(
+        10.0, ge=0, le=3600, description="a period is sealed this long after it ends"
+    )
+    import_channel: str | None = Field(None, description="cumulative Wh imported, for totals")
+    export_channel: str | None = Field(None, description="cumulative Wh exported (credits)")
+    submit: bool = Field(True, description="false: sign and publish only, for a relay to submit")
+    relay_peers: bool = Field(False, description="also submit peers' signed commitments")
+    submit_interval_s: float = Field(30.0, gt=0, le=86_400)
+    batch_max: int = Field(100, ge=1, le=2_000)
+    confirmations: int = Field(2, ge=0, le=1_000)
+    stuck_after_s: float = Field(120.0, gt=0, description="then resend with a fee bump")
+    fee_bump: float = Field(1.25, ge=1.1, le=10.0)
+    retry_max_s: float = Field(60.0, gt=0, description="longest wait between retries")
+    rpc_timeout_s: float = Field(10.0, gt=0)
+
+    def keystore_path(self, data_dir: Path) -> Path:
+        return self.keystore or data_dir / "node-key.json"
+
+    def password_path(self, data_dir: Path) -> Path:
+        return self.password_file or data_dir / "node-key.pass"

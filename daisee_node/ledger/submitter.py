@@ -1,0 +1,393 @@
+"""Sends pending commitments to the chain in batches, and follows them until they are final.
+
+One batch transaction is in flight at a time. Its nonce is written to the node's nonce ledger
+(`ledger_txs`) before it is broadcast, so a restart picks up the transaction it had sent instead
+of sending another. A transaction left unmined for `stuck_after_s` is replaced, same nonce, with
+higher fees. A commitment counts as confirmed once its block is `confirmations` deep and still
+on the chain; if its block is reorganised away it goes back to pending and is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from eth_account.signers.local import LocalAccount
+from web3.exceptions import TransactionNotFound, Web3RPCError
+
+from daisee_node.clock import Clock
+from daisee_node.ledger import chain as chainlib
+from daisee_node.ledger.chain import ChainError, Ledger
+from daisee_node.ledger.outbox import (
+    CONFIRMED,
+    INCLUDED,
+    PENDING,
+    REJECTED,
+    SENT,
+    Entry,
+    Outbox,
+)
+from daisee_node.ledger.settings import ChainSection
+from daisee_node.logs import get_logger
+from daisee_node.store import Store
+
+T = TypeVar("T")
+
+
+class ChainThread:
+    """Runs blocking web3 calls one at a time on a daemon thread.
+
+    A daemon thread, so a chain that does not answer never holds up the process's exit.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="chain", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                fn, fut = self._jobs.pop(0)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        fut: Future[T] = Future()
+        with self._cv:
+            self._jobs.append((lambda: fn(*args, **kwargs), fut))
+            self._cv.notify()
+        return await asyncio.wrap_future(fut)
+
+
+class Submitter:
+    """Batches, sends and follows the outbox's commitments."""
+
+    def __init__(
+        self,
+        store: Store,
+        outbox: Outbox,
+        ledger: Ledger,
+        account: LocalAccount,
+        settings: ChainSection,
+        clock: Clock,
+        worker: ChainThread,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.ledger = ledger
+        self.w3 = ledger.w3
+        self.account = account
+        self.settings = settings
+        self.clock = clock
+        self.call = worker.call
+        self.log = get_logger("ledger")
+        self.wake = asyncio.Event()
+        #: called after every round, with nothing (for MQTT's ledger topic)
+        self.on_change: list[Callable[[], None]] = []
+        #: awaited after every round (the embedded chain mines a block there)
+        self.after_round: Callable[[], Awaitable[None]] | None = None
+        self.last_tx: str | None = None
+        self.last_error: str | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                busy = await self.round()
+                if self.after_round is not None:
+                    await self.after_round()
+                if failures:
+                    self.log.info("chain reachable again", after_failures=failures)
+                failures = 0
+                self.last_error = None
+                delay = (
+                    min(self.settings.submit_interval_s, 1.0)
+                    if busy
+                    else (self.settings.submit_interval_s)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.last_error = str(exc)[:300]
+                self.store.add_counter("ledger.submit_errors", 1)
+                delay = min(self.settings.retry_max_s, 0.5 * 2**failures)
+                delay *= random.uniform(0.5, 1.0)
+                if failures == 1:
+                    self.log.warning(
+                        "chain unavailable; commitments wait in the outbox",
+                        error=self.last_error,
+                        retry_in_s=round(delay, 1),
+                    )
+                else:
+                    self.log.debug("chain still unavailable", error=self.last_error)
+            for callback in self.on_change:
+                callback()
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+
+    async def round(self) -> bool:
+        """One pass. Returns True while something is in flight or not yet final."""
+        if await self._follow_in_flight():
+            return True
+        unsettled = await self._follow_included()
+        await self._reconcile()
+        sent = await self._send_batch()
+        return unsettled or sent
+
+    # -- in-flight transaction -----------------------------------------------------------------
+
+    async def _in_flight(self) -> list[tuple[Any, ...]]:
+        return await self.store.query(
+            "SELECT id, nonce, tx_hash, raw, items, fee, sent_ms FROM ledger_txs "
+            "WHERE state = 'sent' ORDER BY id"
+        )
+
+    async def _follow_in_flight(self) -> bool:
+        txs = await self._in_flight()
+        if not txs:
+            return False
+        for tx_id, _nonce, tx_hash, _raw, items, _fee, _sent in txs:
+            receipt = await self.call(self._receipt, bytes(tx_hash))
+            if receipt is not None:
+                await self._mined(tx_id, receipt, json.loads(items))
+                return False
+        tx_id, nonce, tx_hash, raw, items, fee, sent_ms = txs[-1]
+        mined_nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address)
+        if mined_nonce > nonce:
+            # Another transaction took this nonce (one we lost track of): send the batch again.
+            await self._set_tx_state([t[0] for t in txs], "dropped")
+            await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
+            return False
+        if self.clock.now_ms() - sent_ms > self.settings.stuck_after_s * 1000:
+            await self._replace(nonce, json.loads(items), fee)
+        elif await self.call(self._tx_known, bytes(tx_hash)) is False:
+            # The chain node forgot it (restarted without its pool): broadcast it again.
+            await self.call(self.w3.eth.send_raw_transaction, bytes(raw))
+        return True
+
+    def _receipt(self, tx_hash: bytes) -> Any:
+        try:
+            return self.w3.eth.get_transaction_receipt(tx_hash)
+        except TransactionNotFound:
+            return None
+
+    def _tx_known(self, tx_hash: bytes) -> bool:
+        try:
+            self.w3.eth.get_transaction(tx_hash)
+        except TransactionNotFound:
+            return False
+        return True
+
+    async def _mined(self, tx_id: int, receipt: Any, items: list[list[Any]]) -> None:
+        included, rejected = self.ledger.outcome(receipt)
+        async with self.store.transaction() as db:
+            await db.execute(
+                "UPDATE ledger_txs SET state = CASE WHEN id = ? THEN 'mined' ELSE 'replaced' END "
+                "WHERE state = 'sent'",
+                (tx_id,),
+            )
+        for inc in included:
+            await self.outbox.update(
+                [(inc.node, inc.seq)],
+                INCLUDED,
+                tx_hash=inc.tx_hash,
+                block_number=inc.block_number,
+                block_hash=inc.block_hash,
+                batch=inc.batch,
+            )
+        done = {(i.node, i.seq) for i in included}
+        for node, seq, reason in rejected:
+            done.add((node, seq))
+            if reason == chainlib.REJECT_REASONS[3]:
+                # Someone else committed it first (a relay): reconcile finds where.
+                await self.outbox.update([(node, seq)], PENDING)
+                continue
+            own = node == self.account.address
+            (self.log.error if own else self.log.warning)(
+                "commitment rejected by the ledger", node=node, seq=seq, reason=reason
+            )
+            await self.outbox.update([(node, seq)], REJECTED, note=reason)
+        leftover = [tuple(k) for k in items if tuple(k) not in done]
+        await self.outbox.update(leftover, PENDING)  # type: ignore[arg-type]
+        self.store.add_counter("ledger.txs_mined", 1)
+        self.log.info(
+            "batch mined",
+            tx=bytes(receipt["transactionHash"]).hex(),
+            block=receipt["blockNumber"],
+            gas=receipt["gasUsed"],
+            committed=len(included),
+            rejected=len(rejected),
+        )
+
+    async def _set_tx_state(self, ids: list[int], state: str) -> None:
+        async with self.store.transaction() as db:
+            await db.executemany(
+                "UPDATE ledger_txs SET state = ? WHERE id = ?", [(state, i) for i in ids]
+            )
+
+    # -- confirmations and reorgs ----------------------------------------------------------------
+
+    async def _follow_included(self) -> bool:
+        entries = await self.outbox.in_state(INCLUDED)
+        if not entries:
+            return False
+        latest = await self.call(self.w3.eth.get_block_number)
+        blocks: dict[int, bytes | None] = {}
+        reorged, final = [], []
+        for e in entries:
+            assert e.block_number is not None
+            if e.block_number not in blocks:
+                blocks[e.block_number] = await self.call(self._block_hash, e.block_number)
+            if blocks[e.block_number] != e.block_hash:
+                reorged.append(e)
+            elif latest - e.block_number >= self.settings.confirmations:
+                final.append(e)
+        if reorged:
+            self.log.warning(
+                "commitments reorganised off the chain; sending them again",
+                seqs=[e.commitment.seq for e in reorged],
+            )
+            self.store.add_counter("ledger.reorged", len(reorged))
+            await self.outbox.update([e.key for e in reorged], PENDING)
+            hashes = {e.tx_hash for e in reorged}
+            async with self.store.transaction() as db:
+                await db.executemany(
+                    "UPDATE ledger_txs SET state = 'dropped' WHERE tx_hash = ?",
+                    [(h,) for h in hashes],
+                )
+        if final:
+            await self.outbox.update([e.key for e in final], CONFIRMED)
+            own = [e.commitment.seq for e in final if e.own]
+            if own:
+                self.store.set_counter("ledger.confirmed_seq", max(own))
+        return len(final) < len(entries)
+
+    def _block_hash(self, number: int) -> bytes | None:
+        try:
+            block = self.w3.eth.get_block(number)
+        except Exception:
+            return None
+        return bytes(block["hash"]) if block else None
+
+    # -- batching ---------------------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        """Pending commitments the chain already has (sent by a relay, or before a restart)."""
+        pending = await self.outbox.in_state(PENDING)
+        heads: dict[str, int] = {}
+        for e in pending:
+            node, seq = e.key
+            if node not in heads:
+                heads[node] = (await self.call(self.ledger.head, node)).seq
+            if seq > heads[node]:
+                continue
+            found = await self.call(self.ledger.find, node, seq)
+            if found is None or found.commitment_hash != e.commitment.struct_hash():
+                await self.outbox.update([e.key], REJECTED, note="seq taken on chain")
+                continue
+            await self.outbox.update(
+                [e.key],
+                INCLUDED,
+                tx_hash=found.tx_hash,
+                block_number=found.block_number,
+                block_hash=found.block_hash,
+                batch=found.batch,
+            )
+
+    async def _batch(self) -> list[Entry]:
+        pending = await self.outbox.in_state(PENDING)
+        if not self.settings.relay_peers:
+            pending = [e for e in pending if e.own]
+        return pending[: self.settings.batch_max]
+
+    async def _send_batch(self) -> bool:
+        if not self.settings.submit:
+            return False
+        batch = await self._batch()
+        if not batch:
+            return False
+        nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address, "pending")
+        await self._sign_and_send(batch, nonce, bump=1.0)
+        return True
+
+    async def _replace(self, nonce: int, items: list[list[Any]], old_fee: int) -> None:
+        entries = [await self.outbox.get(node, seq) for node, seq in items]
+        batch = [e for e in entries if e is not None]
+        self.store.add_counter("ledger.fee_bumps", 1)
+        self.log.warning("batch transaction stuck; replacing it with a higher fee", nonce=nonce)
+        await self._sign_and_send(batch, nonce, bump=self.settings.fee_bump, floor=old_fee)
+
+    async def _sign_and_send(
+        self, batch: list[Entry], nonce: int, *, bump: float, floor: int = 0
+    ) -> None:
+        data = self.ledger.batch_data([(e.commitment, e.signature) for e in batch])
+        tx: dict[str, Any] = {
+            "from": self.account.address,
+            "to": self.ledger.address,
+            "data": data,
+            "nonce": nonce,
+            "chainId": self.ledger.chain_id,
+        }
+        gas = await self.call(self.w3.eth.estimate_gas, {k: tx[k] for k in ("from", "to", "data")})
+        tx["gas"] = int(gas * 1.2) + 20_000
+        fees = await self.call(chainlib.fee_fields, self.w3)
+        key = "maxFeePerGas" if "maxFeePerGas" in fees else "gasPrice"
+        if floor:
+            # A replacement must outbid the transaction it replaces, tip included.
+            fees[key] = max(fees[key], int(floor * bump))
+            if "maxPriorityFeePerGas" in fees:
+                fees["maxPriorityFeePerGas"] = max(
+                    int(fees["maxPriorityFeePerGas"] * bump), int(floor * bump) // 2
+                )
+        tx.update(fees)
+        signed = self.account.sign_transaction(tx)
+        tx_hash = bytes(signed.hash)
+        keys = [list(e.key) for e in batch]
+        async with self.store.transaction() as db:
+            await db.execute(
+                "INSERT INTO ledger_txs (nonce, tx_hash, raw, items, fee, sent_ms, state) "
+                "VALUES (?,?,?,?,?,?,'sent')",
+                (
+                    nonce,
+                    tx_hash,
+                    bytes(signed.raw_transaction),
+                    json.dumps(keys),
+                    fees[key],
+                    self.clock.now_ms(),
+                ),
+            )
+        await self.outbox.update([e.key for e in batch], SENT, tx_hash=tx_hash)
+        try:
+            await self.call(self.w3.eth.send_raw_transaction, signed.raw_transaction)
+        except Web3RPCError as exc:
+            # The chain refused it outright (funds, nonce, size): nothing is in flight.
+            await self._set_tx_state_by_hash(tx_hash, "failed")
+            await self.outbox.update([e.key for e in batch], PENDING)
+            raise ChainError(f"batch refused by the chain: {exc}") from exc
+        self.last_tx = "0x" + tx_hash.hex()
+        self.store.add_counter("ledger.txs_sent", 1)
+        self.log.info(
+            "batch sent", tx=self.last_tx, nonce=nonce, commitments=len(batch), gas_limit=tx["gas"]
+        )
+
+    async def _set_tx_state_by_hash(self, tx_hash: bytes, state: str) -> None:
+        async with self.store.transaction() as db:
+            await db.execute("UPDATE ledger_txs SET state = ? WHERE tx_hash = ?", (state, tx_hash))
