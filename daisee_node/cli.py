@@ -112,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     safe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH)
     safe.set_defaults(func=cmd_safe_state)
 
+    from daisee_node.ledger.commands import add_parsers
+
+    add_parsers(sub, DEFAULT_CONFIG_PATH)
+
     status = sub.add_parser("status", help="what a node is doing, from its data dir")
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -287,6 +291,16 @@ def demo_config(
             },
             "simulation": {"seed": seed},
             "sensors": sensors,
+            # An in-process chain: 15-minute periods are sealed and committed every 15 s at x60.
+            "chain": {
+                "rpc_url": "embedded",
+                "period_s": 900,
+                "seal_delay_s": 10,
+                "submit_interval_s": 2,
+                "confirmations": 1,
+                "import_channel": "grid.import_wh",
+                "export_channel": "grid.export_wh",
+            },
         },
         source="demo",
     )
@@ -303,6 +317,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Go on from where the last demo run stopped rather than re-sampling the same times.
         start = datetime.fromtimestamp(newest / 1000 + 1, UTC)
     config = demo_config(args.data_dir, speed=args.speed, start=start, seed=args.seed)
+    assert config.chain is not None
+    keystore = config.chain.keystore_path(config.data_dir)
+    if not keystore.exists():
+        from daisee_node.ledger.keys import new_keystore
+
+        new_keystore(keystore, config.chain.password_path(config.data_dir))
     logs.configure("warning", "auto")
     print(
         f"daisee-node demo: a simulated home (PV roof, household load, battery, grid meter), "
@@ -326,7 +346,8 @@ async def _demo(node: Any, options: DemoOptions) -> int:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(runner), timeout=options.summary_every_s)
         if not runner.done():
-            print(_summary_line(node), flush=True)
+            ledger = await node.ledger.state() if node.ledger and node.started.is_set() else None
+            print(_summary_line(node, ledger), flush=True)
     code = await runner
     print(
         f"stopped; {node.store.stats.written} readings stored. "
@@ -336,7 +357,7 @@ async def _demo(node: Any, options: DemoOptions) -> int:
     return int(code)
 
 
-def _summary_line(node: Any) -> str:
+def _summary_line(node: Any, ledger: dict[str, Any] | None = None) -> str:
     latest = node.latest
 
     def v(channel: str) -> float:
@@ -351,6 +372,11 @@ def _summary_line(node: Any) -> str:
         f"battery {v('battery.soc_pct'):5.1f} % ({battery:+6.0f} W)  "
         f"grid {v('grid.power_w'):+6.0f} W  PV line {line:5.2f} A (ADS1115)  "
         f"| stored {node.store.stats.written}"
+        + (
+            f" | periods sealed {ledger['sealed_seq']}, on chain {ledger['confirmed_seq']}"
+            if ledger
+            else ""
+        )
     )
 
 

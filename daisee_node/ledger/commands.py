@@ -1,0 +1,349 @@
+"""`daisee-node keys | deploy | register-node | prove | verify | chain-spec`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from eth_utils import to_checksum_address
+
+from daisee_node.config import Config, load_config
+from daisee_node.errors import DaiseeError
+from daisee_node.ledger import merkle
+
+EXIT_OK, EXIT_INVALID = 0, 1
+
+
+def add_parsers(sub: Any, default_config: Path) -> None:
+    """Register the ledger's commands on the main parser's subparsers."""
+
+    def key_options(p: argparse.ArgumentParser, who: str) -> None:
+        p.add_argument("-c", "--config", type=Path, default=None, help="take paths from here")
+        p.add_argument("--keystore", type=Path, default=None, help=f"{who}'s keystore")
+        p.add_argument("--password-file", type=Path, default=None)
+
+    keys = sub.add_parser("keys", help="the node's signing key")
+    keys_sub = keys.add_subparsers(title="actions", metavar="ACTION", required=True)
+    new = keys_sub.add_parser("new", help="create the key (never replaces one)")
+    key_options(new, "the node")
+    new.set_defaults(func=cmd_keys_new)
+    show = keys_sub.add_parser("show", help="print the node's address")
+    key_options(show, "the node")
+    show.set_defaults(func=cmd_keys_show)
+
+    deploy = sub.add_parser("deploy", help="deploy the ledger and its energy-credit token")
+    deploy.add_argument("--rpc", required=True, help="JSON-RPC URL of a chain node")
+    key_options(deploy, "the deployer")
+    deploy.add_argument("--governance", default=None, help="registry owner (default: deployer)")
+    deploy.add_argument("--wh-per-credit", type=int, default=1000)
+    deploy.set_defaults(func=cmd_deploy)
+
+    register = sub.add_parser("register-node", help="add (or --remove) a node in the registry")
+    register.add_argument("address")
+    register.add_argument("--rpc", required=True)
+    register.add_argument("--ledger", required=True, help="ledger contract address")
+    key_options(register, "the governance account")
+    register.add_argument("--remove", action="store_true")
+    register.add_argument("--fund-eth", type=float, default=0.0, help="also send it gas money")
+    register.set_defaults(func=cmd_register)
+
+    prove = sub.add_parser("prove", help="a reading and its Merkle proof, as JSON")
+    prove.add_argument("-c", "--config", type=Path, default=default_config)
+    prove.add_argument("--channel", required=True)
+    prove.add_argument(
+        "--at",
+        required=True,
+        help="ISO time or ms since epoch; the reading at or just before it is proven",
+    )
+    prove.add_argument("-o", "--output", type=Path, default=None)
+    prove.set_defaults(func=cmd_prove)
+
+    verify = sub.add_parser("verify", help="check a proof against the chain: exit 0 or 1")
+    verify.add_argument("proof", type=Path, help="file written by `prove` ('-' for stdin)")
+    verify.add_argument("--rpc", default=None, help="default: the config's chain")
+    verify.add_argument("-c", "--config", type=Path, default=None)
+    verify.set_defaults(func=cmd_verify)
+
+    spec = sub.add_parser("chain-spec", help="genesis files (Besu QBFT, Nethermind AuRa, Clique)")
+    spec.add_argument("--validators", required=True, help="comma-separated addresses")
+    spec.add_argument("--out", type=Path, default=Path("chain-spec"))
+    spec.add_argument("--chain-id", type=int, default=None)
+    spec.add_argument("--block-period", type=int, default=5, help="seconds between blocks")
+    spec.add_argument(
+        "--fund",
+        action="append",
+        default=[],
+        metavar="ADDRESS=ETH",
+        help="pre-fund an account (repeatable)",
+    )
+    spec.add_argument("--engine", choices=("qbft", "aura", "clique", "all"), default="all")
+    spec.set_defaults(func=cmd_chain_spec)
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _key_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    config_path = args.config
+    if config_path is None and args.keystore is None:
+        from daisee_node.config import DEFAULT_CONFIG_PATH
+
+        if DEFAULT_CONFIG_PATH.exists():
+            config_path = DEFAULT_CONFIG_PATH
+    if config_path is not None:
+        config = load_config(config_path)
+        if config.chain is None:
+            raise DaiseeError(f"{config_path} has no [chain] section")
+        keystore = args.keystore or config.chain.keystore_path(config.data_dir)
+        password = args.password_file or config.chain.password_path(config.data_dir)
+        return keystore, password
+    if args.keystore is None:
+        raise DaiseeError("give -c CONFIG or --keystore (and --password-file)")
+    return args.keystore, args.password_file or args.keystore.with_suffix(".pass")
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from daisee_node.ledger.keys import new_keystore
+
+    keystore, password = _key_paths(args)
+    address = new_keystore(keystore, password)
+    print(
+        json.dumps({"address": address, "keystore": str(keystore), "password_file": str(password)})
+    )
+    return EXIT_OK
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from daisee_node.ledger.keys import keystore_address
+
+    keystore, _ = _key_paths(args)
+    print(json.dumps({"address": keystore_address(keystore), "keystore": str(keystore)}))
+    return EXIT_OK
+
+
+def _account(args: argparse.Namespace) -> Any:
+    from daisee_node.ledger.keys import load_account
+
+    keystore, password = _key_paths(args)
+    return load_account(keystore, password)
+
+
+# -- contracts -------------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from daisee_node.ledger import chain
+
+    w3 = chain.connect(args.rpc)
+    account = _account(args)
+    address = chain.deploy(w3, account, args.governance, args.wh_per_credit)
+    ledger = chain.Ledger(w3, address)
+    out = {
+        "ledger": address,
+        "credit": ledger.credit().address,
+        "chain_id": ledger.chain_id,
+        "governance": to_checksum_address(args.governance or account.address),
+        "block": w3.eth.block_number,
+    }
+    print(json.dumps(out))
+    return EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from daisee_node.ledger import chain
+
+    w3 = chain.connect(args.rpc)
+    account = _account(args)
+    ledger = chain.Ledger(w3, args.ledger)
+    ledger.check_deployed()
+    ledger.set_node(account, args.address, registered=not args.remove)
+    if args.fund_eth > 0:
+        chain.fund(w3, account, args.address, int(args.fund_eth * 10**18))
+    head = ledger.head(args.address)
+    print(
+        json.dumps(
+            {
+                "node": to_checksum_address(args.address),
+                "registered": head.registered,
+                "seq": head.seq,
+            }
+        )
+    )
+    return EXIT_OK
+
+
+# -- proofs ----------------------------------------------------------------------------------
+
+
+def _parse_at(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise DaiseeError(f"--at {text!r}: not an ISO time nor ms since epoch") from exc
+    if when.tzinfo is None:
+        raise DaiseeError(f"--at {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
+    return int(when.timestamp() * 1000)
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    proof = asyncio.run(build_proof(config, args.channel, _parse_at(args.at)))
+    text = json.dumps(proof, indent=2)
+    if args.output:
+        args.output.write_text(text + "\n")
+    else:
+        print(text)
+    return EXIT_OK
+
+
+async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any]:
+    """The reading of `channel` at or before `at_ms`, its Merkle proof and its batch proof."""
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.keys import keystore_address
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox, period_leaves
+    from daisee_node.store import Store, db_path
+
+    if config.chain is None:
+        raise DaiseeError("the config has no [chain] section")
+    node = keystore_address(config.chain.keystore_path(config.data_dir))
+    store = Store(db_path(config.data_dir))
+    await store.open()
+    try:
+        rows = await store.query(
+            "SELECT r.t_ms, r.value, r.quality FROM readings r JOIN channels c "
+            "ON c.id = r.channel_id WHERE c.name = ? AND r.t_ms <= ? ORDER BY r.t_ms DESC LIMIT 1",
+            (channel, at_ms),
+        )
+        if not rows:
+            raise DaiseeError(f"no reading of {channel!r} at or before {at_ms} in the buffer")
+        t_ms, value, quality = rows[0]
+        entry = await Outbox(store).covering(node, t_ms)
+        if entry is None:
+            raise DaiseeError("that reading's period is not sealed yet")
+        if entry.state not in (INCLUDED, CONFIRMED) or entry.batch is None:
+            raise DaiseeError(
+                f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
+            )
+        c = entry.commitment
+        period = await store.query(
+            "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
+            "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
+            (c.t0, c.t1),
+        )
+    finally:
+        await store.close()
+    node_bytes = bytes.fromhex(node[2:])
+    leaves = period_leaves(node_bytes, period)
+    if merkle.root(leaves) != c.root:
+        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
+    cid = merkle.channel_id(channel)
+    micro = merkle.value_micro(value)
+    leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
+    index = leaves.index(leaf)
+    assert config.chain is not None
+    w3 = chainlib.connect(config.chain.rpc_url)
+    ledger = chainlib.Ledger(w3, config.chain.ledger_address or "")
+    batch_proof = ledger.batch_proof(entry.batch, c.struct_hash())
+    return {
+        "node": node,
+        "channel": channel,
+        "channel_id": "0x" + cid.hex(),
+        "t_ms": t_ms,
+        "value": value,
+        "value_micro": micro,
+        "quality": quality,
+        "proof": ["0x" + p.hex() for p in merkle.proof(merkle.levels(leaves), index)],
+        "commitment": c.to_json(),
+        "batch": entry.batch,
+        "batch_proof": ["0x" + p.hex() for p in batch_proof],
+        "ledger": ledger.address,
+        "chain_id": ledger.chain_id,
+    }
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.commitment import Commitment
+
+    text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    try:
+        data = json.loads(text)
+        commitment = Commitment.from_json(data["commitment"])
+        reading = (
+            bytes.fromhex(data["channel_id"].removeprefix("0x")),
+            int(data["t_ms"]),
+            int(data["value_micro"]),
+            int(data["quality"]),
+        )
+        proof = [bytes.fromhex(p.removeprefix("0x")) for p in data["proof"]]
+        batch_proof = [bytes.fromhex(p.removeprefix("0x")) for p in data["batch_proof"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DaiseeError(f"{args.proof}: not a proof written by `prove` ({exc})") from exc
+    rpc = args.rpc
+    if rpc is None and args.config is not None:
+        config = load_config(args.config)
+        rpc = config.chain.rpc_url if config.chain else None
+    if rpc is None:
+        raise DaiseeError("give --rpc URL (or -c CONFIG) to say which chain to check against")
+    # The readable fields must say what the proven ones say.
+    problems = []
+    if merkle.channel_id(str(data["channel"])) != reading[0]:
+        problems.append("channel name does not match channel_id")
+    if data.get("value") is not None and merkle.value_micro(float(data["value"])) != reading[2]:
+        problems.append("value does not match value_micro")
+    if to_checksum_address(data["node"]) != commitment.node:
+        problems.append("node is not the commitment's node")
+    ledger = chainlib.Ledger(chainlib.connect(rpc), data["ledger"])
+    ledger.check_deployed()
+    on_chain = ledger.verify_reading(commitment, int(data["batch"]), batch_proof, reading, proof)
+    if not on_chain:
+        problems.append("the ledger does not accept this reading and proof")
+    result = {
+        "valid": not problems,
+        "problems": problems,
+        "node": commitment.node,
+        "seq": commitment.seq,
+        "channel": data["channel"],
+        "t_ms": reading[1],
+    }
+    print(json.dumps(result))
+    return EXIT_OK if not problems else EXIT_INVALID
+
+
+# -- chain spec -------------------------------------------------------------------------------
+
+
+def cmd_chain_spec(args: argparse.Namespace) -> int:
+    from daisee_node.ledger import chainspec
+
+    validators = [v.strip() for v in args.validators.split(",") if v.strip()]
+    funds = {}
+    for item in args.fund:
+        address, _, eth = item.partition("=")
+        try:
+            funds[to_checksum_address(address)] = int(float(eth or "1000") * 10**18)
+        except ValueError as exc:
+            raise DaiseeError(f"--fund {item!r}: expected ADDRESS=ETH") from exc
+    try:
+        validators = [to_checksum_address(v) for v in validators]
+    except ValueError as exc:
+        raise DaiseeError(f"--validators: {exc}") from exc
+    engines = ("qbft", "aura", "clique") if args.engine == "all" else (args.engine,)
+    paths = chainspec.write_specs(
+        args.out,
+        validators,
+        chain_id=args.chain_id or chainspec.DEFAULT_CHAIN_ID,
+        block_period_s=args.block_period,
+        funds=funds,
+        engines=engines,
+    )
+    for path in paths:
+        print(path)
+    return EXIT_OK
