@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
 from daisee_node.ledger.settings import ChainSection
+from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
 from daisee_node.rules.expressions import TIME_NAMES, check
@@ -107,6 +108,7 @@ class Config(StrictModel):
     )
     rules: list[RuleConfig] = Field(default_factory=list)
     chain: ChainSection | None = None
+    mqtt: MqttSection | None = None
 
     def channel_names(self) -> set[str]:
         """Every channel the configured sensors publish."""
@@ -174,6 +176,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         data_dir = (base_dir / config.node.data_dir).resolve()
         node = config.node.model_copy(update={"data_dir": data_dir})
         config = config.model_copy(update={"node": node})
+    if config.mqtt is not None:
+        updates_mqtt = {
+            key: (base_dir / path).resolve()
+            for key in ("password_file", "ca_file")
+            if (path := getattr(config.mqtt, key)) is not None and not path.is_absolute()
+        }
+        if updates_mqtt:
+            mqtt = config.mqtt.model_copy(update=updates_mqtt)
+            config = config.model_copy(update={"mqtt": mqtt})
     if config.chain is not None:
         updates = {
             key: (base_dir / path).resolve()

@@ -40,6 +40,7 @@ from daisee_node.systemd import Notifier
 
 if TYPE_CHECKING:
     from daisee_node.ledger.service import LedgerService
+    from daisee_node.mqtt.service import NodeMqtt
 
 SHUTDOWN_S = 5.0
 RESTART_BASE_S = 0.5
@@ -196,6 +197,11 @@ class Node:
             self.ledger = LedgerService(
                 config.chain, self.store, self.clock, data_dir, config.rules, config.derived
             )
+        self.mqtt: NodeMqtt | None = None
+        if config.mqtt is not None:
+            from daisee_node.mqtt.service import NodeMqtt
+
+            self.mqtt = NodeMqtt(self, config.mqtt)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -257,6 +263,8 @@ class Node:
                     if self.ledger is not None:
                         self._spawn("ledger.sealer", self.ledger.seal_loop)
                         self._spawn("ledger.submitter", self.ledger.submit_loop)
+                    if self.mqtt is not None:
+                        self._spawn("mqtt", self.mqtt.run)
                     self._spawn("systemd.watchdog", self._watchdog, supervise=False)
                     self._spawn("config.reload", self._reload_loop)
                     self.store.set_counter("node.started_ms", self.clock.now_ms())
@@ -317,6 +325,10 @@ class Node:
                     await task
         if self.relays is not None:
             await self.relays.all_safe()
+        if self.mqtt is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.mqtt.goodbye()
         self.store.stop()
         writer = self._tasks.get("store.writer")
         if writer is not None:

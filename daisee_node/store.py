@@ -513,6 +513,14 @@ class Store:
         await self._rollup(now_ms)
         await self._expire(now_ms)
 
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     async def _meta_int(self, key: str) -> int | None:
         assert self._db is not None
         async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:

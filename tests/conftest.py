@@ -129,3 +129,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    """A running mosquitto with a password file and an ACL (see tests/support/broker.py)."""
+    from tests.support.broker import Broker
+
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()

@@ -7,6 +7,7 @@ or unreachable chain never stalls sampling or rules.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import Web3RPCError
 from web3.logs import DISCARD
 from web3.middleware import ExtraDataToPOAMiddleware
 
@@ -64,19 +66,39 @@ def fee_fields(w3: Web3, bump: float = 1.0) -> dict[str, int]:
     if base is None:
         return {"gasPrice": int(w3.eth.gas_price * bump)}
     try:
-        tip = int(w3.eth.max_priority_fee)
-    except Exception:
+        with warnings.catch_warnings():
+            # web3 warns when it falls back to eth_feeHistory; that fallback is fine here
+            warnings.simplefilter("ignore")
+            tip = int(w3.eth.max_priority_fee)
+    except Exception:  # not every PoA client answers eth_maxPriorityFeePerGas
         tip = 1_000_000_000
     tip = max(int(tip * bump), 1)
     return {"maxFeePerGas": int(2 * base * bump) + tip, "maxPriorityFeePerGas": tip}
 
 
-def send(w3: Web3, account: LocalAccount, tx: dict[str, Any]) -> str:
+def estimate_gas(w3: Web3, tx: dict[str, Any], fallback: int) -> int:
+    """The client's estimate with a margin, or `fallback` when it cannot estimate.
+
+    Some PoA clients fail eth_estimateGas outright (@ethereumjs/client on Clique builds the
+    pending header without a seal); the fallback is an upper bound, and unused gas is not paid.
+    """
+    try:
+        return (
+            int(w3.eth.estimate_gas({k: v for k, v in tx.items() if k != "nonce"}) * 1.2) + 20_000
+        )
+    except Web3RPCError as exc:
+        if "revert" in str(exc).lower():
+            raise ChainError(f"the transaction would revert: {exc}") from exc
+        limit = int(w3.eth.get_block("latest")["gasLimit"])
+        return min(fallback, limit)
+
+
+def send(w3: Web3, account: LocalAccount, tx: dict[str, Any]) -> Any:
     """Sign locally, send, wait for the receipt; raise ChainError if it reverted."""
     tx = {"from": account.address, "chainId": w3.eth.chain_id, **tx}
     tx.setdefault("nonce", w3.eth.get_transaction_count(account.address, "pending"))
     if "gas" not in tx:
-        tx["gas"] = int(w3.eth.estimate_gas(tx) * 1.2) + 10_000
+        tx["gas"] = estimate_gas(w3, tx, 6_000_000)
     if "gasPrice" not in tx and "maxFeePerGas" not in tx:
         tx.update(fee_fields(w3))
     signed = account.sign_transaction(tx)

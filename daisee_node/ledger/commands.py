@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,24 @@ from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
 
 EXIT_OK, EXIT_INVALID = 0, 1
+
+
+def _chain_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a chain that cannot be reached or refuses into one clear line, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace) -> int:
+        import requests
+        from web3.exceptions import Web3Exception
+
+        try:
+            return fn(args)
+        except requests.RequestException as exc:
+            raise DaiseeError(f"cannot reach the chain: {exc.__class__.__name__}") from None
+        except Web3Exception as exc:
+            raise DaiseeError(f"the chain refused: {exc}") from None
+
+    return wrapper
 
 
 def add_parsers(sub: Any, default_config: Path) -> None:
@@ -136,6 +156,7 @@ def _account(args: argparse.Namespace) -> Any:
 # -- contracts -------------------------------------------------------------------------------
 
 
+@_chain_errors
 def cmd_deploy(args: argparse.Namespace) -> int:
     from daisee_node.ledger import chain
 
@@ -154,6 +175,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_chain_errors
 def cmd_register(args: argparse.Namespace) -> int:
     from daisee_node.ledger import chain
 
@@ -192,6 +214,7 @@ def _parse_at(text: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+@_chain_errors
 def cmd_prove(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     proof = asyncio.run(build_proof(config, args.channel, _parse_at(args.at)))
@@ -268,6 +291,7 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
     }
 
 
+@_chain_errors
 def cmd_verify(args: argparse.Namespace) -> int:
     from daisee_node.ledger import chain as chainlib
     from daisee_node.ledger.commitment import Commitment

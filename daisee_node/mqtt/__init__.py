@@ -1,0 +1,1 @@
+"""MQTT: status publisher, Home Assistant discovery, command handler, peer commitments."""

@@ -1,0 +1,210 @@
+"""MQTT against a real mosquitto: retained state, last will, Home Assistant discovery,
+authenticated relay commands, and a broker that goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from daisee_node.config import load_config
+from daisee_node.daemon import Node
+from tests.conftest import sim_sensors, write_config
+
+
+def mqtt_config(
+    tmp_path: Path,
+    broker: Any,
+    *,
+    sensors: list[dict[str, Any]] | None = None,
+    name: str = "node.toml",
+    **mqtt: Any,
+) -> Path:
+    return write_config(
+        tmp_path / name,
+        {
+            "node": {"id": "m1", "data_dir": str(tmp_path / "data"), "time_speed": 50},
+            "store": {"flush_interval_s": 0.05},
+            "sensors": sim_sensors(1.0) if sensors is None else sensors,
+            "gpio": {"backend": "mock"},
+            "relays": [{"name": "heater", "pin": 17, "safe_state": "off"}],
+            "mqtt": {
+                "host": broker.host,
+                "port": broker.port,
+                "username": "node",
+                "password_file": str(broker.password_file("node")),
+                "reading_interval_s": 0,
+                **mqtt,
+            },
+        },
+    )
+
+
+class Watcher:
+    """A client that records the last payload seen on every topic."""
+
+    def __init__(self, broker: Any, user: str = "viewer") -> None:
+        self.broker = broker
+        self.user = user
+        self.seen: dict[str, bytes] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watcher:
+        ready = asyncio.Event()
+
+        async def listen() -> None:
+            async with aiomqtt.Client(
+                self.broker.host,
+                self.broker.port,
+                username=self.user,
+                password=self.broker.password_file(self.user).read_text().strip(),
+            ) as client:
+                await client.subscribe("#")
+                ready.set()
+                async for msg in client.messages:
+                    self.seen[msg.topic.value] = bytes(msg.payload)  # type: ignore[arg-type]
+
+        self.task = asyncio.create_task(listen())
+        await asyncio.wait_for(ready.wait(), 5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+
+    async def wait(self, topic: str, predicate=lambda p: True, timeout: float = 15) -> bytes:
+        async def poll() -> bytes:
+            while topic not in self.seen or not predicate(self.seen[topic]):
+                await asyncio.sleep(0.05)
+            return self.seen[topic]
+
+        return await asyncio.wait_for(poll(), timeout)
+
+
+async def publish_as(broker: Any, user: str, topic: str, payload: str) -> None:
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=user,
+        password=broker.password_file(user).read_text().strip(),
+    ) as client:
+        await client.publish(topic, payload, qos=1)
+
+
+async def start(path: Path) -> tuple[Node, asyncio.Task[int]]:
+    node = Node(load_config(path), config_path=path)
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    return node, task
+
+
+async def test_status_readings_relays_and_discovery_are_retained(tmp_path, broker):
+    node, task = await start(mqtt_config(tmp_path, broker))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        assert await w.wait(f"{base}/status", lambda p: p == b"online") == b"online"
+        power = await w.wait(f"{base}/reading/pv.power_w")
+        assert float(power) >= 0
+        assert await w.wait(f"{base}/relay/heater") == b"OFF"
+        attributes = json.loads(await w.wait(f"{base}/relay/heater/attributes"))
+        assert attributes["mode"] == "auto"
+
+        energy = json.loads(await w.wait("homeassistant/sensor/daisee_m1/grid_import_wh/config"))
+        assert energy["device_class"] == "energy"
+        assert energy["state_class"] == "total_increasing"
+        assert energy["unit_of_measurement"] == "Wh"
+        assert energy["state_topic"] == f"{base}/reading/grid.import_wh"
+        assert energy["availability_topic"] == f"{base}/status"
+        switch = json.loads(await w.wait("homeassistant/switch/daisee_m1/heater/config"))
+        assert switch["command_topic"] == f"{base}/relay/heater/set"
+        soc = json.loads(await w.wait("homeassistant/sensor/daisee_m1/battery_soc_pct/config"))
+        assert soc["device_class"] == "battery"
+        # one device for the whole node
+        assert energy["device"]["identifiers"] == switch["device"]["identifiers"]
+
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
+    # a late subscriber still gets the retained state: the node said goodbye
+    async with Watcher(broker) as w:
+        assert await w.wait(f"{base}/status") == b"offline"
+        assert await w.wait(f"{base}/relay/heater") == b"OFF"
+
+
+async def test_commands_need_the_right_to_command(tmp_path, broker):
+    node, task = await start(mqtt_config(tmp_path, broker))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        await w.wait(f"{base}/status", lambda p: p == b"online")
+        # a read-only client: the broker's ACL drops its command
+        await publish_as(broker, "viewer", f"{base}/relay/heater/set", "ON")
+        await asyncio.sleep(1.0)
+        assert node.relays is not None and not node.relays.relays["heater"].on
+        assert node.mqtt is not None and node.mqtt.commands_applied == 0
+        # Home Assistant's user may
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", "ON 600")
+        assert await w.wait(f"{base}/relay/heater", lambda p: p == b"ON") == b"ON"
+        assert node.relays.relays["heater"].mode == "on"
+        # nonsense is refused and counted, and changes nothing
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", "MAYBE")
+        await publish_as(broker, "ha", f"{base}/relay/nosuch/set", "ON")
+        await asyncio.sleep(0.5)
+        assert node.mqtt.commands_refused == 2
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", '{"state": "AUTO"}')
+        attrs = await w.wait(
+            f"{base}/relay/heater/attributes", lambda p: json.loads(p)["mode"] == "auto"
+        )
+        assert json.loads(attrs)["mode"] == "auto"
+    node.request_stop()
+    await asyncio.wait_for(task, 8)
+
+
+async def test_broker_outage_loses_no_readings_and_state_comes_back(tmp_path, broker):
+    node, task = await start(mqtt_config(tmp_path, broker))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        await w.wait(f"{base}/status", lambda p: p == b"online")
+    broker.stop()
+    written = node.store.stats.written
+    await asyncio.sleep(3)
+    # sampling and the buffer carried on without the broker
+    assert node.store.stats.written > written + 20
+    broker.start()  # same port, and no persistence: the retained state is gone
+    async with Watcher(broker) as w:
+        assert await w.wait(f"{base}/status", lambda p: p == b"online", timeout=40) == b"online"
+        await w.wait(f"{base}/relay/heater")
+        await w.wait("homeassistant/switch/daisee_m1/heater/config")
+    assert node.mqtt is not None and node.mqtt.link.connects >= 2
+    node.request_stop()
+    await asyncio.wait_for(task, 8)
+
+
+async def test_discovery_entities_are_removed_when_their_channel_goes(tmp_path, broker):
+    node, task = await start(mqtt_config(tmp_path, broker))
+    topic = "homeassistant/sensor/daisee_m1/pv_power_w/config"
+    async with Watcher(broker) as w:
+        await w.wait(topic)
+    node.request_stop()
+    await asyncio.wait_for(task, 8)
+
+    without_pv = [s for s in sim_sensors(1.0) if s["name"] != "pv"]
+    node, task = await start(mqtt_config(tmp_path, broker, sensors=without_pv))
+    async with Watcher(broker) as w:
+        await w.wait("homeassistant/sensor/daisee_m1/grid_power_w/config")
+        await asyncio.sleep(1.0)
+        # the retained config is cleared, so Home Assistant drops the entity
+        assert topic not in w.seen or w.seen[topic] == b""
+    node.request_stop()
+    await asyncio.wait_for(task, 8)
+
+
+async def test_last_will_says_offline_when_the_process_dies(tmp_path, broker, daemon):
+    import signal
+
+    proc = daemon(mqtt_config(tmp_path, broker))
+    async with Watcher(broker) as w:
+        await w.wait("daisee/m1/status", lambda p: p == b"online", timeout=30)
+        proc.signal(signal.SIGKILL)
+        assert await w.wait("daisee/m1/status", lambda p: p == b"offline") == b"offline"

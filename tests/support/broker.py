@@ -1,0 +1,95 @@
+"""A real mosquitto broker on a free loopback port, with a password file and an ACL."""
+
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import free_port
+
+# user → (password, ACL lines)
+USERS = {
+    "node": ("node-secret", ["topic readwrite daisee/#", "topic readwrite homeassistant/#"]),
+    "ha": (
+        "ha-secret",
+        ["topic read daisee/#", "topic read homeassistant/#", "topic write daisee/+/relay/+/set"],
+    ),
+    "viewer": ("viewer-secret", ["topic read daisee/#", "topic read homeassistant/#"]),
+}
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if path is None:
+        raise RuntimeError(f"{name} is missing: `./run test` installs mosquitto with apt")
+    return path
+
+
+class Broker:
+    """mosquitto with users `node`, `ha` (may command relays) and `viewer` (read only)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "mosquitto.log"
+        passwd = workdir / "passwd"
+        passwd.touch(mode=0o600)
+        for user, (password, _) in USERS.items():
+            subprocess.run(
+                [_binary("mosquitto_passwd"), "-b", str(passwd), user, password],
+                check=True,
+                capture_output=True,
+            )
+        acl = workdir / "acl"
+        acl.write_text(
+            "".join(f"user {u}\n" + "\n".join(lines) + "\n\n" for u, (_, lines) in USERS.items())
+        )
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            # run as whoever started it (as root, mosquitto would switch to a user that cannot
+            # read these files)
+            f"user {getpass.getuser()}\n"
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous false\n"
+            f"password_file {passwd}\n"
+            f"acl_file {acl}\n"
+            "persistence false\n"
+            f"log_dest file {self.log}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+        )
+
+    def password_file(self, user: str) -> Path:
+        path = self.workdir / f"{user}.pass"
+        path.write_text(USERS[user][0] + "\n")
+        return path
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [_binary("mosquitto"), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log.read_text() if self.log.exists() else ""
+                raise RuntimeError(f"mosquitto exited: {log}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)

@@ -1,0 +1,147 @@
+"""Real chain nodes for the ledger's integration tests: anvil, and a one-signer Clique node.
+
+Both come from npm (`npm ci` at the project root installs them); a missing binary fails the
+test rather than skipping it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.conftest import ROOT, free_port
+
+BIN = ROOT / "node_modules" / ".bin"
+# anvil's first development account (well known; funded on every anvil chain)
+ANVIL_KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
+
+
+def rpc(url: str, method: str, params: list[Any] | None = None, timeout: float = 5.0) -> Any:
+    reply = requests.post(
+        url,
+        json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []},
+        timeout=timeout,
+    ).json()
+    if "error" in reply:
+        raise RuntimeError(f"{method}: {reply['error']}")
+    return reply["result"]
+
+
+def _wait_rpc(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chain node exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        try:
+            rpc(url, "eth_blockNumber", timeout=1.0)
+            return
+        except (requests.RequestException, RuntimeError):
+            time.sleep(0.2)
+    raise RuntimeError(f"chain node did not answer on {url}: {log.read_text()[-2000:]}")
+
+
+class ChainNode:
+    """A chain node process with a JSON-RPC URL."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"{self.__class__.__name__.lower()}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        binary = Path(self.command()[0])
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `npm ci` at {ROOT}")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        _wait_rpc(self.url, self.proc, self.log)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `grace_s` (the Clique node ignores SIGTERM for a while)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def call(self, method: str, params: list[Any] | None = None) -> Any:
+        return rpc(self.url, method, params)
+
+
+class Anvil(ChainNode):
+    """anvil with 1 s blocks; its state file keeps the chain across a stop and start."""
+
+    def __init__(self, workdir: Path, block_time_s: int = 1) -> None:
+        super().__init__(workdir)
+        self.state = workdir / "anvil-state.json"
+        self.block_time_s = block_time_s
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(BIN / "anvil"),
+            "--port",
+            str(self.port),
+            "--block-time",
+            str(self.block_time_s),
+            "--dump-state",
+            str(self.state),
+            "--silent",
+        ]
+        if self.state.exists():
+            cmd += ["--load-state", str(self.state)]
+        return cmd
+
+
+class Clique(ChainNode):
+    """@ethereumjs/client sealing a Clique chain alone, from a genesis written by `chain-spec`."""
+
+    def __init__(self, workdir: Path, genesis: Path, signer_key: bytes) -> None:
+        super().__init__(workdir)
+        self.genesis = genesis
+        self.keyfile = workdir / "signer.key"
+        self.keyfile.write_text(signer_key.hex())
+        self.data = workdir / "clique-data"
+
+    def command(self) -> list[str]:
+        return [
+            str(BIN / "ethereumjs"),
+            "--gethGenesis",
+            str(self.genesis),
+            "--dataDir",
+            str(self.data),
+            "--mine",
+            "--unlock",
+            str(self.keyfile),
+            "--rpc",
+            "--rpcPort",
+            str(self.port),
+            "--port",
+            str(free_port()),
+            "--maxPeers",
+            "0",
+            "--discV4",
+            "false",
+            "--logLevel",
+            "info",
+        ]
+
+
+def genesis_chain_id(path: Path) -> int:
+    return int(json.loads(path.read_text())["config"]["chainId"])
