@@ -55,25 +55,31 @@ def sim_sensors(interval_s: float = 0.05, **extra: Any) -> list[dict[str, Any]]:
 
 
 class Daemon:
-    """A real `daisee-node run` process."""
+    """A real `daisee-node run` process; its output goes to `<config>.log` (a pipe could fill)."""
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.log = config.with_suffix(".log")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daisee_node", "run", "-c", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=full_env,
-            cwd=ROOT,
-        )
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daisee_node", "run", "-c", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=ROOT,
+            )
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 10.0) -> tuple[int, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, err.decode()
+        """Wait for the exit; return the exit code and everything the process printed."""
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -93,9 +99,6 @@ def daemon() -> Iterator[Callable[..., Daemon]]:
     yield start
     for d in started:
         d.kill()
-        for stream in (d.proc.stdout, d.proc.stderr):
-            if stream:
-                stream.close()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:

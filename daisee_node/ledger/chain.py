@@ -7,6 +7,7 @@ or unreachable chain never stalls sampling or rules.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +21,7 @@ from web3.contract import Contract
 from web3.exceptions import Web3RPCError
 from web3.logs import DISCARD
 from web3.middleware import ExtraDataToPOAMiddleware
+from web3.middleware.base import Web3Middleware
 
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
@@ -47,6 +49,27 @@ def artifact(name: str) -> dict[str, Any]:
     return json.loads((ARTIFACTS / f"{name}.json").read_text())
 
 
+class RetryStateRace(Web3Middleware):
+    """Retries a read that raced a block import ("… not found in DB", seen with
+    @ethereumjs/client): the state appears a moment later. Sends are never repeated."""
+
+    ATTEMPTS = 5
+
+    def wrap_make_request(self, make_request: Any) -> Any:
+        def middleware(method: Any, params: Any) -> Any:
+            response = make_request(method, params)
+            for attempt in range(1, self.ATTEMPTS):
+                error = response.get("error") if isinstance(response, dict) else None
+                message = str(error.get("message", "")) if isinstance(error, dict) else ""
+                if "not found in DB" not in message or method == "eth_sendRawTransaction":
+                    break
+                time.sleep(0.2 * attempt)
+                response = make_request(method, params)
+            return response
+
+        return middleware
+
+
 def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
     """A web3 connection; `embedded` gives a fresh in-process chain (py-evm)."""
     if rpc_url == EMBEDDED:
@@ -56,6 +79,7 @@ def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
     # PoA chains (Clique, AuRa) carry signer data in extraData; web3 needs this to parse blocks.
     w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+    w3.middleware_onion.add(RetryStateRace)
     return w3
 
 
@@ -225,6 +249,11 @@ class Ledger:
             argument_filters={"node": to_checksum_address(node), "seq": seq},
             from_block=from_block,
         )
+        logs = [
+            ev
+            for ev in logs
+            if ev["args"]["seq"] == seq and ev["args"]["node"] == to_checksum_address(node)
+        ]
         if not logs:
             return None
         ev = logs[-1]
@@ -244,7 +273,11 @@ class Ledger:
         logs = self.contract.events.Committed().get_logs(
             argument_filters={"batch": batch}, from_block=from_block
         )
-        logs = sorted(logs, key=lambda ev: ev["logIndex"])
+        # Filter again here: not every client applies topic filters on every indexed argument.
+        logs = sorted(
+            (ev for ev in logs if ev["args"]["batch"] == batch),
+            key=lambda ev: (ev["blockNumber"], ev["logIndex"]),
+        )
         hashes = [bytes(ev["args"]["commitmentHash"]) for ev in logs]
         if commitment_hash not in hashes:
             raise ChainError(f"commitment {commitment_hash.hex()} is not in batch {batch}")

@@ -1,0 +1,315 @@
+"""Daemons committing to real chain nodes: anvil (shared by three nodes, stopped and restarted,
+reorganised) and a one-signer Clique chain from @ethereumjs/client (PoA headers)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from daisee_node.ledger import chain as chainlib
+from daisee_node.ledger.keys import keystore_address, new_keystore
+from tests.conftest import ROOT, db_rows, sim_sensors, wait_for, write_config
+from tests.support.chains import ANVIL_KEY, Anvil, Clique
+
+pytestmark = pytest.mark.slow
+
+
+def node_config(
+    tmp_path: Path,
+    node_id: str,
+    rpc_url: str,
+    ledger: str,
+    *,
+    broker: Any = None,
+    **chain: Any,
+) -> Path:
+    data = tmp_path / node_id
+    sections: dict[str, Any] = {
+        "node": {"id": node_id, "data_dir": str(data), "time_speed": 60},
+        "store": {"flush_interval_s": 0.05},
+        "sensors": sim_sensors(1.0),
+        "chain": {
+            "rpc_url": rpc_url,
+            "ledger_address": ledger,
+            "period_s": 60,  # a second of real time at x60
+            "seal_delay_s": 5,
+            "submit_interval_s": 0.5,
+            "confirmations": 2,
+            "retry_max_s": 1,
+            "export_channel": "grid.export_wh",
+            **chain,
+        },
+    }
+    if broker is not None:
+        sections["mqtt"] = {
+            "host": broker.host,
+            "port": broker.port,
+            "username": "node",
+            "password_file": str(broker.password_file("node")),
+            "discovery": False,
+        }
+    new_keystore(data / "node-key.json", data / "node-key.pass")
+    return write_config(tmp_path / f"{node_id}.toml", sections)
+
+
+def address_of(config: Path) -> str:
+    return keystore_address(config.parent / config.stem / "node-key.json")
+
+
+def committed_logs(ledger: chainlib.Ledger, node: str) -> list[tuple[int, str]]:
+    logs = ledger.contract.events.Committed().get_logs(
+        argument_filters={"node": node}, from_block=0
+    )
+    return [(ev["args"]["seq"], ev["transactionHash"].hex()) for ev in logs]
+
+
+def outbox(config: Path, sql: str) -> list[tuple[Any, ...]]:
+    return db_rows(config.parent / config.stem / "node.db", sql)
+
+
+def sealed_seq(config: Path) -> int:
+    rows = outbox(config, "SELECT max(seq) FROM commitments WHERE own = 1")
+    return rows[0][0] or 0 if rows else 0
+
+
+def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
+    tmp_path, daemon, broker
+):
+    anvil = Anvil(tmp_path)
+    anvil.start()
+    w3 = chainlib.connect(anvil.url)
+    gov = Account.from_key(ANVIL_KEY)
+    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+    configs = {
+        "a": node_config(tmp_path, "a", anvil.url, ledger.address, broker=broker, relay_peers=True),
+        "b": node_config(tmp_path, "b", anvil.url, ledger.address, broker=broker, relay_peers=True),
+        # c has no gas money: it signs and publishes, a and b submit for it
+        "c": node_config(tmp_path, "c", anvil.url, ledger.address, broker=broker, submit=False),
+    }
+    addresses = {name: address_of(cfg) for name, cfg in configs.items()}
+    for name, address in addresses.items():
+        ledger.set_node(gov, address)
+        if name != "c":
+            chainlib.fund(w3, gov, address, 10**18)
+    procs = {name: daemon(cfg) for name, cfg in configs.items()}
+
+    def on_chain(name: str) -> int:
+        return ledger.head(addresses[name]).seq
+
+    wait_for(lambda: all(on_chain(n) >= 3 for n in configs), timeout=90)
+
+    # The chain goes away for a while: periods keep being sealed, nothing is lost.
+    anvil.stop()
+    before = {n: sealed_seq(cfg) for n, cfg in configs.items()}
+    wait_for(
+        lambda: all(sealed_seq(cfg) >= before[n] + 3 for n, cfg in configs.items()), timeout=60
+    )
+    # and node a restarts meanwhile (a restart never commits a period twice)
+    procs["a"].signal(signal.SIGTERM)
+    assert procs["a"].wait(15)[0] == 0
+    procs["a"] = daemon(configs["a"])
+    anvil.start()  # same port, state loaded from its dump
+    w3 = chainlib.connect(anvil.url)
+    ledger = chainlib.Ledger(w3, ledger.address)
+    target = {n: sealed_seq(cfg) for n, cfg in configs.items()}
+    wait_for(lambda: all(on_chain(n) >= target[n] for n in configs), timeout=120)
+    for p in procs.values():
+        p.signal(signal.SIGTERM)
+    for p in procs.values():
+        assert p.wait(15)[0] == 0
+
+    for name, address in addresses.items():
+        logs = committed_logs(ledger, address)
+        seqs = [seq for seq, _ in logs]
+        # every period, in order, exactly once
+        assert seqs == list(range(1, len(seqs) + 1)), (name, seqs)
+        assert len(seqs) >= target[name]
+        gaps = ledger.contract.events.Gap().get_logs(
+            argument_filters={"node": address}, from_block=0
+        )
+        assert gaps == []
+    # c's commitments went on chain in a's and b's transactions
+    senders = set()
+    for _, tx in committed_logs(ledger, addresses["c"]):
+        senders.add(w3.eth.get_transaction("0x" + tx.removeprefix("0x"))["from"])
+    assert senders and senders <= {addresses["a"], addresses["b"]}
+    assert w3.eth.get_balance(addresses["c"]) == 0
+    # the energy credits match the committed export totals
+    for name, address in addresses.items():
+        rows = outbox(
+            configs[name], f"SELECT body FROM commitments WHERE own = 1 AND seq <= {on_chain(name)}"
+        )
+        exported = sum(json.loads(b)["export_wh"] for (b,) in rows)
+        assert ledger.credit().functions.balanceOf(address).call() == exported * 10**15
+    anvil.stop()
+
+
+def test_a_reorg_that_drops_a_commitment_gets_it_resubmitted(tmp_path, daemon):
+    anvil = Anvil(tmp_path)
+    anvil.start()
+    w3 = chainlib.connect(anvil.url)
+    gov = Account.from_key(ANVIL_KEY)
+    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+    cfg = node_config(
+        tmp_path, "r", anvil.url, ledger.address, confirmations=6, period_s=600
+    )  # a period every 10 s: one commitment at a time
+    node = address_of(cfg)
+    ledger.set_node(gov, node)
+    chainlib.fund(w3, gov, node, 10**18)
+    proc = daemon(cfg)
+
+    included = wait_for(
+        lambda: outbox(
+            cfg, "SELECT seq, block_number, block_hash FROM commitments WHERE state = 'included'"
+        ),
+        timeout=60,
+    )
+    seq, block, old_hash = included[0]
+    depth = w3.eth.block_number - block + 1
+    anvil.call("anvil_reorg", [depth, []])  # the replacement blocks carry no transactions
+    assert ledger.head(node).seq < seq
+
+    wait_for(
+        lambda: outbox(cfg, f"SELECT 1 FROM commitments WHERE seq = {seq} AND state = 'confirmed'"),
+        timeout=60,
+    )
+    (new_hash,) = outbox(cfg, f"SELECT block_hash FROM commitments WHERE seq = {seq}")[0]
+    assert new_hash != old_hash
+    assert ledger.head(node).seq >= seq
+    reorged = outbox(cfg, "SELECT value FROM counters WHERE name = 'ledger.reorged'")
+    assert reorged and reorged[0][0] >= 1
+    assert [s for s, _ in committed_logs(ledger, node)].count(seq) == 1
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15)[0] == 0
+    anvil.stop()
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "daisee_node", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"daisee-node {' '.join(args)}: {result.stdout} {result.stderr}")
+    return result
+
+
+def test_clique_poa_chain_from_chain_spec_with_cli_deploy_prove_and_verify(tmp_path, daemon):
+    signer = Account.create()
+    gov_keystore = tmp_path / "gov.json"
+    gov = keystore_address(
+        Path(
+            json.loads(
+                cli(
+                    "keys",
+                    "new",
+                    "--keystore",
+                    str(gov_keystore),
+                    "--password-file",
+                    str(tmp_path / "gov.pass"),
+                ).stdout
+            )["keystore"]
+        )
+    )
+    spec_dir = tmp_path / "spec"
+    cli(
+        "chain-spec",
+        "--engine",
+        "clique",
+        "--validators",
+        signer.address,
+        "--block-period",
+        "1",
+        "--chain-id",
+        "4242",
+        "--fund",
+        f"{gov}=1000",
+        "--out",
+        str(spec_dir),
+    )
+    genesis = spec_dir / "clique-genesis.json"
+    clique = Clique(tmp_path, genesis, bytes(signer.key))
+    clique.start()
+    try:
+        deployed = json.loads(
+            cli(
+                "deploy",
+                "--rpc",
+                clique.url,
+                "--keystore",
+                str(gov_keystore),
+                "--password-file",
+                str(tmp_path / "gov.pass"),
+            ).stdout
+        )
+        assert deployed["chain_id"] == 4242
+        cfg = node_config(tmp_path, "q", clique.url, deployed["ledger"], chain_id=4242)
+        node = json.loads(cli("keys", "show", "-c", str(cfg)).stdout)["address"]
+        registered = json.loads(
+            cli(
+                "register-node",
+                node,
+                "--rpc",
+                clique.url,
+                "--ledger",
+                deployed["ledger"],
+                "--keystore",
+                str(gov_keystore),
+                "--password-file",
+                str(tmp_path / "gov.pass"),
+                "--fund-eth",
+                "1",
+            ).stdout
+        )
+        assert registered["registered"] is True
+        proc = daemon(cfg)
+        wait_for(
+            lambda: outbox(cfg, "SELECT 1 FROM commitments WHERE seq >= 2 AND state = 'confirmed'"),
+            timeout=120,
+        )
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15)[0] == 0
+
+        (t0, t1) = outbox(cfg, "SELECT t0, t1 FROM commitments WHERE seq = 1")[0]
+        at = str(t1 - 1)  # the last reading of period 1
+        proof_text = cli("prove", "-c", str(cfg), "--channel", "battery.soc_pct", "--at", at).stdout
+        proof = json.loads(proof_text)
+        assert t0 <= proof["t_ms"] <= int(at) and proof["commitment"]["seq"] == 1
+        good = tmp_path / "proof.json"
+        good.write_text(proof_text)
+        ok = cli("verify", str(good), "--rpc", clique.url)
+        assert json.loads(ok.stdout)["valid"] is True
+
+        # a tampered reading fails, with the value made consistent so only the chain can tell
+        tampered = dict(
+            proof, value=proof["value"] + 1.0, value_micro=proof["value_micro"] + 1_000_000
+        )
+        bad = tmp_path / "tampered.json"
+        bad.write_text(json.dumps(tampered))
+        refused = cli("verify", str(bad), "--rpc", clique.url, check=False)
+        assert refused.returncode == 1
+        assert json.loads(refused.stdout)["valid"] is False
+        # and the block headers really are Clique-sealed (extraData carries the signature)
+        w3 = chainlib.connect(clique.url)
+        block = w3.eth.get_block("latest")
+        assert len(block["proofOfAuthorityData"]) == 32 + 65
+        receipt_events = ledger_events(w3, deployed["ledger"])
+        assert receipt_events >= 2
+    finally:
+        clique.stop()
+
+
+def ledger_events(w3: Any, address: str) -> int:
+    ledger = chainlib.Ledger(w3, address)
+    logs = ledger.contract.events.Committed().get_logs(from_block=0)
+    return len(logs)
