@@ -101,7 +101,6 @@ MIGRATIONS: tuple[str, ...] = (
         tx_hash BLOB,
         block_number INTEGER,
         block_hash BLOB,
-        batch INTEGER,
         note TEXT,
         PRIMARY KEY (node, seq)
     );

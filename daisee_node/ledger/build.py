@@ -41,12 +41,12 @@ process.stdout.write(JSON.stringify({
 """
 
 
-def standard_input() -> dict[str, Any]:
+def standard_input(sources: dict[str, str] | None = None) -> dict[str, Any]:
+    if sources is None:
+        sources = {name: (CONTRACTS / f"{name}.sol").read_text() for name in NAMES}
     return {
         "language": "Solidity",
-        "sources": {
-            f"{name}.sol": {"content": (CONTRACTS / f"{name}.sol").read_text()} for name in NAMES
-        },
+        "sources": {f"{name}.sol": {"content": text} for name, text in sources.items()},
         "settings": {
             "evmVersion": EVM_VERSION,
             "optimizer": {"enabled": True, "runs": 200},
@@ -55,11 +55,11 @@ def standard_input() -> dict[str, Any]:
     }
 
 
-def compile_contracts() -> dict[str, dict[str, Any]]:
-    """Compile the sources; return {name: {abi, bytecode, compiler, evmVersion}}."""
+def compile_contracts(sources: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Compile {contract name: source} (default: the ledger's sources) into artifacts."""
     proc = subprocess.run(
         ["node", "-e", _COMPILE_JS, str(PROJECT)],
-        input=json.dumps(standard_input()),
+        input=json.dumps(standard_input(sources)),
         capture_output=True,
         text=True,
         check=False,
@@ -73,7 +73,7 @@ def compile_contracts() -> dict[str, dict[str, Any]]:
     if errors:
         raise SystemExit("\n".join(e["formattedMessage"] for e in errors))
     out = {}
-    for name in NAMES:
+    for name in sources or NAMES:
         contract = result["output"]["contracts"][f"{name}.sol"][name]
         out[name] = {
             "contractName": name,

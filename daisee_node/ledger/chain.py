@@ -164,11 +164,10 @@ class Head:
 
 @dataclass
 class Included:
-    """Where one commitment landed."""
+    """Where one commitment landed (its batch is its transaction)."""
 
     node: str
     seq: int
-    batch: int
     commitment_hash: bytes
     tx_hash: bytes
     block_number: int
@@ -224,7 +223,6 @@ class Ledger:
             Included(
                 ev["args"]["node"],
                 ev["args"]["seq"],
-                ev["args"]["batch"],
                 bytes(ev["args"]["commitmentHash"]),
                 bytes(receipt["transactionHash"]),
                 receipt["blockNumber"],
@@ -260,7 +258,6 @@ class Ledger:
         return Included(
             ev["args"]["node"],
             seq,
-            ev["args"]["batch"],
             bytes(ev["args"]["commitmentHash"]),
             bytes(ev["transactionHash"]),
             ev["blockNumber"],
@@ -268,32 +265,32 @@ class Ledger:
             ev["logIndex"],
         )
 
-    def batch_proof(self, batch: int, commitment_hash: bytes, from_block: int = 0) -> list[bytes]:
-        """The proof that a commitment is in `batch`, rebuilt from the batch's events."""
-        logs = self.contract.events.Committed().get_logs(
-            argument_filters={"batch": batch}, from_block=from_block
-        )
-        # Filter again here: not every client applies topic filters on every indexed argument.
-        logs = sorted(
-            (ev for ev in logs if ev["args"]["batch"] == batch),
-            key=lambda ev: (ev["blockNumber"], ev["logIndex"]),
-        )
-        hashes = [bytes(ev["args"]["commitmentHash"]) for ev in logs]
+    def batch_hashes(self, tx_hash: bytes) -> list[bytes]:
+        """The accepted commitment hashes of one batch transaction, in order: its leaves."""
+        receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+        events = self.contract.events.Committed().process_receipt(receipt, errors=DISCARD)
+        return [bytes(ev["args"]["commitmentHash"]) for ev in sorted(events, key=_log_index)]
+
+    def batch_proof(self, tx_hash: bytes, commitment_hash: bytes) -> list[bytes]:
+        """The proof that a commitment is in the batch its transaction recorded."""
+        hashes = self.batch_hashes(tx_hash)
         if commitment_hash not in hashes:
-            raise ChainError(f"commitment {commitment_hash.hex()} is not in batch {batch}")
-        tree = merkle.levels(hashes)
-        return merkle.proof(tree, hashes.index(commitment_hash))
+            raise ChainError(f"commitment {commitment_hash.hex()} is not in tx {tx_hash.hex()}")
+        return merkle.proof(merkle.levels(hashes), hashes.index(commitment_hash))
 
     def verify_reading(
         self,
         commitment: Commitment,
-        batch: int,
         batch_proof: list[bytes],
         reading: tuple[bytes, int, int, int],
         proof: list[bytes],
     ) -> bool:
         return bool(
             self.contract.functions.verifyReading(
-                commitment.as_tuple(), batch, batch_proof, reading, proof
+                commitment.as_tuple(), batch_proof, reading, proof
             ).call()
         )
+
+
+def _log_index(event: Any) -> int:
+    return int(event["logIndex"])

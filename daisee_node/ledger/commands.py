@@ -250,7 +250,7 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
         entry = await Outbox(store).covering(node, t_ms)
         if entry is None:
             raise DaiseeError("that reading's period is not sealed yet")
-        if entry.state not in (INCLUDED, CONFIRMED) or entry.batch is None:
+        if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
             raise DaiseeError(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
             )
@@ -273,7 +273,7 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
     assert config.chain is not None
     w3 = chainlib.connect(config.chain.rpc_url)
     ledger = chainlib.Ledger(w3, config.chain.ledger_address or "")
-    batch_proof = ledger.batch_proof(entry.batch, c.struct_hash())
+    batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
     return {
         "node": node,
         "channel": channel,
@@ -284,7 +284,7 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
         "quality": quality,
         "proof": ["0x" + p.hex() for p in merkle.proof(merkle.levels(leaves), index)],
         "commitment": c.to_json(),
-        "batch": entry.batch,
+        "tx": "0x" + entry.tx_hash.hex(),
         "batch_proof": ["0x" + p.hex() for p in batch_proof],
         "ledger": ledger.address,
         "chain_id": ledger.chain_id,
@@ -326,7 +326,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems.append("node is not the commitment's node")
     ledger = chainlib.Ledger(chainlib.connect(rpc), data["ledger"])
     ledger.check_deployed()
-    on_chain = ledger.verify_reading(commitment, int(data["batch"]), batch_proof, reading, proof)
+    on_chain = ledger.verify_reading(commitment, batch_proof, reading, proof)
     if not on_chain:
         problems.append("the ledger does not accept this reading and proof")
     result = {

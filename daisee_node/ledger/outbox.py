@@ -46,18 +46,17 @@ class Entry:
     tx_hash: bytes | None
     block_number: int | None
     block_hash: bytes | None
-    batch: int | None
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.commitment.node, self.commitment.seq)
 
 
-_COLUMNS = "body, signature, own, state, tx_hash, block_number, block_hash, batch"
+_COLUMNS = "body, signature, own, state, tx_hash, block_number, block_hash"
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    body, signature, own, state, tx_hash, block_number, block_hash, batch = row
+    body, signature, own, state, tx_hash, block_number, block_hash = row
     return Entry(
         Commitment.from_json(json.loads(body)),
         bytes(signature),
@@ -66,7 +65,6 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         bytes(tx_hash) if tx_hash is not None else None,
         block_number,
         bytes(block_hash) if block_hash is not None else None,
-        batch,
     )
 
 
@@ -136,7 +134,7 @@ class Outbox:
         return [_entry(r) for r in rows]
 
     async def update(self, keys: list[tuple[str, int]], state: str, **fields: Any) -> None:
-        """Set the state (and optionally tx_hash, block_number, block_hash, batch, note)."""
+        """Set the state (and optionally tx_hash, block_number, block_hash, note)."""
         if not keys:
             return
         sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])

@@ -214,7 +214,6 @@ class Submitter:
                 tx_hash=inc.tx_hash,
                 block_number=inc.block_number,
                 block_hash=inc.block_hash,
-                batch=inc.batch,
             )
         done = {(i.node, i.seq) for i in included}
         for node, seq, reason in rejected:
@@ -312,7 +311,6 @@ class Submitter:
                 tx_hash=found.tx_hash,
                 block_number=found.block_number,
                 block_hash=found.block_hash,
-                batch=found.batch,
             )
 
     async def _batch(self) -> list[Entry]:

@@ -94,24 +94,28 @@ def test_commit_chain_of_periods_mints_credits_and_proves_each_reading(env):
         ],
     )
     assert rejected == []
-    assert [(i.seq, i.batch) for i in ok] == [(1, 0), (2, 0)]
+    assert [i.seq for i in ok] == [1, 2]
+    assert ok[0].tx_hash == ok[1].tx_hash  # one batch
     head = ledger.head(node.address)
     assert (head.seq, head.t1) == (2, 1_800_000) and head.follows(c2.struct_hash())
     # 1750 Wh at 1000 Wh per credit, 18 decimals
     assert ledger.credit().functions.balanceOf(node.address).call() == 1750 * 10**15
 
-    batch_proof = ledger.batch_proof(0, c1.struct_hash())
+    batch_proof = ledger.batch_proof(ok[0].tx_hash, c1.struct_hash())
+    assert len(batch_proof) == 1  # its sibling: c2
     tree = merkle.levels(leaves1)
     ordered = sorted(rows1, key=lambda r: (r[1], r[0]))
     for index in (0, 3, len(ordered) - 1):
         proof = merkle.proof(tree, index)
-        assert ledger.verify_reading(c1, 0, batch_proof, ordered[index], proof)
+        assert ledger.verify_reading(c1, batch_proof, ordered[index], proof)
     # a tampered value, time or quality fails
     ch, t, v, q = ordered[3]
     proof = merkle.proof(tree, 3)
-    assert not ledger.verify_reading(c1, 0, batch_proof, (ch, t, v + 1, q), proof)
-    assert not ledger.verify_reading(c1, 0, batch_proof, (ch, t, v, 1), proof)
-    assert not ledger.verify_reading(c1, 1, batch_proof, ordered[3], proof)
+    assert not ledger.verify_reading(c1, batch_proof, (ch, t, v + 1, q), proof)
+    assert not ledger.verify_reading(c1, batch_proof, (ch, t, v, 1), proof)
+    # a commitment that was never recorded proves nothing, even with a valid reading proof
+    assert not ledger.verify_reading(c1.with_(count=11), batch_proof, ordered[3], proof)
+    assert not ledger.verify_reading(c1, [], ordered[3], proof)
 
 
 def test_forged_replayed_and_unregistered_commitments_are_rejected(env):

@@ -96,10 +96,11 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
         t, name, value, q = ordered[i]
         reading = (merkle.channel_id(name), t, merkle.value_micro(value), q)
         proof = merkle.proof(merkle.levels(leaves), i)
-        batch_proof = ledger.batch_proof(entry.batch, c.struct_hash())
-        assert ledger.verify_reading(c, entry.batch, batch_proof, reading, proof)
+        assert entry.tx_hash is not None
+        batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
+        assert ledger.verify_reading(c, batch_proof, reading, proof)
         forged = (reading[0], t, reading[2] + 1, q)
-        assert not ledger.verify_reading(c, entry.batch, batch_proof, forged, proof)
+        assert not ledger.verify_reading(c, batch_proof, forged, proof)
 
     # credits follow the committed export: a coin per 1000 Wh, 18 decimals
     for seq in range(4, head.seq + 1):

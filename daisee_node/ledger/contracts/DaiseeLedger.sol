@@ -10,7 +10,8 @@ import {EnergyCredit} from "./EnergyCredit.sol";
 /// @notice Nodes keep their readings; each period they sign a commitment (a Merkle root of the
 /// period's readings plus its energy totals). Anyone may submit a batch of signed commitments.
 /// Accepted commitments of a batch are hashed into one batch root, so a batch costs one storage
-/// slot however many commitments it carries; any reading can be proven against it later.
+/// slot however many commitments it carries; any reading can be proven against it later. Each
+/// commitment, with its period totals, is also in the `Committed` event for anyone to read.
 contract DaiseeLedger is EIP712 {
     struct Commitment {
         address node;
@@ -56,22 +57,18 @@ contract DaiseeLedger is EIP712 {
     EnergyCredit public immutable credit;
     address public governance;
     mapping(address => Head) public heads;
-    mapping(uint256 => bytes32) public batchRoots;
-    uint256 public batchCount;
+    /// @notice Block in which each batch root was recorded (0: never).
+    mapping(bytes32 => uint256) public batchBlock;
 
     event NodeAdded(address indexed node);
     event NodeRemoved(address indexed node);
     event GovernanceTransferred(address indexed previous, address indexed next);
     event Committed(
-        address indexed node,
-        uint64 indexed seq,
-        uint256 indexed batch,
-        bytes32 commitmentHash,
-        Commitment commitment
+        address indexed node, uint64 indexed seq, bytes32 commitmentHash, Commitment commitment
     );
     event Gap(address indexed node, uint64 expected, uint64 got);
     event Rejected(address indexed node, uint64 indexed seq, uint8 reason);
-    event BatchRecorded(uint256 indexed batch, bytes32 root, uint256 accepted);
+    event BatchRecorded(bytes32 indexed root, uint256 accepted);
 
     error OnlyGovernance();
     error LengthMismatch();
@@ -117,14 +114,14 @@ contract DaiseeLedger is EIP712 {
     }
 
     /// @notice Record signed commitments. Invalid ones are skipped with a `Rejected` event.
-    /// @return batch the batch id (meaningful when `accepted` > 0)
+    /// The accepted ones' hashes, in order, are the leaves of the batch root.
+    /// @return root the batch root (zero when nothing was accepted)
     /// @return accepted how many commitments were recorded
     function commitBatch(Commitment[] calldata cs, bytes[] calldata signatures)
         external
-        returns (uint256 batch, uint256 accepted)
+        returns (bytes32 root, uint256 accepted)
     {
         if (cs.length != signatures.length) revert LengthMismatch();
-        batch = batchCount;
         bytes32[] memory hashes = new bytes32[](cs.length);
         for (uint256 i = 0; i < cs.length; ++i) {
             Commitment calldata c = cs[i];
@@ -140,14 +137,13 @@ contract DaiseeLedger is EIP712 {
             head.t1 = c.t1;
             head.hashLow = uint120(uint256(h));
             hashes[accepted++] = h;
-            emit Committed(c.node, c.seq, batch, h, c);
+            emit Committed(c.node, c.seq, h, c);
             if (c.exportWh > 0) credit.mintFor(c.node, c.exportWh);
         }
         if (accepted > 0) {
-            bytes32 root = _root(hashes, accepted);
-            batchRoots[batch] = root;
-            batchCount = batch + 1;
-            emit BatchRecorded(batch, root, accepted);
+            root = _root(hashes, accepted);
+            batchBlock[root] = block.number;
+            emit BatchRecorded(root, accepted);
         }
     }
 
@@ -175,17 +171,16 @@ contract DaiseeLedger is EIP712 {
         return keccak256(abi.encode(node, r.channel, r.tMs, r.valueMicro, r.quality));
     }
 
-    /// @notice True when `c` was recorded in `batch` and reading `r` is one of its leaves.
+    /// @notice True when `c` was recorded (in the batch `batchProof` leads to) and reading `r`
+    /// is one of its leaves.
     function verifyReading(
         Commitment calldata c,
-        uint256 batch,
         bytes32[] calldata batchProof,
         Reading calldata r,
         bytes32[] calldata proof
     ) external view returns (bool) {
-        bytes32 batchRoot = batchRoots[batch];
-        if (batchRoot == bytes32(0)) return false;
-        if (!MerkleProof.verifyCalldata(batchProof, batchRoot, commitmentHash(c))) return false;
+        bytes32 batchRoot = MerkleProof.processProofCalldata(batchProof, commitmentHash(c));
+        if (batchBlock[batchRoot] == 0) return false;
         if (r.tMs < c.t0 || r.tMs >= c.t1) return false;
         return MerkleProof.verifyCalldata(proof, c.root, readingLeaf(c.node, r));
     }
