@@ -77,6 +77,7 @@ def read_status(data_dir: Path) -> dict[str, Any]:
                     reason,
                     t_ms,
                 )
+        ledger = _ledger(conn)
     finally:
         conn.close()
     relays: dict[str, dict[str, Any]] = {}
@@ -120,6 +121,46 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         "latest": latest,
         "relays": relays,
         "rules": rules,
+        "ledger": ledger,
+    }
+
+
+def _ledger(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    """The outbox: what is sealed, what is on chain, what waits (None: no ledger here)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'commitments'").fetchone() is None:
+        return None
+    own = conn.execute("SELECT count(*) FROM commitments WHERE own = 1").fetchone()[0]
+    if not own:
+        return None
+    by_state = dict(
+        conn.execute("SELECT state, count(*) FROM commitments WHERE own = 1 GROUP BY state")
+    )
+    node, sealed, sealed_t1 = conn.execute(
+        "SELECT node, seq, t1 FROM commitments WHERE own = 1 ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    confirmed = conn.execute(
+        "SELECT max(seq) FROM commitments WHERE own = 1 AND state = 'confirmed'"
+    ).fetchone()[0]
+    last_tx = conn.execute(
+        "SELECT tx_hash, nonce, state, sent_ms FROM ledger_txs ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    peers = conn.execute("SELECT count(*) FROM commitments WHERE own = 0").fetchone()[0]
+    return {
+        "node": node,
+        "sealed_seq": sealed,
+        "sealed_until_ms": sealed_t1,
+        "confirmed_seq": confirmed or 0,
+        "backlog": sum(n for st, n in by_state.items() if st in ("pending", "sent", "included")),
+        "by_state": by_state,
+        "relayed_for_peers": peers,
+        "last_tx": None
+        if last_tx is None
+        else {
+            "hash": "0x" + bytes(last_tx[0]).hex(),
+            "nonce": last_tx[1],
+            "state": last_tx[2],
+            "sent_ms": last_tx[3],
+        },
     }
 
 
@@ -189,6 +230,21 @@ def render_status(report: dict[str, Any]) -> str:
             asks = ", ".join(f"{k} {v or '-'}" for k, v in sorted(r.get("asks", {}).items()))
             rows.append((name, "yes" if r.get("active") else "no", asks, r.get("reason", "")))
         lines += _table(rows)
+    ledger = report.get("ledger")
+    if ledger:
+        lines.append("")
+        states = ", ".join(f"{n} {st}" for st, n in sorted(ledger["by_state"].items()))
+        lines += [
+            f"ledger          node {ledger['node']}",
+            f"  sealed        period {ledger['sealed_seq']} (to {_when(ledger['sealed_until_ms'])})",
+            f"  on chain      period {ledger['confirmed_seq']} confirmed; "
+            f"backlog {ledger['backlog']} ({states})",
+        ]
+        if ledger["last_tx"]:
+            tx = ledger["last_tx"]
+            lines.append(f"  last tx       {tx['hash']} nonce {tx['nonce']} {tx['state']}")
+        if ledger["relayed_for_peers"]:
+            lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
     return "\n".join(lines)
 
 

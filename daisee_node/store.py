@@ -224,6 +224,11 @@ class Store:
         self._drained = asyncio.Event()
         self._drained.set()
         self._tx_lock = asyncio.Lock()
+        # Readings put and readings committed (or dropped) so far: `flush` waits on these, since
+        # under a steady stream the queue itself is never empty.
+        self._put_count = 0
+        self._done_count = 0
+        self._committed = asyncio.Event()
         #: with a ledger, raw readings are kept until their period is sealed
         self.keep_unsealed = False
         #: called after each commit with the readings just made durable
@@ -350,10 +355,12 @@ class Store:
 
     def put(self, reading: Reading) -> None:
         self._pending.append(reading)
+        self._put_count += 1
         self._after_put()
 
     def put_many(self, readings: Sequence[Reading]) -> None:
         self._pending.extend(readings)
+        self._put_count += len(readings)
         self._after_put()
 
     def _after_put(self) -> None:
@@ -361,6 +368,7 @@ class Store:
         if excess > 0:
             # The disk is not keeping up (or is failing): keep the newest, count the loss.
             del self._pending[:excess]
+            self._done_count += excess  # dropped: nothing to wait for
             if self.stats.dropped == 0:
                 self._log.error(
                     "store backlog full; dropping oldest readings",
@@ -432,10 +440,11 @@ class Store:
 
     async def flush(self) -> None:
         """Wait until everything put so far is committed (the writer must be running)."""
-        if self._pending:
-            self._drained.clear()
+        target = self._put_count
+        while self._done_count < target:
+            self._committed.clear()
             self._wakeup.set()
-        await self._drained.wait()
+            await self._committed.wait()
 
     async def _write_batch(self, batch: list[Reading]) -> None:
         assert self._db is not None
@@ -480,6 +489,8 @@ class Store:
                 self._counter_sets.setdefault(k, v)
             self._events[:0] = events
             raise
+        self._done_count += len(batch)
+        self._committed.set()
         s = self.stats
         s.written += inserted
         s.duplicates += len(rows) - inserted

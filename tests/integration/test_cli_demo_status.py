@@ -27,7 +27,7 @@ def test_demo_stores_readings_and_status_shows_them(tmp_path: Path) -> None:
         "--data-dir",
         str(data),
         "--duration",
-        "3",
+        "5",
         "--speed",
         "600",
         "--start",
@@ -56,9 +56,17 @@ def test_demo_stores_readings_and_status_shows_them(tmp_path: Path) -> None:
     # A June morning at 10:00 UTC: the roof produces.
     assert latest["pv.power_w"]["value"] > 100
 
+    # 50 simulated minutes: at least two 15-minute periods sealed, signed and committed
+    ledger = report["ledger"]
+    assert ledger["sealed_seq"] >= 2
+    assert ledger["confirmed_seq"] >= 1
+    assert ledger["sealed_until_ms"] % 900_000 == 0
+    assert "periods sealed" in summaries[-1]
+
     table = cli("status", "--data-dir", str(data))
     assert table.returncode == 0
     assert "battery.soc_pct" in table.stdout and "not running" in table.stdout
+    assert f"period {ledger['sealed_seq']}" in table.stdout
 
 
 def test_a_second_demo_run_continues_the_first(tmp_path: Path) -> None:

@@ -298,3 +298,30 @@ async def test_counters_added_during_a_commit_are_kept(tmp_path: Path, monkeypat
     assert rows(
         tmp_path / "node.db", "SELECT value FROM counters WHERE name = 'sensor.x.reads'"
     ) == [(4,)]
+
+
+async def test_flush_returns_under_a_steady_stream(store: Store) -> None:
+    """The queue is never empty while sensors publish; flush must still return, and only once
+    everything put before it is durable."""
+    stop = asyncio.Event()
+
+    async def producer() -> None:
+        t = T0
+        while not stop.is_set():
+            t += 1
+            store.put(Reading("s.x", t, 1.0, Quality.GOOD))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(producer())
+    await asyncio.sleep(0.1)
+    marker = Reading("s.marker", T0, 42.0, Quality.GOOD)
+    store.put(marker)
+    await asyncio.wait_for(store.flush(), 5)
+    stored = rows(
+        store.path,
+        "SELECT count(*) FROM readings r JOIN channels c "
+        "ON c.id = r.channel_id WHERE c.name = 's.marker'",
+    )
+    assert stored == [(1,)]
+    stop.set()
+    await task
