@@ -236,7 +236,8 @@ def render_status(report: dict[str, Any]) -> str:
         states = ", ".join(f"{n} {st}" for st, n in sorted(ledger["by_state"].items()))
         lines += [
             f"ledger          node {ledger['node']}",
-            f"  sealed        period {ledger['sealed_seq']} (to {_when(ledger['sealed_until_ms'])})",
+            f"  sealed        period {ledger['sealed_seq']} "
+            f"(to {_when(ledger['sealed_until_ms'])})",
             f"  on chain      period {ledger['confirmed_seq']} confirmed; "
             f"backlog {ledger['backlog']} ({states})",
         ]
