@@ -271,8 +271,11 @@ class Store:
         """One write transaction; writers take turns (they share the one connection)."""
         assert self._db is not None
         async with self._tx_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # BEGIN inside the try: a task cancelled while BEGIN is queued on the database
+                # thread must still roll it back, or the connection stays inside a transaction
+                # and every later BEGIN fails.
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.execute("COMMIT")
             except BaseException:
@@ -313,15 +316,10 @@ class Store:
                 f"understands ({len(MIGRATIONS)}); upgrade daisee-node"
             )
         for number in range(version, len(MIGRATIONS)):
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self.transaction() as db:
                 for statement in _split_sql(MIGRATIONS[number]):
-                    await self._db.execute(statement)
-                await self._db.execute(f"PRAGMA user_version={number + 1}")
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version={number + 1}")
             self._log.info("schema migrated", version=number + 1)
 
     async def _load_channels(self) -> None:

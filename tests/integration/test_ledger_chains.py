@@ -59,6 +59,33 @@ def node_config(
     return write_config(tmp_path / f"{node_id}.toml", sections)
 
 
+def retained(broker: Any, topic: str) -> str | None:
+    """The retained message on `topic`, read as a read-only client would."""
+    result = subprocess.run(
+        [
+            "mosquitto_sub",
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-u",
+            "viewer",
+            "-P",
+            broker.password_file("viewer").read_text().strip(),
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() or None
+
+
 def address_of(config: Path) -> str:
     return keystore_address(config.parent / config.stem / "node-key.json")
 
@@ -104,6 +131,12 @@ def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
         return ledger.head(addresses[name]).seq
 
     wait_for(lambda: all(on_chain(n) >= 3 for n in configs), timeout=90)
+    # the ledger's state is on MQTT for the house to see (retained)
+    state = wait_for(
+        lambda: json.loads(retained(broker, "daisee/a/ledger") or "{}").get("confirmed_seq"),
+        timeout=30,
+    )
+    assert state >= 1
 
     # The chain goes away for a while: periods keep being sealed, nothing is lost.
     anvil.stop()
@@ -313,3 +346,44 @@ def ledger_events(w3: Any, address: str) -> int:
     ledger = chainlib.Ledger(w3, address)
     logs = ledger.contract.events.Committed().get_logs(from_block=0)
     return len(logs)
+
+
+def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon):
+    anvil = Anvil(tmp_path, block_time_s=0)
+    anvil.start()
+    w3 = chainlib.connect(anvil.url)
+    gov = Account.from_key(ANVIL_KEY)
+    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+    cfg = node_config(
+        tmp_path,
+        "s",
+        anvil.url,
+        ledger.address,
+        stuck_after_s=2,
+        confirmations=1,
+        period_s=600,
+    )
+    node = address_of(cfg)
+    ledger.set_node(gov, node)
+    chainlib.fund(w3, gov, node, 10**18)
+    anvil.call("evm_setAutomine", [False])  # nothing gets mined: the batch is stuck
+    proc = daemon(cfg)
+
+    txs = "SELECT nonce, fee, state FROM ledger_txs ORDER BY id"
+    replaced = wait_for(lambda: len(outbox(cfg, txs)) >= 2 and outbox(cfg, txs), timeout=60)
+    (n1, fee1, _), (n2, fee2, _) = replaced[:2]
+    assert n1 == n2 and fee2 >= fee1 * 1.25
+    pending = anvil.call("txpool_content")["pending"]
+    [(_, by_nonce)] = [(k, v) for k, v in pending.items() if k.lower() == node.lower()]
+    assert len(by_nonce) == 1  # the replacement took the old one's place
+
+    anvil.call("evm_setIntervalMining", [1])
+    wait_for(lambda: outbox(cfg, "SELECT 1 FROM commitments WHERE state = 'confirmed'"), timeout=60)
+    states = [row[2] for row in outbox(cfg, txs)]
+    assert states.count("mined") >= 1 and "replaced" in states
+    fees = outbox(cfg, "SELECT value FROM counters WHERE name = 'ledger.fee_bumps'")
+    assert fees and fees[0][0] >= 1
+    assert [s for s, _ in committed_logs(ledger, node)][:1] == [1]
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15)[0] == 0
+    anvil.stop()

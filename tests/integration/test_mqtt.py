@@ -21,6 +21,7 @@ def mqtt_config(
     *,
     sensors: list[dict[str, Any]] | None = None,
     name: str = "node.toml",
+    rules: list[dict[str, Any]] | None = None,
     **mqtt: Any,
 ) -> Path:
     return write_config(
@@ -31,6 +32,7 @@ def mqtt_config(
             "sensors": sim_sensors(1.0) if sensors is None else sensors,
             "gpio": {"backend": "mock"},
             "relays": [{"name": "heater", "pin": 17, "safe_state": "off"}],
+            "rules": rules or [],
             "mqtt": {
                 "host": broker.host,
                 "port": broker.port,
@@ -102,7 +104,13 @@ async def start(path: Path) -> tuple[Node, asyncio.Task[int]]:
 
 
 async def test_status_readings_relays_and_discovery_are_retained(tmp_path, broker):
-    node, task = await start(mqtt_config(tmp_path, broker))
+    rule = {
+        "name": "never",
+        "when": "load.power_w < -1000000",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+    }
+    node, task = await start(mqtt_config(tmp_path, broker, rules=[rule]))
     base = "daisee/m1"
     async with Watcher(broker) as w:
         assert await w.wait(f"{base}/status", lambda p: p == b"online") == b"online"
@@ -120,6 +128,8 @@ async def test_status_readings_relays_and_discovery_are_retained(tmp_path, broke
         assert energy["availability_topic"] == f"{base}/status"
         switch = json.loads(await w.wait("homeassistant/switch/daisee_m1/heater/config"))
         assert switch["command_topic"] == f"{base}/relay/heater/set"
+        state = json.loads(await w.wait(f"{base}/rule/never"))
+        assert state["active"] is False and state["asks"] == {"heater": "off"}
         soc = json.loads(await w.wait("homeassistant/sensor/daisee_m1/battery_soc_pct/config"))
         assert soc["device_class"] == "battery"
         # one device for the whole node
@@ -176,6 +186,9 @@ async def test_broker_outage_loses_no_readings_and_state_comes_back(tmp_path, br
         assert await w.wait(f"{base}/status", lambda p: p == b"online", timeout=40) == b"online"
         await w.wait(f"{base}/relay/heater")
         await w.wait("homeassistant/switch/daisee_m1/heater/config")
+        # subscribed again: commands work on the new session
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", "ON")
+        assert await w.wait(f"{base}/relay/heater", lambda p: p == b"ON") == b"ON"
     assert node.mqtt is not None and node.mqtt.link.connects >= 2
     node.request_stop()
     await asyncio.wait_for(task, 8)
@@ -208,3 +221,29 @@ async def test_last_will_says_offline_when_the_process_dies(tmp_path, broker, da
         await w.wait("daisee/m1/status", lambda p: p == b"online", timeout=30)
         proc.signal(signal.SIGKILL)
         assert await w.wait("daisee/m1/status", lambda p: p == b"offline") == b"offline"
+
+
+async def test_tls_with_a_private_ca(tmp_path):
+    from tests.support.broker import Broker
+
+    tls_broker = Broker(tmp_path / "tls", tls=True) if (tmp_path / "tls").mkdir() is None else None
+    assert tls_broker is not None and tls_broker.ca is not None
+    tls_broker.start()
+    try:
+        path = mqtt_config(tmp_path, tls_broker, tls=True, ca_file=str(tls_broker.ca))
+        node, task = await start(path)
+        assert node.mqtt is not None
+        await asyncio.wait_for(node.mqtt.link.connected.wait(), 15)
+        node.request_stop()
+        await asyncio.wait_for(task, 8)
+
+        # without the CA the server's certificate is refused: never connected
+        path = mqtt_config(tmp_path, tls_broker, tls=True, name="no-ca.toml")
+        node, task = await start(path)
+        assert node.mqtt is not None
+        await asyncio.sleep(2)
+        assert not node.mqtt.link.connected.is_set() and node.mqtt.link.connects == 0
+        node.request_stop()
+        await asyncio.wait_for(task, 8)
+    finally:
+        tls_broker.stop()

@@ -31,10 +31,71 @@ def _binary(name: str) -> str:
     return path
 
 
+def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl); returns ca, cert, key."""
+    ca_key, ca, key, csr, cert = (
+        workdir / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RuntimeError("openssl is missing")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    ext = workdir / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
+    return ca, cert, key
+
+
 class Broker:
     """mosquitto with users `node`, `ha` (may command relays) and `viewer` (read only)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -52,13 +113,17 @@ class Broker:
         acl.write_text(
             "".join(f"user {u}\n" + "\n".join(lines) + "\n\n" for u, (_, lines) in USERS.items())
         )
+        self.ca: Path | None = None
+        tls_lines = ""
+        if tls:
+            self.ca, cert, key = make_tls_files(workdir)
+            tls_lines = f"cafile {self.ca}\ncertfile {cert}\nkeyfile {key}\n"
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             # run as whoever started it (as root, mosquitto would switch to a user that cannot
             # read these files)
             f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous false\n"
+            f"listener {self.port} 127.0.0.1\n" + tls_lines + "allow_anonymous false\n"
             f"password_file {passwd}\n"
             f"acl_file {acl}\n"
             "persistence false\n"

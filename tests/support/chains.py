@@ -94,16 +94,10 @@ class Anvil(ChainNode):
         self.block_time_s = block_time_s
 
     def command(self) -> list[str]:
-        cmd = [
-            str(BIN / "anvil"),
-            "--port",
-            str(self.port),
-            "--block-time",
-            str(self.block_time_s),
-            "--dump-state",
-            str(self.state),
-            "--silent",
-        ]
+        cmd = [str(BIN / "anvil"), "--port", str(self.port), "--dump-state", str(self.state)]
+        cmd.append("--silent")
+        if self.block_time_s:  # 0: mine each transaction as it arrives
+            cmd += ["--block-time", str(self.block_time_s)]
         if self.state.exists():
             cmd += ["--load-state", str(self.state)]
         return cmd

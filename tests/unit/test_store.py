@@ -325,3 +325,22 @@ async def test_flush_returns_under_a_steady_stream(store: Store) -> None:
     assert stored == [(1,)]
     stop.set()
     await task
+
+
+async def test_a_writer_cancelled_while_beginning_leaves_no_transaction_open(store: Store) -> None:
+    """A ledger task cancelled at shutdown, while its BEGIN waited on the database thread, must
+    not leave the shared connection inside a transaction (the writer could never BEGIN again)."""
+
+    async def holder() -> None:
+        async with store.transaction():
+            await asyncio.sleep(10)
+
+    for _ in range(20):
+        task = asyncio.create_task(holder())
+        await asyncio.sleep(0)  # BEGIN is now queued on the database thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    store.put(Reading("s.after", T0, 1.0, Quality.GOOD))
+    await asyncio.wait_for(store.flush(), 5)
+    assert rows(store.path, "SELECT count(*) FROM readings") == [(1,)]
