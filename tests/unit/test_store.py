@@ -344,3 +344,23 @@ async def test_a_writer_cancelled_while_beginning_leaves_no_transaction_open(sto
     store.put(Reading("s.after", T0, 1.0, Quality.GOOD))
     await asyncio.wait_for(store.flush(), 5)
     assert rows(store.path, "SELECT count(*) FROM readings") == [(1,)]
+
+
+async def test_with_a_ledger_unsealed_readings_outlive_retention(tmp_path: Path) -> None:
+    """Readings of periods not yet sealed into a commitment are kept past raw_days."""
+    s = Store(tmp_path / "node.db", retention=Retention(raw_days=1), clock=FixedClock(T0))
+    await s.open()
+    s.keep_unsealed = True
+    s.put_many([Reading("a.x_w", T0 + k * MINUTE_MS, 1.0) for k in range(3 * 24 * 60)])
+    s.stop()
+    await s.run()
+    now = T0 + 3 * DAY_MS
+    await s.maintain(now_ms=now)  # nothing sealed yet: nothing raw may go
+    (kept,) = (await s.query("SELECT count(*) FROM readings"))[0]
+    sealed_until = T0 + DAY_MS // 2  # the ledger sealed the first half day
+    await s.set_meta("ledger_sealed_until_ms", str(sealed_until))
+    await s.maintain(now_ms=now)
+    (oldest,) = (await s.query("SELECT min(t_ms) FROM readings"))[0]
+    await s.close()
+    assert kept == 3 * 24 * 60
+    assert oldest == sealed_until
