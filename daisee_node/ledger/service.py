@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,18 @@ class LedgerService:
 
     async def connect(self) -> None:
         """Reach the chain (retrying forever); an embedded chain is created and set up here."""
-        delay = 1.0
+        delay, attempts = 1.0, 0
         while True:
             try:
                 await self.worker.call(self._connect)
                 break
-            except Exception as exc:
-                self.log.warning("chain not reachable yet", error=str(exc)[:200])
-                await asyncio.sleep(delay)
+            except Exception as exc:  # retried until the chain answers
+                attempts += 1
+                self.store.add_counter("ledger.submit_errors", 1)
+                # loud once, then quiet: sealing goes on meanwhile
+                log = self.log.warning if attempts == 1 else self.log.debug
+                log("chain not reachable yet; periods are sealed and kept", error=str(exc)[:200])
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(self.settings.retry_max_s, delay * 2)
         assert self.ledger is not None
         self.submitter = Submitter(

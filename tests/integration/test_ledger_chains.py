@@ -3,6 +3,7 @@ reorganised) and a one-signer Clique chain from @ethereumjs/client (PoA headers)
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -28,13 +29,15 @@ def node_config(
     ledger: str,
     *,
     broker: Any = None,
+    speed: float = 60,
+    sample_s: float = 1.0,
     **chain: Any,
 ) -> Path:
     data = tmp_path / node_id
     sections: dict[str, Any] = {
-        "node": {"id": node_id, "data_dir": str(data), "time_speed": 60},
+        "node": {"id": node_id, "data_dir": str(data), "time_speed": speed},
         "store": {"flush_interval_s": 0.05},
-        "sensors": sim_sensors(1.0),
+        "sensors": sim_sensors(sample_s),
         "chain": {
             "rpc_url": rpc_url,
             "ledger_address": ledger,
@@ -386,4 +389,55 @@ def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon):
     assert [s for s, _ in committed_logs(ledger, node)][:1] == [1]
     proc.signal(signal.SIGTERM)
     assert proc.wait(15)[0] == 0
+    anvil.stop()
+
+
+def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(tmp_path, daemon):
+    anvil = Anvil(tmp_path)
+    anvil.start()
+    w3 = chainlib.connect(anvil.url)
+    gov = Account.from_key(ANVIL_KEY)
+    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+    # an hour of node time per real second, 15-minute periods; chain_id lets it seal offline
+    cfg = node_config(
+        tmp_path,
+        "h",
+        anvil.url,
+        ledger.address,
+        speed=3600,
+        sample_s=30,
+        period_s=900,
+        seal_delay_s=10,
+        chain_id=w3.eth.chain_id,
+    )
+    node = address_of(cfg)
+    ledger.set_node(gov, node)
+    chainlib.fund(w3, gov, node, 10**18)
+    anvil.stop()  # the chain is gone before the node ever reached it
+
+    proc = daemon(cfg)
+    wait_for(lambda: sealed_seq(cfg) >= 16, timeout=60)  # four hours of periods
+    assert outbox(cfg, "SELECT count(*) FROM commitments WHERE state != 'pending'") == [(0,)]
+    errors = outbox(cfg, "SELECT value FROM counters WHERE name = 'ledger.submit_errors'")
+    assert errors and errors[0][0] >= 1  # it kept trying
+
+    anvil.start()
+    w3 = chainlib.connect(anvil.url)
+    ledger = chainlib.Ledger(w3, ledger.address)
+    target = sealed_seq(cfg)
+    wait_for(lambda: ledger.head(node).seq >= target, timeout=90)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15)[0] == 0
+    seqs = [seq for seq, _ in committed_logs(ledger, node)]
+    assert seqs[:target] == list(range(1, target + 1))
+    assert len(seqs) == len(set(seqs))
+    # each commitment covers exactly one aligned 15-minute period, back to back
+    bodies = [
+        json.loads(b)
+        for (b,) in outbox(
+            cfg, f"SELECT body FROM commitments WHERE own = 1 AND seq <= {target} ORDER BY seq"
+        )
+    ]
+    for before, after in itertools.pairwise(bodies):
+        assert after["t0"] == before["t1"] and after["t1"] - after["t0"] == 900_000
     anvil.stop()
