@@ -33,6 +33,7 @@ from daisee_node.store import Retention
 DEFAULT_CONFIG_PATH = Path("/etc/daisee-node/config.toml")
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+KEY_FILES = ("keystore", "password_file")
 
 SensorEntry = Annotated[
     Union[tuple(cls.config_model for cls in SENSOR_KINDS.values())],  # noqa: UP007
@@ -176,23 +177,18 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         data_dir = (base_dir / config.node.data_dir).resolve()
         node = config.node.model_copy(update={"data_dir": data_dir})
         config = config.model_copy(update={"node": node})
-    if config.mqtt is not None:
-        updates_mqtt = {
-            key: (base_dir / path).resolve()
-            for key in ("password_file", "ca_file")
-            if (path := getattr(config.mqtt, key)) is not None and not path.is_absolute()
-        }
-        if updates_mqtt:
-            mqtt = config.mqtt.model_copy(update=updates_mqtt)
-            config = config.model_copy(update={"mqtt": mqtt})
-    if config.chain is not None:
+    # Secrets and keys named by path, in the sections that have them.
+    for section, keys in (("mqtt", ("password_file", "ca_file")), ("chain", KEY_FILES)):
+        model = getattr(config, section)
+        if model is None:
+            continue
         updates = {
             key: (base_dir / path).resolve()
-            for key in ("keystore", "password_file")
-            if (path := getattr(config.chain, key)) is not None and not path.is_absolute()
+            for key in keys
+            if (path := getattr(model, key)) is not None and not path.is_absolute()
         }
         if updates:
-            config = config.model_copy(update={"chain": config.chain.model_copy(update=updates)})
+            config = config.model_copy(update={section: model.model_copy(update=updates)})
     return config
 
 

@@ -101,6 +101,17 @@ def daemon() -> Iterator[Callable[..., Daemon]]:
         d.kill()
 
 
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `daisee-node ARGS…` as an operator would; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "daisee_node", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
     """Poll until `predicate()` is truthy; fail the test with a clear message otherwise."""
     deadline = time.monotonic() + timeout

@@ -200,8 +200,9 @@ class Sealer:
         self.clock = clock
         self.log = get_logger("ledger")
 
-    async def seal_due(self, chain_id: int, contract: str) -> list[Commitment]:
-        """Seal each period that ended at least `delay_s` ago and holds readings."""
+    async def seal_due(self, chain_id: int, contract: str) -> list[tuple[Commitment, bytes]]:
+        """Seal each period that ended at least `delay_s` ago and holds readings; return the
+        new commitments with their signatures."""
         sealed = []
         horizon = self.clock.now_ms() - self.delay_ms
         # Everything published before now is in the database before a period is read.
@@ -233,7 +234,7 @@ class Sealer:
                 readings=commitment.count,
                 export_wh=commitment.export_wh,
             )
-            sealed.append(commitment)
+            sealed.append((commitment, signature))
             seq, prev_hash, after = commitment.seq, commitment.struct_hash(), t1
         return sealed
 

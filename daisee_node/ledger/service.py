@@ -128,10 +128,9 @@ class LedgerService:
         poll_s = max(0.5, min(30.0, self.settings.period_s / 30))
         while True:
             sealed = await self.sealer.seal_due(self.chain_id, self.contract)
-            for commitment in sealed:
-                entry = await self.outbox.get(commitment.node, commitment.seq)
+            for commitment, signature in sealed:
                 for callback in self.on_sealed:
-                    callback(commitment, entry.signature if entry else b"")
+                    callback(commitment, signature)
             if sealed and self.submitter is not None:
                 self.submitter.wake.set()
             await self.clock.sleep(poll_s)

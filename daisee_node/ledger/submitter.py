@@ -99,8 +99,6 @@ class Submitter:
         self.call = worker.call
         self.log = get_logger("ledger")
         self.wake = asyncio.Event()
-        #: called after every round, with nothing (for MQTT's ledger topic)
-        self.on_change: list[Callable[[], None]] = []
         #: awaited after every round (the embedded chain mines a block there)
         self.after_round: Callable[[], Awaitable[None]] | None = None
         self.last_tx: str | None = None
@@ -140,8 +138,6 @@ class Submitter:
                     )
                 else:
                     self.log.debug("chain still unavailable", error=self.last_error)
-            for callback in self.on_change:
-                callback()
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)

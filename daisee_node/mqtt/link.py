@@ -36,7 +36,10 @@ class Outgoing:
 
 
 class MqttLink:
-    """A long-lived connection: `run()` as a task; `publish`, `subscribe` from anywhere."""
+    """A long-lived connection: `run()` as a task; `publish`, `subscribe` from anywhere.
+
+    A clean stop publishes `offline` itself (NodeMqtt.goodbye) before the task is cancelled;
+    otherwise the broker sends the last will."""
 
     def __init__(self, settings: MqttSection, node_id: str, password: str | None = None) -> None:
         self.settings = settings
@@ -109,7 +112,7 @@ class MqttLink:
         return options
 
     async def run(self) -> None:
-        """Stay connected until cancelled; on the way out, say `offline` politely."""
+        """Stay connected until cancelled."""
         failures = 0
         while True:
             delay = 1.0
@@ -121,9 +124,6 @@ class MqttLink:
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._sender(client), name="mqtt.sender")
                         tg.create_task(self._receiver(client), name="mqtt.receiver")
-            except asyncio.CancelledError:
-                await self._goodbye()
-                raise
             except (aiomqtt.MqttError, OSError, ExceptionGroup) as exc:
                 failures += 1
                 delay = min(self.settings.reconnect_max_s, 0.5 * 2 ** min(failures, 10))
@@ -181,16 +181,6 @@ class MqttLink:
                             await result
                     except Exception:
                         self.log.exception("MQTT message handler failed", topic=topic)
-
-    async def _goodbye(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        try:
-            async with asyncio.timeout(1.0):
-                await client.publish(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
-        except (aiomqtt.MqttError, TimeoutError, OSError):
-            pass
 
 
 def _reason(exc: BaseException) -> str:

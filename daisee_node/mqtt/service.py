@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 DISCOVERY_META_KEY = "mqtt_discovery_topics"
 MODES = {"ON": "on", "OFF": "off", "AUTO": "auto"}
+LEDGER_EVERY_S = 5.0
 
 
 def parse_command(payload: bytes) -> tuple[str, float | None]:
@@ -79,6 +80,8 @@ class NodeMqtt:
         self.log = get_logger("mqtt")
         self._sent_readings: dict[str, tuple[int, float]] = {}  # channel → (t_ms, monotonic)
         self._sent_json: dict[str, str] = {}
+        self._announced: tuple[Any, ...] | None = None  # entities announced this session
+        self._ledger_due = 0.0
         self.commands_applied = 0
         self.commands_refused = 0
         self.link.on_connect.append(self._on_connect)
@@ -108,9 +111,9 @@ class NodeMqtt:
         # A new session: the broker may have lost retained state; send all of it again.
         self._sent_readings.clear()
         self._sent_json.clear()
-        if self.settings.discovery:
-            await self._discovery()
-        await self.publish_state(force=True)
+        self._announced = None
+        self._ledger_due = 0.0
+        await self.publish_state()
 
     async def _state_loop(self) -> None:
         while True:
@@ -120,7 +123,8 @@ class NodeMqtt:
 
     # -- state ---------------------------------------------------------------------------------
 
-    async def publish_state(self, force: bool = False) -> None:
+    async def publish_state(self) -> None:
+        """Whatever changed since it was last sent (retained state is re-sent on connect)."""
         now = time.monotonic()
         every = self.settings.reading_interval_s
         for name, reading in list(self.node.latest.items()):
@@ -137,11 +141,16 @@ class NodeMqtt:
         if self.node.rules is not None:
             for name, snap in self.node.rules.snapshot().items():
                 self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
-        if self.node.ledger is not None and self.node.started.is_set():
+        if self.node.ledger is not None and self.node.started.is_set() and now >= self._ledger_due:
+            # A database query: a few seconds' delay is fine for a 15-minute ledger.
+            self._ledger_due = now + LEDGER_EVERY_S
             state = await self.node.ledger.state()
             self._publish_if_changed("ledger", json.dumps(state, sort_keys=True))
         if self.settings.discovery and self.link.connected.is_set():
-            await self._discovery()
+            entities = self._entity_key()
+            if entities != self._announced:  # after a connect, or a reload changed them
+                await self._discovery()
+                self._announced = entities
 
     def _publish_if_changed(self, suffix: str, payload: str) -> None:
         if self._sent_json.get(suffix) == payload:
@@ -150,6 +159,10 @@ class NodeMqtt:
         self.link.publish(f"{self.base}/{suffix}", payload, qos=1, retain=True)
 
     # -- Home Assistant discovery ----------------------------------------------------------------
+
+    def _entity_key(self) -> tuple[Any, ...]:
+        relays = tuple(self.node.relays.relays) if self.node.relays is not None else ()
+        return tuple((c.name, c.unit, c.state_class) for c in self._channels()), relays
 
     def _channels(self) -> list[Channel]:
         return [c for sensor in self.node.sensors.values() for c in sensor.channels]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, db_rows, wait_for, write_config
+from tests.conftest import db_rows, run_cli, wait_for, write_config
 
 
 def ads_config(tmp_path: Path, fake: dict) -> Path:
@@ -75,13 +73,7 @@ def test_energy_counters_continue_across_a_restart(tmp_path: Path, daemon) -> No
 
 def test_calibrate_command_stores_the_zero_and_the_node_uses_it(tmp_path: Path, daemon) -> None:
     path = ads_config(tmp_path, {"dc_a": 0.0, "zero_error_v": -0.04})  # reads -0.4 A uncalibrated
-    result = subprocess.run(
-        [sys.executable, "-m", "daisee_node", "calibrate", "-c", str(path), "--seconds", "0.3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_cli("calibrate", "-c", str(path), "--seconds", "0.3")
     assert result.returncode == 0, result.stderr
     assert "battery: zero 2.46" in result.stdout
     assert (tmp_path / "data" / "calibration.json").exists()
@@ -98,11 +90,5 @@ def test_calibrate_command_stores_the_zero_and_the_node_uses_it(tmp_path: Path, 
     d = daemon(path)
     wait_for(lambda: (tmp_path / "data" / "daisee-node.pid").read_text().strip().isdigit())
     time.sleep(1.0)
-    busy = subprocess.run(
-        [sys.executable, "-m", "daisee_node", "calibrate", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    busy = run_cli("calibrate", "-c", str(path))
     assert busy.returncode == 1 and "stop it first" in busy.stderr

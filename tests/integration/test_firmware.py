@@ -148,52 +148,35 @@ def check_broker_login(tmp_path: Path, root: Path, user: str, password: str) -> 
             except OSError:
                 assert time.monotonic() < deadline, "mosquitto did not start"
                 time.sleep(0.05)
-        sub = shutil.which("mosquitto_pub")
-        assert sub, "mosquitto_pub (Debian mosquitto-clients) is missing"
-        ok = subprocess.run(
-            [
-                sub,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-u",
-                user,
-                "-P",
-                password,
-                "-t",
-                "daisee/x/status",
-                "-m",
-                "online",
-                "-q",
-                "1",
-            ],
-            capture_output=True,
-            timeout=10,
-        )
+        pub = shutil.which("mosquitto_pub")
+        assert pub, "mosquitto_pub (Debian mosquitto-clients) is missing"
+
+        def publish(secret: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [
+                    pub,
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-u",
+                    user,
+                    "-P",
+                    secret,
+                    "-t",
+                    "daisee/x/status",
+                    "-m",
+                    "online",
+                    "-q",
+                    "1",
+                ],
+                capture_output=True,
+                timeout=10,
+            )
+
+        ok = publish(password)
         assert ok.returncode == 0, ok.stderr
-        bad = subprocess.run(
-            [
-                sub,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-u",
-                user,
-                "-P",
-                "nope",
-                "-t",
-                "daisee/x/status",
-                "-m",
-                "online",
-                "-q",
-                "1",
-            ],
-            capture_output=True,
-            timeout=10,
-        )
-        assert bad.returncode != 0
+        assert publish("nope").returncode != 0
     finally:
         proc.terminate()
         proc.wait(5)

@@ -7,7 +7,7 @@ import itertools
 import json
 import signal
 import subprocess
-import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,47 @@ from eth_account import Account
 
 from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.keys import keystore_address, new_keystore
-from tests.conftest import ROOT, db_rows, sim_sensors, wait_for, write_config
+from tests.conftest import db_rows, run_cli, sim_sensors, wait_for, write_config
 from tests.support.chains import ANVIL_KEY, Anvil, Clique
 
 pytestmark = pytest.mark.slow
+
+
+class AnvilChain:
+    """anvil with the ledger deployed; anvil's funded development account is the governance."""
+
+    def __init__(self, tmp_path: Path, block_time_s: int) -> None:
+        self.anvil = Anvil(tmp_path, block_time_s)
+        self.anvil.start()
+        self.gov = Account.from_key(ANVIL_KEY)
+        self.w3 = chainlib.connect(self.anvil.url)
+        self.ledger = chainlib.Ledger(self.w3, chainlib.deploy(self.w3, self.gov, None, 1000))
+
+    def enrol(self, address: str, *, funded: bool = True) -> None:
+        """Register a node, and give it gas money unless it is to rely on relays."""
+        self.ledger.set_node(self.gov, address)
+        if funded:
+            chainlib.fund(self.w3, self.gov, address, 10**18)
+
+    def restart(self) -> None:
+        """Start anvil again on the same port, from its state dump."""
+        self.anvil.start()
+        self.w3 = chainlib.connect(self.anvil.url)
+        self.ledger = chainlib.Ledger(self.w3, self.ledger.address)
+
+
+@pytest.fixture
+def anvil_chain(tmp_path: Path) -> Iterator[Callable[..., AnvilChain]]:
+    """Start anvil (block time in s, 0: a block per transaction); stopped after the test."""
+    started: list[AnvilChain] = []
+
+    def start(block_time_s: int = 1) -> AnvilChain:
+        started.append(AnvilChain(tmp_path, block_time_s))
+        return started[-1]
+
+    yield start
+    for chain in started:
+        chain.anvil.stop()
 
 
 def node_config(
@@ -110,13 +147,10 @@ def sealed_seq(config: Path) -> int:
 
 
 def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
-    tmp_path, daemon, broker
+    tmp_path, daemon, broker, anvil_chain
 ):
-    anvil = Anvil(tmp_path)
-    anvil.start()
-    w3 = chainlib.connect(anvil.url)
-    gov = Account.from_key(ANVIL_KEY)
-    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+    chain = anvil_chain()
+    anvil, ledger = chain.anvil, chain.ledger
     configs = {
         "a": node_config(tmp_path, "a", anvil.url, ledger.address, broker=broker, relay_peers=True),
         "b": node_config(tmp_path, "b", anvil.url, ledger.address, broker=broker, relay_peers=True),
@@ -125,13 +159,11 @@ def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
     }
     addresses = {name: address_of(cfg) for name, cfg in configs.items()}
     for name, address in addresses.items():
-        ledger.set_node(gov, address)
-        if name != "c":
-            chainlib.fund(w3, gov, address, 10**18)
+        chain.enrol(address, funded=name != "c")
     procs = {name: daemon(cfg) for name, cfg in configs.items()}
 
     def on_chain(name: str) -> int:
-        return ledger.head(addresses[name]).seq
+        return chain.ledger.head(addresses[name]).seq
 
     wait_for(lambda: all(on_chain(n) >= 3 for n in configs), timeout=90)
     # the ledger's state is on MQTT for the house to see (retained)
@@ -151,9 +183,8 @@ def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
     procs["a"].signal(signal.SIGTERM)
     assert procs["a"].wait(15)[0] == 0
     procs["a"] = daemon(configs["a"])
-    anvil.start()  # same port, state loaded from its dump
-    w3 = chainlib.connect(anvil.url)
-    ledger = chainlib.Ledger(w3, ledger.address)
+    chain.restart()  # same port, state loaded from its dump
+    w3, ledger = chain.w3, chain.ledger
     target = {n: sealed_seq(cfg) for n, cfg in configs.items()}
     wait_for(lambda: all(on_chain(n) >= target[n] for n in configs), timeout=120)
     for p in procs.values():
@@ -184,21 +215,16 @@ def test_three_nodes_share_anvil_relay_each_other_and_ride_out_a_chain_restart(
         )
         exported = sum(json.loads(b)["export_wh"] for (b,) in rows)
         assert ledger.credit().functions.balanceOf(address).call() == exported * 10**15
-    anvil.stop()
 
 
-def test_a_reorg_that_drops_a_commitment_gets_it_resubmitted(tmp_path, daemon):
-    anvil = Anvil(tmp_path)
-    anvil.start()
-    w3 = chainlib.connect(anvil.url)
-    gov = Account.from_key(ANVIL_KEY)
-    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+def test_a_reorg_that_drops_a_commitment_gets_it_resubmitted(tmp_path, daemon, anvil_chain):
+    chain = anvil_chain()
+    anvil, w3, ledger = chain.anvil, chain.w3, chain.ledger
     cfg = node_config(
         tmp_path, "r", anvil.url, ledger.address, confirmations=6, period_s=600
     )  # a period every 10 s: one commitment at a time
     node = address_of(cfg)
-    ledger.set_node(gov, node)
-    chainlib.fund(w3, gov, node, 10**18)
+    chain.enrol(node)
     proc = daemon(cfg)
 
     included = wait_for(
@@ -224,17 +250,10 @@ def test_a_reorg_that_drops_a_commitment_gets_it_resubmitted(tmp_path, daemon):
     assert [s for s, _ in committed_logs(ledger, node)].count(seq) == 1
     proc.signal(signal.SIGTERM)
     assert proc.wait(15)[0] == 0
-    anvil.stop()
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "daisee_node", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-    )
+    result = run_cli(*args, timeout=180)
     if check and result.returncode != 0:
         raise AssertionError(f"daisee-node {' '.join(args)}: {result.stdout} {result.stderr}")
     return result
@@ -351,12 +370,9 @@ def ledger_events(w3: Any, address: str) -> int:
     return len(logs)
 
 
-def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon):
-    anvil = Anvil(tmp_path, block_time_s=0)
-    anvil.start()
-    w3 = chainlib.connect(anvil.url)
-    gov = Account.from_key(ANVIL_KEY)
-    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon, anvil_chain):
+    chain = anvil_chain(block_time_s=0)
+    anvil, ledger = chain.anvil, chain.ledger
     cfg = node_config(
         tmp_path,
         "s",
@@ -367,8 +383,7 @@ def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon):
         period_s=600,
     )
     node = address_of(cfg)
-    ledger.set_node(gov, node)
-    chainlib.fund(w3, gov, node, 10**18)
+    chain.enrol(node)
     anvil.call("evm_setAutomine", [False])  # nothing gets mined: the batch is stuck
     proc = daemon(cfg)
 
@@ -389,15 +404,13 @@ def test_a_stuck_batch_is_replaced_with_a_higher_fee(tmp_path, daemon):
     assert [s for s, _ in committed_logs(ledger, node)][:1] == [1]
     proc.signal(signal.SIGTERM)
     assert proc.wait(15)[0] == 0
-    anvil.stop()
 
 
-def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(tmp_path, daemon):
-    anvil = Anvil(tmp_path)
-    anvil.start()
-    w3 = chainlib.connect(anvil.url)
-    gov = Account.from_key(ANVIL_KEY)
-    ledger = chainlib.Ledger(w3, chainlib.deploy(w3, gov, None, 1000))
+def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(
+    tmp_path, daemon, anvil_chain
+):
+    chain = anvil_chain()
+    anvil, ledger = chain.anvil, chain.ledger
     # an hour of node time per real second, 15-minute periods; chain_id lets it seal offline
     cfg = node_config(
         tmp_path,
@@ -408,11 +421,10 @@ def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(
         sample_s=30,
         period_s=900,
         seal_delay_s=10,
-        chain_id=w3.eth.chain_id,
+        chain_id=chain.w3.eth.chain_id,
     )
     node = address_of(cfg)
-    ledger.set_node(gov, node)
-    chainlib.fund(w3, gov, node, 10**18)
+    chain.enrol(node)
     anvil.stop()  # the chain is gone before the node ever reached it
 
     proc = daemon(cfg)
@@ -421,9 +433,8 @@ def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(
     errors = outbox(cfg, "SELECT value FROM counters WHERE name = 'ledger.submit_errors'")
     assert errors and errors[0][0] >= 1  # it kept trying
 
-    anvil.start()
-    w3 = chainlib.connect(anvil.url)
-    ledger = chainlib.Ledger(w3, ledger.address)
+    chain.restart()
+    ledger = chain.ledger
     target = sealed_seq(cfg)
     wait_for(lambda: ledger.head(node).seq >= target, timeout=90)
     proc.signal(signal.SIGTERM)
@@ -440,4 +451,3 @@ def test_hours_without_the_chain_every_period_is_sealed_then_committed_in_order(
     ]
     for before, after in itertools.pairwise(bodies):
         assert after["t0"] == before["t1"] and after["t1"] - after["t0"] == 900_000
-    anvil.stop()

@@ -103,6 +103,11 @@ async def start(path: Path) -> tuple[Node, asyncio.Task[int]]:
     return node, task
 
 
+async def stop(node: Node, task: asyncio.Task[int]) -> int:
+    node.request_stop()
+    return await asyncio.wait_for(task, 8)
+
+
 async def test_status_readings_relays_and_discovery_are_retained(tmp_path, broker):
     rule = {
         "name": "never",
@@ -135,8 +140,7 @@ async def test_status_readings_relays_and_discovery_are_retained(tmp_path, broke
         # one device for the whole node
         assert energy["device"]["identifiers"] == switch["device"]["identifiers"]
 
-    node.request_stop()
-    assert await asyncio.wait_for(task, 8) == 0
+    assert await stop(node, task) == 0
     # a late subscriber still gets the retained state: the node said goodbye
     async with Watcher(broker) as w:
         assert await w.wait(f"{base}/status") == b"offline"
@@ -167,8 +171,7 @@ async def test_commands_need_the_right_to_command(tmp_path, broker):
             f"{base}/relay/heater/attributes", lambda p: json.loads(p)["mode"] == "auto"
         )
         assert json.loads(attrs)["mode"] == "auto"
-    node.request_stop()
-    await asyncio.wait_for(task, 8)
+    await stop(node, task)
 
 
 async def test_broker_outage_loses_no_readings_and_state_comes_back(tmp_path, broker):
@@ -190,8 +193,7 @@ async def test_broker_outage_loses_no_readings_and_state_comes_back(tmp_path, br
         await publish_as(broker, "ha", f"{base}/relay/heater/set", "ON")
         assert await w.wait(f"{base}/relay/heater", lambda p: p == b"ON") == b"ON"
     assert node.mqtt is not None and node.mqtt.link.connects >= 2
-    node.request_stop()
-    await asyncio.wait_for(task, 8)
+    await stop(node, task)
 
 
 async def test_discovery_entities_are_removed_when_their_channel_goes(tmp_path, broker):
@@ -199,8 +201,7 @@ async def test_discovery_entities_are_removed_when_their_channel_goes(tmp_path, 
     topic = "homeassistant/sensor/daisee_m1/pv_power_w/config"
     async with Watcher(broker) as w:
         await w.wait(topic)
-    node.request_stop()
-    await asyncio.wait_for(task, 8)
+    await stop(node, task)
 
     without_pv = [s for s in sim_sensors(1.0) if s["name"] != "pv"]
     node, task = await start(mqtt_config(tmp_path, broker, sensors=without_pv))
@@ -209,8 +210,7 @@ async def test_discovery_entities_are_removed_when_their_channel_goes(tmp_path, 
         await asyncio.sleep(1.0)
         # the retained config is cleared, so Home Assistant drops the entity
         assert topic not in w.seen or w.seen[topic] == b""
-    node.request_stop()
-    await asyncio.wait_for(task, 8)
+    await stop(node, task)
 
 
 async def test_last_will_says_offline_when_the_process_dies(tmp_path, broker, daemon):
@@ -234,8 +234,7 @@ async def test_tls_with_a_private_ca(tmp_path):
         node, task = await start(path)
         assert node.mqtt is not None
         await asyncio.wait_for(node.mqtt.link.connected.wait(), 15)
-        node.request_stop()
-        await asyncio.wait_for(task, 8)
+        await stop(node, task)
 
         # without the CA the server's certificate is refused: never connected
         path = mqtt_config(tmp_path, tls_broker, tls=True, name="no-ca.toml")
@@ -243,7 +242,6 @@ async def test_tls_with_a_private_ca(tmp_path):
         assert node.mqtt is not None
         await asyncio.sleep(2)
         assert not node.mqtt.link.connected.is_set() and node.mqtt.link.connects == 0
-        node.request_stop()
-        await asyncio.wait_for(task, 8)
+        await stop(node, task)
     finally:
         tls_broker.stop()

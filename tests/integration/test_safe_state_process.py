@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from daisee_node.actuators.mockpins import pin_level
-from tests.conftest import ROOT, wait_for, write_config
+from tests.conftest import run_cli, wait_for, write_config
 
 
 def relay_config(tmp_path: Path) -> Path:
@@ -46,13 +44,7 @@ def test_kill_9_then_safe_state_opens_what_the_daemon_left_closed(tmp_path: Path
     time.sleep(0.2)
     assert pin_level(pins, 22) is True
 
-    result = subprocess.run(
-        [sys.executable, "-m", "daisee_node", "safe-state", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_cli("safe-state", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert pin_level(pins, 22) is False and pin_level(pins, 23) is True
     assert "heater: off" in result.stdout
@@ -75,13 +67,7 @@ def test_status_shows_relays_rules_and_why(tmp_path: Path, daemon) -> None:
     d = daemon(path)
     wait_for(lambda: pin_level(tmp_path / "data" / "mock-gpio", 22) is True, timeout=30)
     time.sleep(0.6)  # a commit
-    result = subprocess.run(
-        [sys.executable, "-m", "daisee_node", "status", "-c", str(path), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_cli("status", "-c", str(path), "--json")
     d.signal(signal.SIGTERM)
     d.wait()
     assert result.returncode == 0, result.stderr
@@ -93,11 +79,5 @@ def test_status_shows_relays_rules_and_why(tmp_path: Path, daemon) -> None:
     assert report["rules"]["heat"]["active"] == 1
     assert report["rules"]["heat"]["asks"] == {"heater": "on"}
     assert "load.power_w=" in report["rules"]["heat"]["reason"]
-    table = subprocess.run(
-        [sys.executable, "-m", "daisee_node", "status", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    table = run_cli("status", "-c", str(path))
     assert "RELAY" in table.stdout and "heater" in table.stdout and "RULE" in table.stdout

@@ -39,15 +39,19 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path):
-    root = offline_root(tmp_path)
-    result = analyze(
+def verify(root: Path) -> subprocess.CompletedProcess[str]:
+    return analyze(
         "verify",
         f"--root={root}",
         "--man=no",
         "--generators=no",
         "/etc/systemd/system/daisee-node.service",
     )
+
+
+def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path):
+    root = offline_root(tmp_path)
+    result = verify(root)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "" and result.stdout.strip() == ""
 
@@ -61,13 +65,7 @@ def test_verify_would_catch_a_broken_unit(tmp_path):
             "SystemCallFilter=@system-service", "SystemCallFilter=@system-servic"
         )
     )
-    result = analyze(
-        "verify",
-        f"--root={root}",
-        "--man=no",
-        "--generators=no",
-        "/etc/systemd/system/daisee-node.service",
-    )
+    result = verify(root)
     assert "@system-servic" in result.stderr
 
 

@@ -3,41 +3,31 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import rlp
 from eth_account import Account
 
-from tests.conftest import ROOT
+from tests.conftest import run_cli
 
 
 def test_chain_spec_writes_qbft_aura_and_clique_for_the_validators(tmp_path):
     validators = sorted((Account.create().address for _ in range(4)), key=str.lower)
     funded = Account.create().address
     out = tmp_path / "spec"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daisee_node",
-            "chain-spec",
-            "--validators",
-            ",".join(validators),
-            "--chain-id",
-            "777",
-            "--block-period",
-            "5",
-            "--fund",
-            f"{funded}=12",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
+    result = run_cli(
+        "chain-spec",
+        "--validators",
+        ",".join(validators),
+        "--chain-id",
+        "777",
+        "--block-period",
+        "5",
+        "--fund",
+        f"{funded}=12",
+        "--out",
+        str(out),
     )
+    assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 3
     raw = {v.lower()[2:] for v in validators}
 
@@ -69,20 +59,6 @@ def test_chain_spec_writes_qbft_aura_and_clique_for_the_validators(tmp_path):
 
 
 def test_chain_spec_refuses_a_bad_address(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daisee_node",
-            "chain-spec",
-            "--validators",
-            "0x1234",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run_cli("chain-spec", "--validators", "0x1234", "--out", str(tmp_path))
     assert result.returncode == 1
     assert "--validators" in result.stderr and "Traceback" not in result.stderr

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daisee_node.config import load_config, parse_config
 from daisee_node.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
 
@@ -133,16 +131,6 @@ def test_binary_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f)
     assert "UTF-8" in str(info.value)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daisee_node", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
 
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
