@@ -211,3 +211,66 @@ then = { relay = "pump", state = "on" }
     assert "peer.solar.surplus_w" in found["rules[0].when"]
     assert "boiler" in found["rules[0].otherwise.relay"]
     assert "syntax" in found["rules[1].when"]
+
+
+CHAIN_AND_MQTT_MISTAKES = """
+[node]
+id = "n1"
+
+[[sensors]]
+name = "grid"
+kind = "simulated"
+model = "grid"
+
+[mqtt]
+port = 70000
+tls = "yes please"
+
+[chain]
+rpc_url = "ws://chain:8546"
+perod_s = 900
+period_s = 5
+export_channel = "grid.exprt_wh"
+"""
+
+
+def test_chain_and_mqtt_mistakes_are_listed_with_their_paths() -> None:
+    problems = problems_of(CHAIN_AND_MQTT_MISTAKES)
+    assert "mqtt.port" in problems and "mqtt.tls" in problems
+    assert "chain.perod_s" in problems and "period_s" in problems["chain.perod_s"]
+    assert "chain.period_s" in problems
+
+
+def test_chain_settings_across_sections_are_checked() -> None:
+    text = CHAIN_AND_MQTT_MISTAKES.replace('port = 70000\ntls = "yes please"\n', "")
+    text = text.replace("perod_s = 900\nperiod_s = 5\n", "")
+    problems = problems_of(text)
+    assert "http(s)" in problems["chain.rpc_url"]
+    assert "required" in problems["chain.ledger_address"]
+    assert "grid.export_wh" in problems["chain.export_channel"]  # did you mean
+
+
+def test_check_config_lists_chain_mistakes_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(CHAIN_AND_MQTT_MISTAKES)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert "chain.perod_s" in result.stderr and "mqtt.port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_key_and_password_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "node.toml"
+    path.parent.mkdir()
+    path.write_text(
+        '[node]\nid = "n1"\n'
+        '[mqtt]\npassword_file = "mqtt.pass"\nca_file = "/etc/ssl/ca.pem"\n'
+        '[chain]\nrpc_url = "embedded"\nkeystore = "keys/node.json"\n'
+    )
+    config = load_config(path)
+    assert config.mqtt is not None and config.chain is not None
+    assert config.mqtt.password_file == tmp_path / "etc" / "mqtt.pass"
+    assert config.mqtt.ca_file == Path("/etc/ssl/ca.pem")
+    assert config.chain.keystore == tmp_path / "etc" / "keys" / "node.json"
+    # unset: next to the data, which is where `keys new` puts them
+    assert config.chain.password_path(config.data_dir) == config.data_dir / "node-key.pass"
