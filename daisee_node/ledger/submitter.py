@@ -163,14 +163,14 @@ class Submitter:
         txs = await self._in_flight()
         if not txs:
             return False
-        for tx_id, _nonce, tx_hash, _raw, items, _fee, _sent in txs:
-            receipt = await self.call(self._receipt, bytes(tx_hash))
-            if receipt is not None:
-                await self._mined(tx_id, receipt, json.loads(items))
-                return False
-        tx_id, nonce, tx_hash, raw, items, fee, sent_ms = txs[-1]
+        if await self._any_mined(txs):
+            return False
+        _, nonce, tx_hash, raw, items, fee, sent_ms = txs[-1]
         mined_nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address)
         if mined_nonce > nonce:
+            # Ours may have been mined between the receipt lookups and the nonce read: look again.
+            if await self._any_mined(txs):
+                return False
             # Another transaction took this nonce (one we lost track of): send the batch again.
             await self._set_tx_state([t[0] for t in txs], "dropped")
             await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
@@ -181,6 +181,15 @@ class Submitter:
             # The chain node forgot it (restarted without its pool): broadcast it again.
             await self.call(self.w3.eth.send_raw_transaction, bytes(raw))
         return True
+
+    async def _any_mined(self, txs: list[tuple[Any, ...]]) -> bool:
+        """Records the first of the nonce's transactions that has a receipt, if one has."""
+        for tx_id, _nonce, tx_hash, _raw, items, _fee, _sent in txs:
+            receipt = await self.call(self._receipt, bytes(tx_hash))
+            if receipt is not None:
+                await self._mined(tx_id, receipt, json.loads(items))
+                return True
+        return False
 
     def _receipt(self, tx_hash: bytes) -> Any:
         try:

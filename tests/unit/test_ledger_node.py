@@ -112,3 +112,39 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
     assert balance == total_export * 10**15
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
+
+
+async def test_a_batch_mined_between_receipt_and_nonce_lookups_counts_as_mined(
+    tmp_path: Path,
+) -> None:
+    """The nonce moving on while no receipt was seen must not write the batch off as dropped."""
+    path = ledger_config(tmp_path)
+    node = Node(load_config(path), config_path=path)
+    task = asyncio.create_task(node.run())
+    svc = node.ledger
+    assert svc is not None
+    await asyncio.wait_for(node.started.wait(), 10)
+    await asyncio.wait_for(svc._connected.wait(), 10)
+    submitter = svc.submitter
+    assert submitter is not None
+    real_receipt = submitter._receipt
+    looked_up: set[bytes] = set()
+
+    def late_receipt(tx_hash: bytes) -> Any:
+        # The first lookup of each transaction misses it, as if its block arrived just after.
+        if tx_hash not in looked_up:
+            looked_up.add(tx_hash)
+            return None
+        return real_receipt(tx_hash)
+
+    submitter._receipt = late_receipt  # type: ignore[method-assign]
+
+    async def two_confirmed() -> bool:
+        return (await svc.outbox.summary(svc.address))["confirmed_seq"] >= 2
+
+    await until(two_confirmed)
+    states = [s for (s,) in await node.store.query("SELECT state FROM ledger_txs ORDER BY id")]
+    assert len(looked_up) >= 2 and states and "dropped" not in states
+    assert states.count("mined") == len(looked_up)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
