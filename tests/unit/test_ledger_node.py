@@ -51,13 +51,19 @@ async def until(predicate, timeout: float = 30.0) -> None:
     await asyncio.wait_for(poll(), timeout)
 
 
-async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Path) -> None:
+async def start_node(tmp_path: Path) -> tuple[Node, asyncio.Task[int]]:
+    """An in-process node with the embedded chain, started."""
     path = ledger_config(tmp_path)
     node = Node(load_config(path), config_path=path)
     task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    return node, task
+
+
+async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Path) -> None:
+    node, task = await start_node(tmp_path)
     svc = node.ledger
     assert svc is not None
-    await asyncio.wait_for(node.started.wait(), 10)
     assert svc.address == keystore_address(tmp_path / "data/node-key.json")
 
     async def confirmed() -> bool:
@@ -118,12 +124,9 @@ async def test_a_batch_mined_between_receipt_and_nonce_lookups_counts_as_mined(
     tmp_path: Path,
 ) -> None:
     """The nonce moving on while no receipt was seen must not write the batch off as dropped."""
-    path = ledger_config(tmp_path)
-    node = Node(load_config(path), config_path=path)
-    task = asyncio.create_task(node.run())
+    node, task = await start_node(tmp_path)
     svc = node.ledger
     assert svc is not None
-    await asyncio.wait_for(node.started.wait(), 10)
     await asyncio.wait_for(svc._connected.wait(), 10)
     submitter = svc.submitter
     assert submitter is not None
