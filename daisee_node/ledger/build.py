@@ -3,8 +3,8 @@
     python -m daisee_node.ledger.build            # rewrite the artifacts
     python -m daisee_node.ledger.build --check    # exit 1 when they differ from the sources
 
-Needs Node.js and the project's npm packages (`npm ci` at the project root): solc and
-@openzeppelin/contracts at the versions pinned in package.json.
+Needs Node.js and the project's npm packages (`npm install` at the project root, or
+`./run test`): solc and @openzeppelin/contracts at the versions pinned in package.json.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def compile_contracts(sources: dict[str, str] | None = None) -> dict[str, dict[s
         check=False,
     )
     if proc.returncode != 0:
-        raise SystemExit(f"solc-js failed (run `npm ci` at {PROJECT}?):\n{proc.stderr}")
+        raise SystemExit(f"solc-js failed (run `npm install` at {PROJECT}?):\n{proc.stderr}")
     result = json.loads(proc.stdout)
     if not result["version"].startswith(SOLC_VERSION + "+"):
         raise SystemExit(f"solc {result['version']} found, {SOLC_VERSION} pinned")

@@ -1,6 +1,6 @@
 """Real chain nodes for the ledger's integration tests: anvil, and a one-signer Clique node.
 
-Both come from npm (`npm ci` at the project root installs them); a missing binary fails the
+Both come from npm (`npm install` at the project root installs them); a missing binary fails the
 test rather than skipping it.
 """
 
@@ -63,7 +63,7 @@ class ChainNode:
     def start(self) -> None:
         binary = Path(self.command()[0])
         if not binary.exists():
-            raise RuntimeError(f"{binary} is missing: run `npm ci` at {ROOT}")
+            raise RuntimeError(f"{binary} is missing: run `npm install` at {ROOT}")
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
