@@ -31,7 +31,8 @@ from daisee_node.actuators.relays import RelayController, RelayState
 from daisee_node.clock import Clock, ScaledClock
 from daisee_node.config import Config, load_config
 from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
-from daisee_node.readings import Channel, Quality, Reading
+from daisee_node.checks import ChannelChecks
+from daisee_node.readings import Quality, Reading
 from daisee_node.rules.engine import Decision, RuleEngine
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
@@ -72,36 +73,6 @@ class SensorStats:
     bad: int = 0
     overruns: int = 0
     errors_in_row: int = 0
-
-
-class ChannelChecks:
-    """Checks every source gets: plausible ranges, and counters that must never go backwards."""
-
-    def __init__(self, channels: Sequence[Channel]) -> None:
-        self.limits = {
-            c.name: (-math.inf if c.min is None else c.min, math.inf if c.max is None else c.max)
-            for c in channels
-            if c.min is not None or c.max is not None
-        }
-        self.totals = {c.name for c in channels if c.state_class == "total_increasing"}
-
-    def apply(self, readings: Sequence[Reading], latest: dict[str, Reading]) -> Sequence[Reading]:
-        if not self.limits and not self.totals:
-            return readings
-        out = list(readings)
-        for i, r in enumerate(out):
-            if not r.good:
-                continue
-            bounds = self.limits.get(r.channel)
-            if bounds is not None and not bounds[0] <= r.value <= bounds[1]:
-                out[i] = r._replace(quality=Quality.OUT_OF_RANGE)
-            elif r.channel in self.totals:
-                prev = latest.get(r.channel)
-                # A tiny tolerance: meters round their counters differently from read to read.
-                slack = 1e-9 * max(1.0, abs(prev.value)) if prev is not None else 0.0
-                if prev is not None and prev.good and r.value < prev.value - slack:
-                    out[i] = r._replace(quality=Quality.COUNTER_BACKWARDS)
-        return out
 
 
 class DataDirLock:

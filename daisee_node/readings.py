@@ -20,6 +20,8 @@ class Quality(enum.IntEnum):
     SOURCE_ERROR = 3  # the source did not answer (I2C/Modbus/HTTP error); value is NaN
     COUNTER_BACKWARDS = 4  # a cumulative counter decreased
     UNAVAILABLE = 5  # the source is known to be down
+    IMPLAUSIBLE_STEP = 6  # a cumulative counter moved more than the channel can physically make
+    LATE = 7  # stamped inside a period already sealed (e.g. after a backward wall-clock step)
 
 
 class Reading(NamedTuple):
