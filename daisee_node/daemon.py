@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from daisee_node import logs
 from daisee_node.actuators.relays import RelayController, RelayState
+from daisee_node.checks import ChannelChecks
 from daisee_node.clock import Clock, ScaledClock
 from daisee_node.config import Config, load_config
 from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
-from daisee_node.checks import ChannelChecks
 from daisee_node.readings import Quality, Reading
 from daisee_node.rules.engine import Decision, RuleEngine
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
