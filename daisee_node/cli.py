@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,11 +167,29 @@ def _run_node(
 
     async def main() -> int:
         node = Node(config, config_path=config_path)
-        if demo is None:
-            return await node.run()
-        return await _demo(node, demo)
+        code = await node.run() if demo is None else await _demo(node, demo)
+        # asyncio.run joins the default executor's threads before returning: a source blocked
+        # in a thread (a hung serial port, say) must not keep a stopped node alive.
+        _exit_soon(code, EXIT_GRACE_S)
+        return code
 
     return asyncio.run(main())
+
+
+#: after the node has stopped, how long the process may take to wind down its threads
+EXIT_GRACE_S = 2.0
+
+
+def _exit_soon(code: int, delay_s: float) -> None:
+    """End the process with `code` after `delay_s` unless it has ended by itself."""
+
+    def leave() -> None:
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(delay_s, leave)
+    timer.daemon = True
+    timer.start()
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

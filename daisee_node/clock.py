@@ -1,4 +1,9 @@
-"""Time for the node: wall-clock in production, a faster simulated clock for demos and tests."""
+"""Time for the node: wall-clock in production, a faster simulated clock for demos and tests.
+
+Two kinds of time: `now()` / `now_ms()` stamp readings (wall-clock, may step when NTP or an
+operator sets the clock), `monotonic()` schedules (never steps). Scheduling on the wall clock would
+make a one-hour backward step stop every sampler for an hour.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ class Clock:
     def now(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        """Seconds of this clock's time on a steady clock: for scheduling, never for stamps."""
+        return time.monotonic()
+
     async def sleep(self, seconds: float) -> None:
         """Sleep for `seconds` of this clock's time."""
         await asyncio.sleep(max(0.0, seconds) / self.speed)
@@ -34,6 +43,9 @@ class ScaledClock(Clock):
 
     def now(self) -> float:
         return self._start + (time.monotonic() - self._origin) * self.speed
+
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._origin) * self.speed
 
     def now_ms(self) -> int:
         return int(self.now() * 1000)

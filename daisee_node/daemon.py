@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,15 @@ if TYPE_CHECKING:
     from daisee_node.mqtt.service import NodeMqtt
 
 SHUTDOWN_S = 5.0
+#: past SHUTDOWN_S plus this, a stop that still hangs ends the process (see `request_stop`)
+BACKSTOP_GRACE_S = 2.0
+#: the relays get this long to reach their safe state at a stop
+SAFE_STATE_S = 3.0
+#: how often the wall clock is compared with the steady clock, and what counts as a step
+CLOCK_WATCH_S = 1.0
+CLOCK_STEP_S = 2.0
+EXIT_UNSAFE = 3
+EXIT_OVERRUN = 4
 RESTART_BASE_S = 0.5
 RESTART_CAP_S = 30.0
 #: a task that ran this long before crashing starts its backoff from the beginning again
@@ -83,7 +93,10 @@ class DataDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise DaiseeError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,14 +105,37 @@ class DataDirLock:
             raise NodeLockedError(
                 f"another daisee-node (pid {other}) is running on {self.path.parent}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            # The lock is the flock, not the text: a full disk must not keep the relays unsafe.
+            logs.get_logger("daemon").warning(
+                "cannot write the pid into the lock file; running without it",
+                path=str(self.path),
+                error=exc.strerror,
+            )
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def make_private_dir(path: Path) -> None:
+    """Create the data dir readable by the node's user only (household readings are personal
+    data), and tighten one found open to others."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+            logs.get_logger("daemon").warning(
+                "data dir was readable by others; now 0700", path=str(path), was=oct(mode)
+            )
+    except OSError as exc:
+        raise DaiseeError(f"cannot create the data dir {path}: {exc.strerror}") from None
 
 
 def running_pid(data_dir: Path) -> int | None:
@@ -180,6 +216,12 @@ class Node:
         self._lock = DataDirLock(data_dir)
         self.started = asyncio.Event()
         self.exit_code = 0
+        #: why the relays could not be made safe, if they could not
+        self.safe_state_error: str | None = None
+        self._safe_done = False
+        self._backstop: threading.Timer | None = None
+        self._sink_failures: dict[str, int] = {}
+        self.clock_steps = 0
 
     # -- the reading bus ---------------------------------------------------------------------
 
@@ -188,8 +230,43 @@ class Node:
         self._sinks.append(sink)
 
     def publish(self, readings: Sequence[Reading]) -> None:
+        """Hand readings to every sink. A failing sink is logged and counted; the others, and
+        the sampler that published, carry on."""
+        if self.ledger is not None:
+            readings = self._flag_late(readings)
         for sink in self._sinks:
-            sink(readings)
+            try:
+                sink(readings)
+            except Exception as exc:
+                self._sink_failed(sink, exc)
+
+    def _sink_failed(self, sink: ReadingSink, exc: Exception) -> None:
+        name = getattr(sink, "__qualname__", repr(sink))
+        count = self._sink_failures.get(name, 0) + 1
+        self._sink_failures[name] = count
+        with contextlib.suppress(Exception):
+            self.store.add_counter("bus.sink_errors", 1)
+        # A bug: loud the first time, then once per hundred so the log stays readable.
+        if count == 1 or count % 100 == 0:
+            self.log.error("a reading consumer failed", consumer=name, failures=count, exc_info=exc)
+
+    def _flag_late(self, readings: Sequence[Reading]) -> Sequence[Reading]:
+        """Mark readings stamped inside a period that is already sealed (after a backward clock
+        step): they are kept and counted, and a sealed period is never reopened."""
+        sealed = getattr(self.ledger, "sealed_until_ms", None)
+        if not sealed:
+            return readings
+        out: list[Reading] | None = None
+        for i, r in enumerate(readings):
+            if r.t_ms < sealed and r.quality != Quality.LATE:
+                if out is None:
+                    out = list(readings)
+                out[i] = r._replace(quality=Quality.LATE)
+        if out is None:
+            return readings
+        late = sum(1 for r in out if r.quality == Quality.LATE)
+        self.store.add_counter("readings.late", late)
+        return out
 
     def _remember(self, readings: Sequence[Reading]) -> None:
         latest = self.latest
@@ -200,6 +277,25 @@ class Node:
 
     def request_stop(self) -> None:
         self._stop.set()
+        if self._backstop is None:
+            # Whatever a source, the broker or the chain are doing, the process ends: a stop
+            # that hangs ends in SIGKILL from systemd, which is worse than leaving now.
+            self._backstop = threading.Timer(SHUTDOWN_S + BACKSTOP_GRACE_S, self._overrun)
+            self._backstop.daemon = True
+            self._backstop.start()
+
+    def _overrun(self) -> None:
+        """The stop took too long: say what was still running, then leave."""
+        try:
+            stuck = sorted(n for n, t in self._tasks.items() if not t.done())
+            self.log.error(
+                "stop overran its deadline; exiting now",
+                deadline_s=SHUTDOWN_S + BACKSTOP_GRACE_S,
+                still_running=stuck,
+                relays_safe=self.safe_state_error is None and self._safe_done,
+            )
+        finally:
+            os._exit(EXIT_OVERRUN)
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -208,18 +304,17 @@ class Node:
         """Run until stopped. Returns the process exit code."""
         logs.bind_node(self.config.node.id)
         data_dir = self.config.node.data_dir
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DaiseeError(f"cannot create the data dir {data_dir}: {exc.strerror}") from None
+        make_private_dir(data_dir)
         self._lock.acquire()
         loop = asyncio.get_running_loop()
         installed = self._install_signals(loop)
         try:
-            await self.store.open()
-            self.latest.update(await self.store.load_latest())
+            # Relays first: they reach their safe state before anything slow or fallible (the
+            # store may be large, damaged, or on a full disk).
             if self.relays is not None:
                 self.relays.open()
+            await self.store.open()
+            self.latest.update(await self.store.load_latest())
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
@@ -237,6 +332,7 @@ class Node:
                     if self.mqtt is not None:
                         self._spawn("mqtt", self.mqtt.run)
                     self._spawn("systemd.watchdog", self._watchdog, supervise=False)
+                    self._spawn("clock.watch", self._watch_clock)
                     self._spawn("config.reload", self._reload_loop)
                     self.store.set_counter("node.started_ms", self.clock.now_ms())
                     self.notifier.ready(self._status_text())
@@ -252,16 +348,31 @@ class Node:
             finally:
                 if self.relays is not None:
                     # Also after a crash: whatever happened, the relays end safe.
-                    with contextlib.suppress(Exception):
-                        await self.relays.all_safe()
+                    await self._relays_safe()
                     self.relays.close()
                 await self.store.close()
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._lock.release()
+        if self._backstop is not None:
+            self._backstop.cancel()
         self.log.info("node stopped")
         return self.exit_code
+
+    async def _relays_safe(self) -> bool:
+        """Every relay to its safe state; a failure is an error everyone can see, never silent."""
+        assert self.relays is not None
+        try:
+            async with asyncio.timeout(SAFE_STATE_S):
+                await self.relays.all_safe()
+        except Exception as exc:
+            self.exit_code = self.exit_code or EXIT_UNSAFE
+            self.safe_state_error = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+            self.log.exception("relays did not reach their safe state", error=self.safe_state_error)
+            self.notifier.status(f"ERROR: relays not in their safe state ({self.safe_state_error})")
+            return False
+        return True
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         installed = []
@@ -288,18 +399,24 @@ class Node:
             task.cancel()
         if samplers:
             await asyncio.wait(samplers, timeout=max(0.1, (deadline - time.monotonic()) / 2))
-        for name in ("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter"):
-            task = self._tasks.get(name)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        stopping = [
+            t
+            for name in ("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter")
+            if (t := self._tasks.get(name)) is not None
+        ]
+        for task in stopping:
+            task.cancel()
+        if stopping:
+            # A task that ignores its cancellation must not hold the relays or the store back.
+            await asyncio.wait(stopping, timeout=max(0.1, (deadline - time.monotonic()) / 3))
         if self.relays is not None:
-            await self.relays.all_safe()
+            self._safe_done = await self._relays_safe()
         if self.mqtt is not None:
-            with contextlib.suppress(Exception):
+            try:
                 async with asyncio.timeout(1.0):
                     await self.mqtt.goodbye()
+            except Exception as exc:
+                self.log.warning("MQTT goodbye not sent", error=repr(exc))
         self.store.stop()
         writer = self._tasks.get("store.writer")
         if writer is not None:
@@ -378,7 +495,8 @@ class Node:
         try:
             interval = float(sensor.config.interval_s)
             clock = self.clock
-            next_t = clock.now()
+            # Scheduled on the steady clock: a wall-clock step changes stamps, never the pace.
+            next_t = clock.monotonic()
             while True:
                 try:
                     readings = await sensor.read()
@@ -407,7 +525,7 @@ class Node:
                     self.store.add_counter(f"{prefix}.bad", bad)
                 self.store.add_counter(f"{prefix}.reads", 1)
                 next_t += interval
-                now = clock.now()
+                now = clock.monotonic()
                 if next_t < now:
                     # Too slow for the interval: skip the missed ticks instead of bursting.
                     stats.overruns += 1
@@ -459,10 +577,39 @@ class Node:
             await asyncio.sleep(interval / 2 if interval else 5.0)
 
     def _status_text(self) -> str:
-        return (
+        text = (
             f"{len(self.sensors)} sensor(s); {self.store.stats.written} readings stored; "
             f"{self.store.pending} pending"
         )
+        store_error = getattr(self.store, "last_error", None)
+        if store_error:
+            text += f"; STORE ERROR: {store_error}"
+        if self.safe_state_error:
+            text = f"ERROR: relays not in their safe state ({self.safe_state_error}); " + text
+        return text
+
+    async def _watch_clock(self) -> None:
+        """Notice wall-clock steps (NTP, an operator, a dead RTC battery): log and count them.
+        Sampling runs on the steady clock and carries on; stamps simply follow the wall clock."""
+        clock = self.clock
+        offset = clock.now() - clock.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_WATCH_S)
+            now = clock.now()
+            new_offset = now - clock.monotonic()
+            step = new_offset - offset
+            if abs(step) >= CLOCK_STEP_S:
+                self.clock_steps += 1
+                self.store.add_counter("clock.steps", 1)
+                self.store.put_event(
+                    int(now * 1000), "clock", "wall", None, None, f"stepped {step:+.3f} s"
+                )
+                self.log.warning(
+                    "wall clock stepped; sampling carries on, stamps follow the new time",
+                    step_s=round(step, 3),
+                    direction="back" if step < 0 else "forward",
+                )
+            offset = new_offset
 
     # -- rules and relays ----------------------------------------------------------------------
 
