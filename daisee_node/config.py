@@ -158,6 +158,10 @@ def config_from_dict(
     data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
 ) -> Config:
     """Validate already-parsed data (used by `demo`, which builds its config in code)."""
+    nul = _nul_strings(data, "")
+    if nul:
+        # No setting has a use for NUL, and paths with one crash the OS calls that resolve them.
+        raise ConfigError(source, [ConfigProblem(path, "contains a NUL character") for path in nul])
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -169,6 +173,23 @@ def config_from_dict(
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     return config
+
+
+def _nul_strings(data: Any, path: str) -> list[str]:
+    """TOML paths of the strings (keys included) that hold a NUL character."""
+    found: list[str] = []
+    if isinstance(data, str):
+        return [path] if "\0" in data else []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if "\0" in str(key):
+                found.append(sub)
+            found += _nul_strings(value, sub)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found += _nul_strings(value, f"{path}[{i}]")
+    return found
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:
