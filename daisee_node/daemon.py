@@ -355,8 +355,8 @@ class Node:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self._lock.release()
-        if self._backstop is not None:
-            self._backstop.cancel()
+            if self._backstop is not None:
+                self._backstop.cancel()
         self.log.info("node stopped")
         return self.exit_code
 

@@ -1,0 +1,129 @@
+"""The supervisor's own safety nets, in-process: a private data dir, a lock that survives a full
+disk, consumers that fail without stopping a sampler, late readings, and relays that cannot be
+made safe reported as an error."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from daisee_node.config import load_config
+from daisee_node.daemon import EXIT_UNSAFE, DataDirLock, Node, make_private_dir
+from daisee_node.readings import Quality, Reading
+from tests.conftest import write_config
+
+
+def config_path(tmp_path: Path, **extra: Any) -> Path:
+    return write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "safety", "data_dir": str(tmp_path / "data"), "time_speed": 100},
+            "store": {"flush_interval_s": 0.05},
+            "sensors": [{"name": "load", "kind": "simulated", "model": "load", "interval_s": 0.5}],
+            **extra,
+        },
+    )
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_the_data_dir_is_private(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh" / "data"
+    make_private_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    make_private_dir(shared)
+    assert shared.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_lock_holds_when_the_pid_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    lock = DataDirLock(tmp_path)
+    lock.acquire()  # no OSError: the flock is what keeps a second daemon out
+    monkeypatch.setattr(os, "write", real_write)
+    other = DataDirLock(tmp_path)
+    with pytest.raises(Exception, match="another daisee-node"):
+        other.acquire()
+    lock.release()
+    assert (tmp_path / "daisee-node.pid").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_failing_consumer_never_stops_the_sampler(tmp_path: Path) -> None:
+    node = Node(load_config(config_path(tmp_path)))
+    seen: list[int] = []
+
+    def broken(readings: Any) -> None:
+        raise RuntimeError("a bug in a consumer")
+
+    node.subscribe(broken)
+    node.subscribe(lambda readings: seen.append(len(readings)))
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    await until(lambda: len(seen) >= 20 and node.store.stats.written >= 20)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
+    assert node.sensor_stats["load"].reads >= 20
+    assert node._sink_failures and next(iter(node._sink_failures.values())) >= 20
+
+
+async def test_readings_before_the_sealed_horizon_are_marked_late(tmp_path: Path) -> None:
+    node = Node(load_config(config_path(tmp_path)))
+
+    class Sealed:
+        sealed_until_ms = 1_000_000
+
+    node.ledger = Sealed()  # type: ignore[assignment]
+    got: list[Reading] = []
+    node._sinks = [got.extend]
+    node.store.add_counter = lambda name, delta: None  # type: ignore[method-assign]
+    node.publish([Reading("load.power_w", 999_999, 1.0), Reading("load.power_w", 1_000_000, 2.0)])
+    assert [r.quality for r in got] == [Quality.LATE, Quality.GOOD]
+
+
+async def test_relays_that_cannot_be_made_safe_are_an_error(tmp_path: Path) -> None:
+    path = config_path(
+        tmp_path,
+        gpio={"backend": "mock"},
+        relays=[{"name": "heater", "pin": 22, "safe_state": "off"}],
+    )
+    node = Node(load_config(path), config_path=path)
+    statuses: list[str] = []
+    node.notifier.status = statuses.append  # type: ignore[method-assign]
+    assert node.relays is not None
+
+    async def stuck() -> None:
+        raise OSError(errno.EIO, "relay board not answering")
+
+    node.relays.all_safe = stuck  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(node.run())
+        await asyncio.wait_for(node.started.wait(), 10)
+        node.request_stop()
+        code = await asyncio.wait_for(task, 8)
+    assert code == EXIT_UNSAFE
+    assert node.safe_state_error and "relay board not answering" in node.safe_state_error
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert any("safe state" in e["event"] for e in errors), json.dumps(logs, default=str)
+    assert any("relays not in their safe state" in s for s in statuses)
