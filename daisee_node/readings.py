@@ -53,7 +53,17 @@ class Channel:
     #: values outside [min, max] cannot be real: they are kept but marked OUT_OF_RANGE
     min: float | None = None
     max: float | None = None
+    #: the most a cumulative counter can advance per second, in its unit (for a Wh counter, the
+    #: most power the source can measure, in W, / 3600); None: steps are not bounded
+    max_rate_per_s: float | None = None
+    #: the largest jump a counter may show at once on top of that rate: its display resolution,
+    #: or the source's integration step (a counter updated once a second moves a second at once)
+    resolution: float = 0.0
 
     def __post_init__(self) -> None:
         if not CHANNEL_RE.match(self.name):
             raise ValueError(f"channel name {self.name!r} is not of the form <source>.<quantity>")
+        if self.max_rate_per_s is not None and not self.max_rate_per_s > 0:
+            raise ValueError(f"{self.name}: max_rate_per_s must be > 0")
+        if not self.resolution >= 0:
+            raise ValueError(f"{self.name}: resolution must be ≥ 0")

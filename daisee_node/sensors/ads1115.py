@@ -338,10 +338,16 @@ class Ads1115Sensor(Sensor):
         has_power = config.voltage_v is not None or config.voltage_channel is not None
         self._channels = [Channel(f"{n}.current_a", "A")]
         if has_power:
+            # Power beyond 110 % of the rating is OUT_OF_RANGE and never integrated, so with a
+            # fixed voltage the counters cannot advance faster than this.
+            rate = None
+            if config.voltage_v is not None and config.voltage_channel is None:
+                max_w = 1.1 * self.transfer.rated_a * abs(config.voltage_v) * config.power_factor
+                rate = max_w / 3600.0 if max_w > 0 else None
             self._channels += [
                 Channel(f"{n}.power_w", "W"),
-                Channel(f"{n}.import_wh", "Wh", "total_increasing"),
-                Channel(f"{n}.export_wh", "Wh", "total_increasing"),
+                Channel(f"{n}.import_wh", "Wh", "total_increasing", max_rate_per_s=rate),
+                Channel(f"{n}.export_wh", "Wh", "total_increasing", max_rate_per_s=rate),
             ]
         self._has_power = has_power
         self._chip: _Chip | None = None

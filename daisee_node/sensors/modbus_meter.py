@@ -5,6 +5,10 @@ the config. Contiguous registers are read in one request. Several meters on one 
 behind one TCP gateway) share one client and are polled one at a time. A meter that fails
 `unavailable_after` polls in a row is marked unavailable and then polled less and less often
 (doubling up to `max_backoff_s`) until it answers again.
+
+A poll is bounded as a whole and cancellable at any point, so a meter that hangs never holds up a
+stop. Energy counters are bounded by the most power the meter measures (`max_power_w`, with a
+default per built-in model): a step beyond it is flagged by the node's checks, never trusted.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from daisee_node.sensors.base import (
     SourceUnavailable,
     StrictModel,
 )
-from daisee_node.sensors.register_maps import MAPS
+from daisee_node.sensors.register_maps import MAPS, MAX_POWER_W
 
 MAX_REGISTERS_PER_REQUEST = 125
 _STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
 _WIDTH = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
+#: energy units a counter may be in, in Wh
+_WH = {"Wh": 1.0, "kWh": 1e3, "MWh": 1e6}
 
 
 class RegisterSpec(StrictModel):
@@ -49,6 +55,18 @@ class RegisterSpec(StrictModel):
     state_class: Literal["measurement", "total_increasing"] = "measurement"
     min: float | None = None
     max: float | None = None
+    max_rate_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="a counter: the most it advances per second, in its unit "
+        "(default: the meter's max_power_w, for Wh and kWh counters)",
+    )
+    resolution: float | None = Field(
+        None,
+        ge=0,
+        description="a counter: the largest jump it shows at once (default: one raw unit "
+        "of an integer register)",
+    )
 
     @property
     def width(self) -> int:
@@ -79,6 +97,12 @@ class ModbusConfig(SensorConfig):
     timeout_s: float = Field(1.0, gt=0, le=30)
     retries: int = Field(1, ge=0, le=10, description="retries of one request before a poll fails")
     unavailable_after: int = Field(3, ge=1, description="failed polls before 'unavailable'")
+    max_power_w: float | None = Field(
+        None,
+        gt=0,
+        description="the most power the meter measures; its energy counters cannot advance "
+        "faster (default per model: sdm120 ~11.4 kW, sdm630 ~75.9 kW; none for 'custom')",
+    )
     max_backoff_s: float = Field(60.0, gt=0)
     registers: list[RegisterSpec] = Field(
         default_factory=list, description="the map of a 'custom' meter, or extra registers"
@@ -97,6 +121,27 @@ class ModbusConfig(SensorConfig):
     def register_map(self) -> list[RegisterSpec]:
         builtin = [RegisterSpec(**spec) for spec in MAPS.get(self.model, ())]
         return builtin + list(self.registers)
+
+    def channel(self, spec: RegisterSpec) -> Channel:
+        """The channel of one register, with the bounds its checks need."""
+        rate, resolution = None, 0.0
+        if spec.state_class == "total_increasing":
+            rate = spec.max_rate_per_s
+            max_power = self.max_power_w or MAX_POWER_W.get(self.model)
+            if rate is None and max_power is not None and spec.unit in _WH:
+                rate = max_power / 3600.0 / _WH[spec.unit]
+            resolution = spec.resolution
+            if resolution is None:
+                resolution = abs(spec.scale) if spec.type != "float32" else 0.0
+        return Channel(
+            f"{self.name}.{spec.quantity}",
+            spec.unit,
+            spec.state_class,
+            spec.min,
+            spec.max,
+            max_rate_per_s=rate,
+            resolution=resolution,
+        )
 
     def line_key(self) -> tuple[Any, ...]:
         """Meters with the same key share one client (one RS485 line, one TCP endpoint)."""
@@ -162,10 +207,7 @@ class ModbusMeter(Sensor):
         self.cfg = config
         specs = config.register_map()
         self.blocks = plan_blocks(specs)
-        self._channels = [
-            Channel(f"{config.name}.{s.quantity}", s.unit, s.state_class, s.min, s.max)
-            for s in specs
-        ]
+        self._channels = [config.channel(s) for s in specs]
         self._line: ModbusLine | None = None
         self.failures_in_row = 0
         self.unavailable = False
@@ -212,8 +254,10 @@ class ModbusMeter(Sensor):
             return
         line.users -= 1
         if line.users <= 0:
-            line.client.close()
             self.ctx.resources.pop(self.cfg.line_key(), None)
+            # Synchronous in pymodbus: it drops the transport and its reconnect task at once,
+            # whatever the meter is doing, so a stop never waits on it.
+            line.client.close()
 
     async def read(self) -> Sequence[Reading]:
         now = time.monotonic()
@@ -259,34 +303,52 @@ class ModbusMeter(Sensor):
         self._next_try = now + self._backoff_s
 
     async def poll(self) -> list[tuple[str, float]]:
-        """Read every block of the map once; (quantity, value) pairs."""
+        """Read every block of the map once; (quantity, value) pairs.
+
+        Bounded as a whole, whatever the line does (a gateway that accepts and never answers,
+        a connection that stalls): the connect and each request with its retries get
+        `timeout_s` each. A poll that overruns or is cancelled closes the client, so that no
+        answer to an abandoned request is taken for the next one; the next poll reconnects.
+        """
         line = self._line
         assert line is not None
-        client = line.client
+        c = self.cfg
+        budget = c.timeout_s * (1 + (c.retries + 1) * len(self.blocks)) + 0.5
+        async with line.lock:
+            try:
+                async with asyncio.timeout(budget):
+                    return await self._poll_blocks(line.client)
+            except TimeoutError:
+                line.client.close()
+                raise ModbusError(f"{self._where()} did not answer within {budget:g} s") from None
+            except asyncio.CancelledError:
+                line.client.close()
+                raise
+
+    async def _poll_blocks(self, client: Any) -> list[tuple[str, float]]:
         unit = self.cfg.unit
         out: list[tuple[str, float]] = []
-        async with line.lock:
-            if not client.connected and not await client.connect():
-                raise ModbusError(f"cannot connect to {self._where()}")
-            self.polls += 1
-            for block in self.blocks:
-                reader = (
-                    client.read_input_registers
-                    if block.function == 4
-                    else client.read_holding_registers
+        if not client.connected and not await client.connect():
+            raise ModbusError(f"cannot connect to {self._where()}")
+        self.polls += 1
+        for block in self.blocks:
+            reader = (
+                client.read_input_registers
+                if block.function == 4
+                else client.read_holding_registers
+            )
+            self.requests += 1
+            response = await reader(block.address, count=block.count, device_id=unit)
+            if response.isError():
+                raise ModbusError(
+                    f"{self._where()} unit {unit} refused a read of "
+                    f"{block.count} registers at {block.address}: {response}"
                 )
-                self.requests += 1
-                response = await reader(block.address, count=block.count, device_id=unit)
-                if response.isError():
-                    raise ModbusError(
-                        f"{self._where()} unit {unit} refused a read of "
-                        f"{block.count} registers at {block.address}: {response}"
-                    )
-                registers = response.registers
-                for spec in block.specs:
-                    i = spec.address - block.address
-                    value = spec.decode(registers[i : i + spec.width])
-                    out.append((spec.quantity, value if math.isfinite(value) else math.nan))
+            registers = response.registers
+            for spec in block.specs:
+                i = spec.address - block.address
+                value = spec.decode(registers[i : i + spec.width])
+                out.append((spec.quantity, value if math.isfinite(value) else math.nan))
         return out
 
     def _where(self) -> str:

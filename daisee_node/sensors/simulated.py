@@ -71,10 +71,19 @@ class SimulationConfig(StrictModel):
         "battery then only charges (the DAISEE scenario)",
     )
 
+    def max_power_w(self) -> float:
+        """More power than any flow of the site reaches: every source and sink at full at once."""
+        load = self.load_base_w + _FRIDGE_W + 1.5 * self.load_peak_w + _APPLIANCE_MAX_W
+        battery = self.battery_max_charge_w + self.battery_max_discharge_w
+        return self.pv_peak_w + load + battery
+
 
 # Noise streams.
 _CLOUD_SLOW, _CLOUD_FAST, _APPLIANCE, _APPLIANCE_W = 11, 12, 21, 22
 _FAULT, _GARBAGE = 31, 32
+_FRIDGE_W = 90.0
+_APPLIANCE_MIN_W, _APPLIANCE_SPAN_W = 800.0, 1400.0
+_APPLIANCE_MAX_W = _APPLIANCE_MIN_W + _APPLIANCE_SPAN_W
 
 
 class SimulatedSite:
@@ -120,14 +129,14 @@ class SimulatedSite:
         """Household load: base, fridge cycle, morning and evening peaks, random appliances."""
         c = self.config
         hours = (t / 3600.0 + c.longitude_deg / 15.0) % 24.0
-        fridge = 90.0 if (t % 1800.0) < 600.0 else 0.0
+        fridge = _FRIDGE_W if (t % 1800.0) < 600.0 else 0.0
         peaks = math.exp(-(((hours - 7.5) / 0.8) ** 2)) * 0.5 + math.exp(
             -(((hours - 19.5) / 1.5) ** 2)
         )
         slot = math.floor(t / 300.0)  # an appliance runs for a five-minute slot, or not
         appliance = 0.0
         if 7 <= hours < 23 and uniform(c.seed, _APPLIANCE, slot) < 0.12:
-            appliance = 800.0 + 1400.0 * uniform(c.seed, _APPLIANCE_W, slot)
+            appliance = _APPLIANCE_MIN_W + _APPLIANCE_SPAN_W * uniform(c.seed, _APPLIANCE_W, slot)
         return c.load_base_w + fridge + c.load_peak_w * peaks + appliance
 
     def _flows(self, t: float) -> tuple[float, float, float, float]:
@@ -241,7 +250,15 @@ class SimulatedSensor(Sensor):
         self._names = [f"{config.name}.{q}" for q, _, _, _ in spec]
         self._noisy = [noisy for _, _, _, noisy in spec]
         self._streams = [zlib.crc32(n.encode()) for n in self._names]
-        self._channels = [Channel(f"{config.name}.{q}", unit, sc) for q, unit, sc, _ in spec]
+        simulation = getattr(ctx, "simulation", None) or SimulationConfig()
+        # Counters are integrated on whole seconds: one second of full power may show at once.
+        rate = simulation.max_power_w() / 3600.0
+        self._channels = [
+            Channel(f"{config.name}.{q}", unit, sc)
+            if sc != "total_increasing"
+            else Channel(f"{config.name}.{q}", unit, sc, max_rate_per_s=rate, resolution=rate)
+            for q, unit, sc, _ in spec
+        ]
 
     @property
     def channels(self) -> Sequence[Channel]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
+import signal
+import socketserver
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,9 +19,12 @@ from typing import Any
 import pytest
 
 from daisee_node.clock import Clock
-from daisee_node.readings import Quality
+from daisee_node.config import config_from_dict
+from daisee_node.daemon import Node
+from daisee_node.readings import Quality, Reading
 from daisee_node.sensors.base import SensorContext
 from daisee_node.sensors.http_json import HttpConfig, HttpJsonSensor, PathError, pick
+from tests.conftest import db_rows, wait_for, write_config
 
 
 class Site:
@@ -50,12 +59,12 @@ def site() -> Iterator[tuple[Site, str]]:
 
 
 def http_sensor(url: str, tmp_path: Path, **extra: Any) -> HttpJsonSensor:
-    config = HttpConfig(
-        name="citizenwatt",
-        kind="http",
-        url=url,
-        timeout_s=1.0,
-        values=[
+    fields: dict[str, Any] = {
+        "name": "citizenwatt",
+        "kind": "http",
+        "url": url,
+        "timeout_s": 1.0,
+        "values": [
             {"quantity": "power_w", "path": "data.power", "unit": "W"},
             {
                 "quantity": "energy_wh",
@@ -65,9 +74,8 @@ def http_sensor(url: str, tmp_path: Path, **extra: Any) -> HttpJsonSensor:
                 "state_class": "total_increasing",
             },
         ],
-        **extra,
-    )
-    return HttpJsonSensor(config, SensorContext(Clock(), tmp_path))
+    }
+    return HttpJsonSensor(HttpConfig(**(fields | extra)), SensorContext(Clock(), tmp_path))
 
 
 async def test_values_are_picked_by_path(site, tmp_path: Path) -> None:
@@ -124,4 +132,221 @@ def test_only_http_urls() -> None:
     with pytest.raises(ValidationError, match="http"):
         HttpConfig(
             name="x", kind="http", url="file:///etc/passwd", values=[{"quantity": "a", "path": "a"}]
+        )
+
+
+# -- hostile servers ---------------------------------------------------------------------------
+
+HOSTILE = {
+    # headers at once, then the promised body a byte at a time, each sooner than the timeout
+    "slow_body": (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b"1", 0.2),
+    # the status line and headers a byte at a time, never finished
+    "slow_headers": (b"", b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 1000, 0.2),
+    # no length, and a body that never ends, as fast as it goes
+    "endless_body": (b"HTTP/1.1 200 OK\r\n\r\n", b"[1," * 20_000, 0.0),
+    # a body announced larger than any document the node reads
+    "huge_body": (b"HTTP/1.1 200 OK\r\nContent-Length: 50000000\r\n\r\n", b"0" * 65536, 0.0),
+    # the same in chunks
+    "huge_chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"10000\r\n" + b" " * 0x10000 + b"\r\n",
+        0.0,
+    ),
+    "garbage_json": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 23\r\n\r\n" + b'{"data": {"power": 41}',
+        b"",
+        None,
+    ),
+    "deep_json": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200_000,
+        b"",
+        None,
+    ),
+}
+
+
+#: a hostile answer gives up after this long (so that a client that never does cannot hang a test)
+HOSTILE_FOR_S = 10.0
+
+
+class HostileServer(socketserver.ThreadingTCPServer):
+    """Reads a request, sends `head`, then `piece` byte by byte every `every` seconds (0: the
+    whole piece as fast as it goes; None: close)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, mode: str, every: float | None = None) -> None:
+        self.head, self.piece, self.every = HOSTILE[mode]
+        if every is not None:
+            self.every = every
+        self.closing = threading.Event()
+        self.open_connections = 0
+        self.connections = 0
+        super().__init__(("127.0.0.1", 0), _Hostile)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/api/now"
+
+
+class _Hostile(socketserver.BaseRequestHandler):
+    server: HostileServer
+
+    def handle(self) -> None:
+        srv = self.server
+        srv.connections += 1
+        srv.open_connections += 1
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = self.request.recv(4096)
+                if not data:
+                    return
+                request += data
+            self.request.sendall(srv.head)
+            if srv.every is None:
+                return
+            pieces = [srv.piece[i : i + 1] for i in range(len(srv.piece))] if srv.every else []
+            give_up = time.monotonic() + HOSTILE_FOR_S
+            while not srv.closing.is_set() and time.monotonic() < give_up:
+                if pieces:  # one byte at a time, then the next round
+                    for byte in pieces:
+                        self.request.sendall(byte)
+                        if srv.closing.wait(srv.every):
+                            return
+                else:
+                    self.request.sendall(srv.piece)
+        except OSError:
+            return  # the client gave up: what it should do
+        finally:
+            srv.open_connections -= 1
+
+
+@pytest.fixture
+def hostile() -> Iterator[Any]:
+    servers: list[HostileServer] = []
+
+    def start(mode: str, every: float | None = None) -> HostileServer:
+        server = HostileServer(mode, every)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.closing.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", sorted(HOSTILE))
+async def test_a_hostile_server_fails_the_read_within_the_timeout(
+    hostile, tmp_path: Path, mode: str
+) -> None:
+    server = hostile(mode)
+    sensor = http_sensor(server.url, tmp_path, timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        await asyncio.wait_for(sensor.read(), 3 * HOSTILE_FOR_S)
+    assert time.monotonic() - t0 < 1.5
+
+
+async def test_the_document_size_limit_is_configurable(site, tmp_path: Path) -> None:
+    state, url = site
+    state.body = json.dumps({"data": {"power": 1, "meters": [{}, {"kwh": 2}]}, "pad": "x" * 400})
+    state.body = state.body.encode()
+    with pytest.raises(OSError, match="larger than 100 bytes"):
+        await http_sensor(url, tmp_path, max_bytes=100).read()
+    readings = await http_sensor(url, tmp_path, max_bytes=1000).read()
+    assert [r.value for r in readings] == [1.0, 2000.0]
+
+
+async def test_a_slow_source_gives_flagged_readings_at_the_interval_and_the_node_stops(
+    hostile, tmp_path: Path
+) -> None:
+    server = hostile("slow_body")
+    config = config_from_dict(
+        {
+            "node": {"id": "http-node", "data_dir": str(tmp_path / "data")},
+            "sensors": [
+                {
+                    "name": "citizenwatt",
+                    "kind": "http",
+                    "url": server.url,
+                    "interval_s": 0.5,
+                    "timeout_s": 0.4,
+                    "values": [{"quantity": "power_w", "path": "power", "unit": "W"}],
+                }
+            ],
+        }
+    )
+    node = Node(config)
+    flagged: list[tuple[float, Reading]] = []
+    node.subscribe(lambda rs: flagged.extend((time.monotonic(), r) for r in rs if not r.good))
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    t0 = time.monotonic()
+    while len(flagged) < 5:
+        assert time.monotonic() - t0 < 5, f"only {len(flagged)} flagged readings in 5 s"
+        await asyncio.sleep(0.05)
+    assert {r.quality for _, r in flagged} <= {Quality.SOURCE_ERROR, Quality.UNAVAILABLE}
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(flagged)]
+    assert max(gaps) < 1.0, gaps
+    while server.open_connections == 0:  # stop in the middle of a slow read
+        await asyncio.sleep(0.01)
+    t_stop = time.monotonic()
+    node.request_stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    assert time.monotonic() - t_stop < 5
+
+
+def test_a_node_process_stops_within_5_s_during_a_slow_read(
+    daemon, hostile, tmp_path: Path
+) -> None:
+    """The field case: one byte a second, timeout_s = 2. Reads fail (flagged readings are
+    stored), and SIGTERM during a read ends the process within 5 s."""
+    server = hostile("slow_body", every=1.0)
+    config = write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "http-node", "data_dir": str(tmp_path / "data")},
+            "store": {"flush_interval_s": 0.1},
+            "sensors": [
+                {
+                    "name": "citizenwatt",
+                    "kind": "http",
+                    "url": server.url,
+                    "interval_s": 1.0,
+                    "timeout_s": 2.0,
+                    "values": [{"quantity": "power_w", "path": "power", "unit": "W"}],
+                }
+            ],
+        },
+    )
+    d = daemon(config)
+    db = tmp_path / "data" / "node.db"
+    flagged = "SELECT t_ms FROM readings WHERE quality = ?"
+    wait_for(lambda: len(db_rows(db, flagged, (int(Quality.SOURCE_ERROR),))) >= 2)
+    wait_for(lambda: server.open_connections > 0)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    try:
+        code, out = d.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 5 s after SIGTERM:\n{d.output()}") from None
+    assert code == 0, out
+    assert time.monotonic() - t0 < 5
+
+
+def test_headers_cannot_smuggle_lines() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="line breaks"):
+        HttpConfig(
+            name="x",
+            kind="http",
+            url="http://127.0.0.1/",
+            headers={"Authorization": "Bearer a\r\nHost: elsewhere"},
+            values=[{"quantity": "a", "path": "a"}],
         )

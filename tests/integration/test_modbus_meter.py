@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,12 +20,14 @@ from daisee_node.daemon import Node
 from daisee_node.readings import Quality, Reading
 from daisee_node.sensors.base import SensorContext, SourceUnavailable
 from daisee_node.sensors.modbus_meter import ModbusConfig, ModbusMeter, plan_blocks
-from tests.conftest import free_port
+from tests.conftest import Daemon, db_rows, free_port, wait_for, write_config
 from tests.support.meters import (
     SDM120_INPUT,
     SDM630_INPUT,
     EmulatedMeter,
     MeterServer,
+    SilentServer,
+    ThreadedMeterServer,
     sdm630_values,
 )
 
@@ -222,11 +225,8 @@ async def test_meters_behind_one_gateway_are_polled_one_at_a_time(tmp_path: Path
     assert ctx.resources == {}  # the shared client closed with its last meter
 
 
-async def test_in_a_node_counter_resets_and_implausible_values_are_flagged(
-    sdm630, tmp_path: Path
-) -> None:
-    meter, server = sdm630
-    config = config_from_dict(
+def node_config(tmp_path: Path, port: int, model: str = "sdm630") -> Any:
+    return config_from_dict(
         {
             "node": {"id": "meter-node", "data_dir": str(tmp_path / "data")},
             "store": {"flush_interval_s": 0.05},
@@ -234,21 +234,31 @@ async def test_in_a_node_counter_resets_and_implausible_values_are_flagged(
                 {
                     "name": "grid",
                     "kind": "modbus",
-                    "model": "sdm630",
+                    "model": model,
                     "host": "127.0.0.1",
-                    "port": server.port,
+                    "port": port,
                     "interval_s": 0.05,
                     "timeout_s": 0.3,
                 }
             ],
         }
     )
-    node = Node(config)
+
+
+async def test_in_a_node_counter_resets_and_implausible_values_are_flagged(
+    sdm630, tmp_path: Path
+) -> None:
+    meter, server = sdm630
+    node = Node(node_config(tmp_path, server.port))
     task = asyncio.create_task(node.run())
     await asyncio.wait_for(node.started.wait(), 10)
 
-    async def quality_of(channel: str, expected: Quality) -> None:
-        while (r := node.latest.get(channel)) is None or r.quality != expected:
+    async def quality_of(channel: str, expected: Quality, value: float | None = None) -> None:
+        while (
+            (r := node.latest.get(channel)) is None
+            or r.quality != expected
+            or (value is not None and r.value != pytest.approx(value))
+        ):
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(quality_of("grid.import_wh", Quality.GOOD), 5)
@@ -256,11 +266,112 @@ async def test_in_a_node_counter_resets_and_implausible_values_are_flagged(
     meter.values["frequency_hz"] = 0.0  # and a glitch
     await asyncio.wait_for(quality_of("grid.import_wh", Quality.COUNTER_BACKWARDS), 5)
     await asyncio.wait_for(quality_of("grid.frequency_hz", Quality.OUT_OF_RANGE), 5)
-    meter.values["import_kwh"] = 10.5
-    await asyncio.wait_for(quality_of("grid.import_wh", Quality.GOOD), 5)
-    assert node.latest["grid.import_wh"].value == pytest.approx(10_500)
+    # A few readings at the new level agree with each other: it is the new baseline.
+    await asyncio.wait_for(quality_of("grid.import_wh", Quality.GOOD, 10_000), 5)
+    meter.values["import_kwh"] = 10.002
+    await asyncio.wait_for(quality_of("grid.import_wh", Quality.GOOD, 10_002), 5)
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
+
+
+def stored(tmp_path: Path, channel: str) -> list[tuple[int, float, int]]:
+    """(t_ms, value, quality) of a channel in the node's database, oldest first."""
+    return db_rows(
+        tmp_path / "data" / "node.db",
+        "SELECT r.t_ms, r.value, r.quality FROM readings r JOIN channels c "
+        "ON c.id = r.channel_id WHERE c.name = ? ORDER BY r.t_ms",
+        (channel,),
+    )
+
+
+def sdm120_values() -> dict[str, float]:
+    values = sdm630_values()
+    return {k: values.get(k, 1.0) for k in SDM120_INPUT} | {"voltage_v": 231.0, "power_w": -900}
+
+
+async def test_one_corrupt_counter_read_is_flagged_and_the_counter_carries_on(
+    tmp_path: Path,
+) -> None:
+    """An SDM120 answers once with 1e12 kWh on its export register, once with a jump of 5 MWh in
+    a fraction of a second, and once with 3e38 W: none of them is a good reading, and the good
+    readings around them carry on from the meter's real counter."""
+    meter = EmulatedMeter(1, SDM120_INPUT, sdm120_values())
+    server = MeterServer([meter], port=free_port())
+    await server.start()
+    node = Node(node_config(tmp_path, server.port, "sdm120"))
+    seen: list[Reading] = []
+    node.subscribe(seen.extend)
+    task = asyncio.create_task(node.run())
+    try:
+        await asyncio.wait_for(node.started.wait(), 10)
+
+        async def served(n: int, channel: str, *, good: bool | None = None) -> list[Reading]:
+            start = len(seen)
+            while True:
+                mine = [r for r in seen[start:] if r.channel == channel and good in (None, r.good)]
+                if len(mine) >= n:
+                    return mine
+                await asyncio.sleep(0.02)
+
+        export, power = "grid.export_wh", "grid.power_w"
+        await asyncio.wait_for(served(3, export, good=True), 5)
+        for name, value, channel in (
+            ("export_kwh", 1e12, export),
+            ("export_kwh", 321.25 + 5000, export),
+            ("power_w", 3e38, power),
+        ):
+            meter.once[name] = value
+            (bad,) = await asyncio.wait_for(served(1, channel, good=False), 5)
+            assert bad.value == pytest.approx(value * (1000 if name == "export_kwh" else 1))
+        # The meter counts on: 2 Wh more.
+        meter.values["export_kwh"] = 321.252
+        await asyncio.wait_for(served(3, export, good=True), 5)
+        node.request_stop()
+        assert await asyncio.wait_for(task, 8) == 0
+    finally:
+        await server.stop()
+
+    rows = stored(tmp_path, export)
+    qualities = {q for _, _, q in rows}
+    assert {Quality.OUT_OF_RANGE, Quality.IMPLAUSIBLE_STEP} <= qualities
+    assert Quality.COUNTER_BACKWARDS not in qualities
+    good = [v for _, v, q in rows if q == Quality.GOOD]
+    assert good[0] == pytest.approx(321_250) and good[-1] == pytest.approx(321_252)
+    assert all(321_250 - 1 <= v <= 321_252 + 1 for v in good)
+    bad_power = [(v, q) for _, v, q in stored(tmp_path, power) if v > 25_000]
+    assert bad_power == [(pytest.approx(3e38, rel=1e-6), Quality.OUT_OF_RANGE)]
+
+
+def test_meter_models_bound_their_counters_by_their_maximum_power() -> None:
+    def rates(**extra: Any) -> dict[str, float | None]:
+        sensor = ModbusMeter(meter_config(1, **extra), SensorContext(Clock(), Path(".")))
+        return {c.name: c.max_rate_per_s for c in sensor.channels if c.name.endswith("_wh")}
+
+    assert rates(model="sdm120")["grid.export_wh"] == pytest.approx(45 * 253 / 3600)
+    assert rates(model="sdm630")["grid.import_wh"] == pytest.approx(3 * 100 * 253 / 3600)
+    assert rates(model="sdm120", max_power_w=3600)["grid.import_wh"] == pytest.approx(1.0)
+    custom = rates(
+        model="custom",
+        max_power_w=7200,
+        registers=[
+            {"quantity": "a_wh", "address": 0, "state_class": "total_increasing", "unit": "Wh"},
+            {"quantity": "b_wh", "address": 2, "state_class": "total_increasing", "unit": "kWh"},
+            {
+                "quantity": "c_wh",
+                "address": 4,
+                "state_class": "total_increasing",
+                "unit": "Wh",
+                "max_rate_per_s": 5,
+            },
+            {"quantity": "d_wh", "address": 6, "state_class": "total_increasing", "unit": "m3"},
+        ],
+    )
+    assert custom == {
+        "grid.a_wh": pytest.approx(2.0),
+        "grid.b_wh": pytest.approx(0.002),
+        "grid.c_wh": 5,
+        "grid.d_wh": None,
+    }
 
 
 @pytest.fixture
@@ -310,3 +421,92 @@ async def test_rtu_over_a_serial_line(pty_pair, tmp_path: Path) -> None:
     assert readings["grid.power_w"] == pytest.approx(1190.0)
     assert readings["grid.export_wh"] == pytest.approx(321_250.0)
     assert not any(math.isnan(v) for v in readings.values())
+
+
+def modbus_node_file(tmp_path: Path, port: int, **sensor: Any) -> Path:
+    return write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "meter-node", "data_dir": str(tmp_path / "data")},
+            "store": {"flush_interval_s": 0.1},
+            "sensors": [
+                {
+                    "name": "grid",
+                    "kind": "modbus",
+                    "model": "sdm630",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "interval_s": 0.2,
+                    **sensor,
+                }
+            ],
+        },
+    )
+
+
+def stops_within(d: Daemon, seconds: float) -> float:
+    """SIGTERM, then how long the process took to exit (failing past `seconds`)."""
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    try:
+        code, out = d.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {seconds} s after SIGTERM:\n{d.output()}") from None
+    assert code == 0, out
+    return time.monotonic() - t0
+
+
+def test_a_node_stops_in_time_after_its_meter_went_away(daemon, tmp_path: Path) -> None:
+    meter = EmulatedMeter(1, SDM630_INPUT, sdm630_values())
+    server = ThreadedMeterServer([meter], port=free_port())
+    server.start()
+    try:
+        d = daemon(modbus_node_file(tmp_path, server.port, timeout_s=1.0, retries=1))
+        wait_for(lambda: any(q == Quality.GOOD for _, _, q in stored(tmp_path, "grid.power_w")))
+        server.stop()
+        # The node sees the meter gone (a flagged reading), and stops in time while it polls.
+        wait_for(lambda: any(q != Quality.GOOD for _, _, q in stored(tmp_path, "grid.power_w")))
+        assert stops_within(d, 5.0) < 5.0
+    finally:
+        server.close()
+
+
+def test_a_node_stops_in_time_while_its_meter_hangs(daemon, tmp_path: Path) -> None:
+    """A gateway that accepts the connection and never answers: reads fail within their
+    timeout, and SIGTERM in the middle of one ends the node within 5 s."""
+    silent = SilentServer()
+    try:
+        d = daemon(modbus_node_file(tmp_path, silent.port, timeout_s=1.5, retries=1))
+        wait_for(lambda: stored(tmp_path, "grid.power_w"), timeout=30)
+        assert {q for _, _, q in stored(tmp_path, "grid.power_w")} <= {
+            Quality.SOURCE_ERROR,
+            Quality.UNAVAILABLE,
+        }
+        wait_for(lambda: silent.accepted)
+        assert stops_within(d, 5.0) < 5.0
+    finally:
+        silent.close()
+
+
+async def test_a_read_from_a_gateway_that_never_answers_is_bounded_and_cancellable(
+    tmp_path: Path,
+) -> None:
+    silent = SilentServer()
+    try:
+        sensor = await opened(meter_config(silent.port, timeout_s=0.2, retries=1), tmp_path)
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            await asyncio.wait_for(sensor.read(), 10)
+        assert time.monotonic() - t0 < 2.0
+        # Cancelled in the middle of a request (the node stops): it ends at once.
+        read = asyncio.create_task(sensor.read())
+        while sensor.requests < 2:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        await asyncio.wait_for(sensor.close(), 0.5)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        silent.close()

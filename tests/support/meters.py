@@ -7,7 +7,9 @@ register maps, so that a wrong address or scale in the node shows up as a failin
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import threading
 from typing import Any
 
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
@@ -69,6 +71,8 @@ class EmulatedMeter:
         self.unit = unit
         self.table = table
         self.values = dict(values)
+        #: values served once, by the next request that covers the register, then forgotten
+        self.once: dict[str, float] = {}
         self.holding: dict[int, int] = {}  # raw holding registers for custom maps
         self.input_raw: dict[int, int] = {}  # raw input registers for custom maps
         self.requests: list[tuple[int, int, int]] = []  # (function, address, count)
@@ -93,7 +97,10 @@ class EmulatedMeter:
                 await asyncio.sleep(self.delay_s)
             if function_code == 4:
                 for name, reg in self.table.items():
-                    hi, lo = struct.unpack(">HH", struct.pack(">f", self.values[name]))
+                    value = self.values[name]
+                    if name in self.once and address <= reg < address + count:
+                        value = self.once.pop(name)
+                    hi, lo = struct.unpack(">HH", struct.pack(">f", value))
                     current_registers[reg - start_address] = hi
                     current_registers[reg + 1 - start_address] = lo
                 raw = self.input_raw
@@ -135,3 +142,59 @@ class MeterServer:
         if self.server is not None:
             await self.server.shutdown()
             self.server = None
+
+
+class ThreadedMeterServer:
+    """A `MeterServer` on its own event loop in a thread, for tests that block on a process."""
+
+    def __init__(self, meters: list[EmulatedMeter], port: int) -> None:
+        self.server = MeterServer(meters, port=port)
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def _call(self, coro: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def start(self) -> None:
+        self._call(self.server.start())
+
+    def stop(self) -> None:
+        self._call(self.server.stop())
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class SilentServer:
+    """Accepts TCP connections on loopback and never answers: a gateway that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.sock.settimeout(0.1)
+        self.accepted: list[socket.socket] = []
+        self._closed = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()

@@ -215,3 +215,26 @@ def test_auto_gain_picks_the_smallest_range_that_holds_the_swing() -> None:
         channel=None,
     )
     assert cfg.full_scale_v() == 1.024
+
+
+async def test_energy_counters_are_bounded_by_the_transducer_rating(tmp_path: Path) -> None:
+    from daisee_node.checks import ChannelChecks
+
+    # Near the rating of a 20 A sensor at 230 V: every counter step must pass its own bound.
+    s = await sensor(
+        config(fake={"dc_a": 19.5}, voltage_v=230.0, window_s=0.02, interval_s=0.05), tmp_path
+    )
+    rates = {c.name: c.max_rate_per_s for c in s.channels}
+    assert rates["line.import_wh"] == pytest.approx(1.1 * 20 * 230 / 3600)
+    checks = ChannelChecks(s.channels)
+    latest: dict[str, Reading] = {}
+    for _ in range(10):
+        for r in checks.apply(await s.read(), latest):
+            latest[r.channel] = r
+            assert r.good, r
+    assert latest["line.import_wh"].value > 0
+    # With a measured voltage there is no fixed bound.
+    measured = Ads1115Sensor(
+        config(voltage_channel="battery.voltage_v"), SensorContext(Clock(), tmp_path)
+    )
+    assert {c.name: c.max_rate_per_s for c in measured.channels}["line.import_wh"] is None

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daisee_node.clock import ScaledClock
+from daisee_node.checks import ChannelChecks
+from daisee_node.clock import Clock, ScaledClock
+from daisee_node.readings import Reading
 from daisee_node.sensors.base import SensorContext
 from daisee_node.sensors.simulated import (
     SimulatedConfig,
@@ -120,3 +122,44 @@ async def test_fault_injection_fails_some_reads_and_garbles_some_values(tmp_path
         garbage += sum(1 for r in readings if not math.isfinite(r.value))
     assert 40 < failures < 150
     assert 0.08 * total < garbage < 0.35 * total
+
+
+class SteppedClock(Clock):
+    """Node time that moves only when the test says so."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def now(self) -> float:
+        return self.t
+
+    def now_ms(self) -> int:
+        return int(self.t * 1000)
+
+
+async def test_counters_never_trip_their_own_step_bound(tmp_path: Path) -> None:
+    """The default bound (the site's largest flows, one second of them at once) holds for the
+    simulated counters however often they are read, appliances and battery included."""
+    config = SimulationConfig(seed=5, load_peak_w=4000, battery_max_charge_w=5000)
+    clock = SteppedClock(JUNE_21 + 6 * 3600)
+    ctx = SensorContext(clock, tmp_path, config)
+    sensors = [
+        SimulatedSensor(SimulatedConfig(name=m, kind="simulated", model=m), ctx)
+        for m in ("grid", "pv")
+    ]
+    checks = [ChannelChecks(s.channels) for s in sensors]
+    rates = {c.name: c.max_rate_per_s for s in sensors for c in s.channels}
+    assert rates["grid.import_wh"] == pytest.approx(config.max_power_w() / 3600)
+    assert rates["grid.power_w"] is None
+    latest: dict[str, Reading] = {}
+    steps = [0.05, 0.3, 1.0, 7.0, 60.0]
+    flagged = []
+    for k in range(2000):
+        clock.t += steps[k % len(steps)]
+        for s, c in zip(sensors, checks, strict=True):
+            for r in c.apply(await s.read(), latest):
+                latest[r.channel] = r
+                if not r.good:
+                    flagged.append(r)
+    assert flagged == []
+    assert latest["pv.energy_wh"].value > 1000, "a summer day's PV must have counted"
