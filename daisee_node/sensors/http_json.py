@@ -4,11 +4,11 @@ Each `[[sensors.values]]` entry picks one number by a dotted path (`data.meters.
 items by index). A value that is missing or not a number becomes a SOURCE_ERROR reading for that
 channel only; an unreachable URL or a document that is not JSON fails the whole read.
 
-The request is made on the event loop (a small HTTP/1.1 client on asyncio streams), so the whole
-of it — name lookup, connect, headers, body, redirects — is bounded by `timeout_s` and a read is
-cancelled at once when the node stops, whatever the server is doing: a server that trickles one
-byte a second, never finishes its headers or sends an endless body fails the read, as does a
-document larger than `max_bytes`.
+The request is made with aiohttp, one session per sensor, so the whole of it — name lookup,
+connect, headers, body, redirects — is bounded by `timeout_s` and a read is cancelled at once when
+the node stops, whatever the server is doing: a server that trickles one byte a second, never
+finishes its headers, sends over-long header lines or an endless body fails the read, as does a
+document larger than `max_bytes`. aiohttp is imported in `setup`, like the hardware libraries.
 """
 
 from __future__ import annotations
@@ -16,21 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import ssl
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.sensors.base import NAME_PATTERN, Sensor, SensorConfig, SensorContext, StrictModel
 
+if TYPE_CHECKING:
+    import aiohttp
+
 MAX_BYTES = 1_000_000
-#: the status line and headers of an answer, together
-MAX_HEADER_BYTES = 64 * 1024
+#: the longest status line, and the longest header, of an answer
+MAX_LINE_BYTES = 8190
 MAX_REDIRECTS = 3
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+CHUNK_BYTES = 64 * 1024
 
 
 class JsonValue(StrictModel):
@@ -106,127 +107,6 @@ class HttpError(OSError):
     """The server did not give a usable answer."""
 
 
-async def http_get(
-    url: str, headers: Mapping[str, str], *, timeout_s: float, max_bytes: int
-) -> bytes:
-    """The body of a GET of `url` (following a few redirects), all within `timeout_s` seconds."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            for _ in range(MAX_REDIRECTS + 1):
-                status, answer_headers, body = await _get_once(url, headers, max_bytes)
-                location = answer_headers.get("location")
-                if status in _REDIRECTS and location:
-                    url = urljoin(url, location)
-                    if not url.startswith(("http://", "https://")):
-                        raise HttpError(f"redirected to {url!r}, which is not HTTP")
-                    continue
-                if not 200 <= status < 300:
-                    raise HttpError(f"{url}: HTTP {status}")
-                return body
-            raise HttpError(f"{url}: more than {MAX_REDIRECTS} redirects")
-    except TimeoutError:
-        raise TimeoutError(f"{url}: no complete answer within {timeout_s:g} s") from None
-    except asyncio.IncompleteReadError:
-        raise HttpError(f"{url}: the connection closed in the middle of the answer") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(f"{url}: a line of the answer is over {MAX_HEADER_BYTES} bytes") from None
-    except (ValueError, UnicodeError) as exc:  # a malformed answer, or a line over the limit
-        raise HttpError(f"{url}: malformed answer ({exc})") from None
-
-
-async def _get_once(
-    url: str, headers: Mapping[str, str], max_bytes: int
-) -> tuple[int, dict[str, str], bytes]:
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname
-    if not host:
-        raise HttpError(f"{url}: no host")
-    port = parts.port or (443 if https else 80)
-    context = ssl.create_default_context() if https else None
-    reader, writer = await asyncio.open_connection(host, port, ssl=context, limit=MAX_HEADER_BYTES)
-    try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host_header = host if parts.port is None else f"{host}:{parts.port}"
-        if ":" in host and not host.startswith("["):
-            host_header = f"[{host}]" + ("" if parts.port is None else f":{parts.port}")
-        fields = {
-            "Host": host_header,
-            "User-Agent": "daisee-node",
-            "Accept": "application/json",
-            "Accept-Encoding": "identity",
-            **headers,
-            "Connection": "close",
-        }
-        request = f"GET {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-        writer.write(request.encode("latin-1") + b"\r\n")
-        await writer.drain()
-        status, answer = await _read_head(reader)
-        while 100 <= status < 200:  # interim answers come before the real one
-            status, answer = await _read_head(reader)
-        return status, answer, await _read_body(reader, answer, max_bytes, url)
-    finally:
-        writer.close()
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    """The status and the headers (names in lower case) of an answer."""
-    size = 0
-    line = await reader.readuntil(b"\n")
-    version, _, rest = line.decode("latin-1").partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise ValueError(f"not an HTTP status line: {line[:80]!r}")
-    answer: dict[str, str] = {}
-    while True:
-        line = await reader.readuntil(b"\n")
-        size += len(line)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"headers longer than {MAX_HEADER_BYTES} bytes")
-        if line in (b"\r\n", b"\n"):
-            return int(code), answer
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            raise ValueError(f"not a header: {line[:80]!r}")
-        answer[name.strip().lower()] = value.strip()
-
-
-async def _read_body(
-    reader: asyncio.StreamReader, answer: Mapping[str, str], max_bytes: int, url: str
-) -> bytes:
-    too_big = HttpError(f"{url}: the document is larger than {max_bytes} bytes")
-    if "chunked" in answer.get("transfer-encoding", "").lower():
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            size_line = await reader.readuntil(b"\n")
-            size = int(size_line.split(b";")[0].strip(), 16)
-            if size == 0:
-                while (await reader.readuntil(b"\n")).strip():  # trailers
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > max_bytes:
-                raise too_big
-            chunks.append(await reader.readexactly(size))
-            await reader.readuntil(b"\n")
-    length = answer.get("content-length")
-    if length is not None:
-        n = int(length)
-        if n < 0:
-            raise ValueError(f"Content-Length {n}")
-        if n > max_bytes:
-            raise too_big
-        return await reader.readexactly(n)
-    body = await reader.read(max_bytes + 1)
-    while len(body) <= max_bytes:
-        more = await reader.read(max_bytes + 1 - len(body))
-        if not more:
-            return body
-        body += more
-    raise too_big
-
-
 class HttpJsonSensor(Sensor):
     """Polls one URL and publishes the configured values."""
 
@@ -236,6 +116,7 @@ class HttpJsonSensor(Sensor):
     def __init__(self, config: HttpConfig, ctx: SensorContext) -> None:
         super().__init__(config, ctx)
         self.cfg = config
+        self._session: aiohttp.ClientSession | None = None
         self._channels = [
             Channel(
                 f"{config.name}.{v.quantity}",
@@ -253,16 +134,74 @@ class HttpJsonSensor(Sensor):
     def channels(self) -> Sequence[Channel]:
         return self._channels
 
+    async def setup(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            # A new connection each poll, as a small device's web server expects; no state (cookies,
+            # proxies from the environment, compressed bodies) carried between polls.
+            connector=aiohttp.TCPConnector(force_close=True),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
+            headers={
+                "User-Agent": "daisee-node",
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+            },
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
     async def fetch(self) -> Any:
         """The parsed document; OSError (TimeoutError included) when there is none."""
-        cfg = self.cfg
-        body = await http_get(
-            cfg.url, cfg.headers, timeout_s=cfg.timeout_s, max_bytes=cfg.max_bytes
-        )
+        body = await self._get()
         try:
             return json.loads(body)
         except (ValueError, RecursionError) as exc:
-            raise HttpError(f"{cfg.url}: not JSON ({exc})") from None
+            raise HttpError(f"{self.cfg.url}: not JSON ({exc})") from None
+
+    async def _get(self) -> bytes:
+        """The body of a GET of the URL (after at most MAX_REDIRECTS redirects), within
+        `timeout_s` seconds and at most `max_bytes` long."""
+        import aiohttp
+
+        if self._session is None:
+            raise RuntimeError("read before setup")
+        cfg = self.cfg
+        url, limit = cfg.url, cfg.max_bytes
+        too_big = HttpError(f"{url}: the document is larger than {limit} bytes")
+        try:
+            # The one bound on the whole request; aiohttp's total timeout is the same figure.
+            # aiohttp counts the answer that would be followed last, hence the + 1.
+            async with (
+                asyncio.timeout(cfg.timeout_s),
+                self._session.get(
+                    url, headers=cfg.headers, max_redirects=MAX_REDIRECTS + 1
+                ) as answer,
+            ):
+                if not 200 <= answer.status < 300:
+                    raise HttpError(f"{url}: HTTP {answer.status}")
+                if (answer.content_length or 0) > limit:
+                    raise too_big
+                body = bytearray()
+                async for chunk in answer.content.iter_chunked(CHUNK_BYTES):
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_big
+                return bytes(body)
+        except TimeoutError:
+            raise TimeoutError(f"{url}: no complete answer within {cfg.timeout_s:g} s") from None
+        except aiohttp.TooManyRedirects:
+            raise HttpError(f"{url}: more than {MAX_REDIRECTS} redirects") from None
+        except (aiohttp.ClientError, ValueError, UnicodeError) as exc:
+            raise HttpError(f"{url}: {exc or type(exc).__name__}") from None
 
     async def read(self) -> Sequence[Reading]:
         document = await self.fetch()

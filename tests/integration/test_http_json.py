@@ -6,12 +6,15 @@ import asyncio
 import itertools
 import json
 import math
+import os
 import signal
 import socketserver
+import ssl
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,17 @@ from daisee_node.config import config_from_dict
 from daisee_node.daemon import Node
 from daisee_node.readings import Quality, Reading
 from daisee_node.sensors.base import SensorContext
-from daisee_node.sensors.http_json import HttpConfig, HttpJsonSensor, PathError, pick
-from tests.conftest import db_rows, wait_for, write_config
+from daisee_node.sensors.http_json import (
+    MAX_REDIRECTS,
+    HttpConfig,
+    HttpError,
+    HttpJsonSensor,
+    PathError,
+    pick,
+)
+from tests.conftest import ROOT, db_rows, free_port, wait_for, write_config
+
+OpenSensor = Callable[..., Awaitable[HttpJsonSensor]]
 
 
 class Site:
@@ -35,13 +47,17 @@ class Site:
     seen_headers: dict[str, str] | None = None
 
 
-@pytest.fixture
-def site() -> Iterator[tuple[Site, str]]:
-    state = Site()
-
+def _site_handler(state: Site) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.seen_headers = dict(self.headers)
+            if self.path.startswith("/hop/"):  # /hop/N redirects N times before the document
+                hops = int(self.path.removeprefix("/hop/"))
+                if hops > 0:
+                    self.send_response(302)
+                    self.send_header("Location", f"/hop/{hops - 1}")
+                    self.end_headers()
+                    return
             self.send_response(state.status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -50,7 +66,13 @@ def site() -> Iterator[tuple[Site, str]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return Handler
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[Site, str]]:
+    state = Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _site_handler(state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state, f"http://127.0.0.1:{server.server_address[1]}/api/now"
@@ -78,23 +100,43 @@ def http_sensor(url: str, tmp_path: Path, **extra: Any) -> HttpJsonSensor:
     return HttpJsonSensor(HttpConfig(**(fields | extra)), SensorContext(Clock(), tmp_path))
 
 
-async def test_values_are_picked_by_path(site, tmp_path: Path) -> None:
+@pytest.fixture
+async def open_sensor(tmp_path: Path) -> AsyncIterator[OpenSensor]:
+    """Makes sensors as the daemon does (`setup` before the first read) and closes them after."""
+    opened: list[HttpJsonSensor] = []
+
+    async def start(url: str, **extra: Any) -> HttpJsonSensor:
+        sensor = http_sensor(url, tmp_path, **extra)
+        await sensor.setup()
+        opened.append(sensor)
+        return sensor
+
+    yield start
+    for sensor in opened:
+        await sensor.close()
+
+
+async def test_values_are_picked_by_path(site, open_sensor: OpenSensor) -> None:
     state, url = site
-    state.body = json.dumps(
-        {"data": {"power": 412.5, "meters": [{"kwh": 1}, {"kwh": "12.25"}]}}
-    ).encode()
-    sensor = http_sensor(url, tmp_path, headers={"Authorization": "Bearer abc"})
-    readings = {r.channel: r for r in await sensor.read()}
-    assert readings["citizenwatt.power_w"].value == 412.5
-    assert readings["citizenwatt.energy_wh"].value == 12_250.0
-    assert all(r.good for r in readings.values())
-    assert (state.seen_headers or {}).get("Authorization") == "Bearer abc"
+    sensor = await open_sensor(url, headers={"Authorization": "Bearer abc", "accept": "text/json"})
+    for power in (412.5, 413.0):  # one session, read after read
+        state.body = json.dumps(
+            {"data": {"power": power, "meters": [{"kwh": 1}, {"kwh": "12.25"}]}}
+        ).encode()
+        readings = {r.channel: r for r in await sensor.read()}
+        assert readings["citizenwatt.power_w"].value == power
+        assert readings["citizenwatt.energy_wh"].value == 12_250.0
+        assert all(r.good for r in readings.values())
+    seen = state.seen_headers or {}
+    assert seen.get("Authorization") == "Bearer abc"
+    assert [v for k, v in seen.items() if k.lower() == "accept"] == ["text/json"]
+    assert seen.get("User-Agent") == "daisee-node"
 
 
-async def test_a_missing_value_marks_only_its_channel(site, tmp_path: Path) -> None:
+async def test_a_missing_value_marks_only_its_channel(site, open_sensor: OpenSensor) -> None:
     state, url = site
     state.body = json.dumps({"data": {"power": 100, "meters": []}}).encode()
-    readings = {r.channel: r for r in await http_sensor(url, tmp_path).read()}
+    readings = {r.channel: r for r in await (await open_sensor(url)).read()}
     assert readings["citizenwatt.power_w"].good
     bad = readings["citizenwatt.energy_wh"]
     assert bad.quality == Quality.SOURCE_ERROR and math.isnan(bad.value)
@@ -102,19 +144,42 @@ async def test_a_missing_value_marks_only_its_channel(site, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("status", "body"), [(200, b"<html>maintenance</html>"), (503, b"{}")])
 async def test_a_broken_answer_fails_the_read(
-    site, tmp_path: Path, status: int, body: bytes
+    site, open_sensor: OpenSensor, status: int, body: bytes
 ) -> None:
     state, url = site
     state.status, state.body = status, body
+    with pytest.raises(HttpError, match="not JSON" if status == 200 else "HTTP 503"):
+        await (await open_sensor(url)).read()
+
+
+async def test_nobody_listening_fails_the_read(open_sensor: OpenSensor) -> None:
     with pytest.raises(OSError):
-        await http_sensor(url, tmp_path).read()
+        await (await open_sensor(f"http://127.0.0.1:{free_port()}/")).read()
 
 
-async def test_nobody_listening_fails_the_read(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+async def test_redirects_are_followed_up_to_a_limit(site, open_sensor: OpenSensor) -> None:
+    state, url = site
+    state.body = json.dumps({"data": {"power": 7, "meters": [{}, {"kwh": 1}]}}).encode()
+    base = url.removesuffix("/api/now")
+    sensor = await open_sensor(f"{base}/hop/{MAX_REDIRECTS}")
+    assert [r.value for r in await sensor.read()] == [7.0, 1000.0]
+    sensor = await open_sensor(f"{base}/hop/{MAX_REDIRECTS + 1}")
+    with pytest.raises(HttpError, match="redirects"):
+        await sensor.read()
 
-    with pytest.raises(OSError):
-        await http_sensor(f"http://127.0.0.1:{free_port()}/", tmp_path).read()
+
+async def test_proxy_settings_of_the_environment_are_not_used(
+    site, open_sensor: OpenSensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node reaches its sources directly: a proxy set for other programs is not taken."""
+    state, url = site
+    state.body = json.dumps({"data": {"power": 5, "meters": [{}, {"kwh": 1}]}}).encode()
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, nowhere)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert [r.value for r in await (await open_sensor(url)).read()] == [5.0, 1000.0]
 
 
 def test_pick_paths() -> None:
@@ -162,6 +227,9 @@ HOSTILE = {
         b"",
         None,
     ),
+    # a header line longer than any a source needs, at once; the connection stays open
+    "long_header": (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100_000 + b"\r\n\r\n", b" ", 1.0),
+    "long_status_line": (b"HTTP/1.1 200 " + b"O" * 100_000 + b"\r\n\r\n", b" ", 1.0),
 }
 
 
@@ -242,24 +310,145 @@ def hostile() -> Iterator[Any]:
 
 @pytest.mark.parametrize("mode", sorted(HOSTILE))
 async def test_a_hostile_server_fails_the_read_within_the_timeout(
-    hostile, tmp_path: Path, mode: str
+    hostile, open_sensor: OpenSensor, mode: str
 ) -> None:
     server = hostile(mode)
-    sensor = http_sensor(server.url, tmp_path, timeout_s=0.5)
+    sensor = await open_sensor(server.url, timeout_s=0.5)
     t0 = time.monotonic()
     with pytest.raises(OSError):
         await asyncio.wait_for(sensor.read(), 3 * HOSTILE_FOR_S)
     assert time.monotonic() - t0 < 1.5
 
 
-async def test_the_document_size_limit_is_configurable(site, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("huge_body", "larger than"),  # refused on its Content-Length
+        ("huge_chunked", "larger than"),  # refused by counting
+        ("endless_body", "larger than"),
+        ("long_header", None),
+        ("long_status_line", None),
+    ],
+)
+async def test_an_oversized_answer_is_refused_before_the_timeout(
+    hostile, open_sensor: OpenSensor, mode: str, why: str | None
+) -> None:
+    sensor = await open_sensor(hostile(mode).url, timeout_s=10)
+    t0 = time.monotonic()
+    with pytest.raises(HttpError, match=why) as failed:
+        await sensor.read()
+    assert not isinstance(failed.value, TimeoutError)
+    assert time.monotonic() - t0 < 3
+
+
+async def test_the_document_size_limit_is_configurable(site, open_sensor: OpenSensor) -> None:
     state, url = site
     state.body = json.dumps({"data": {"power": 1, "meters": [{}, {"kwh": 2}]}, "pad": "x" * 400})
     state.body = state.body.encode()
     with pytest.raises(OSError, match="larger than 100 bytes"):
-        await http_sensor(url, tmp_path, max_bytes=100).read()
-    readings = await http_sensor(url, tmp_path, max_bytes=1000).read()
+        await (await open_sensor(url, max_bytes=100)).read()
+    readings = await (await open_sensor(url, max_bytes=1000)).read()
     assert [r.value for r in readings] == [1.0, 2000.0]
+
+
+# -- https -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A certificate authority and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    openssl("req", "-x509", *ec, "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "leaf.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    openssl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "leaf.key", "-out", "leaf.csr")
+    openssl(
+        "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "leaf.ext", "-out", "leaf.pem",
+    )  # fmt: skip
+    return {"ca": d / "ca.pem", "cert": d / "leaf.pem", "key": d / "leaf.key"}
+
+
+@pytest.fixture
+def tls_site(tls: dict[str, Path]) -> Iterator[tuple[Site, str]]:
+    """The monitoring app again, over https."""
+    state = Site()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["cert"], tls["key"])
+    handler = _site_handler(state)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield state, f"https://127.0.0.1:{server.server_address[1]}/api/now"
+    server.shutdown()
+    server.server_close()
+
+
+READ_ONCE = """
+import asyncio, json, sys
+from pathlib import Path
+from daisee_node.clock import Clock
+from daisee_node.sensors.base import SensorContext
+from daisee_node.sensors.http_json import HttpConfig, HttpJsonSensor
+
+async def main() -> None:
+    config = HttpConfig(
+        name="inverter", kind="http", url=sys.argv[1], timeout_s=10,
+        values=[{"quantity": "power_w", "path": "data.power"}],
+    )
+    sensor = HttpJsonSensor(config, SensorContext(Clock(), Path(".")))
+    await sensor.setup()
+    try:
+        print(json.dumps([r.value for r in await sensor.read()]))
+    finally:
+        await sensor.close()
+
+asyncio.run(main())
+"""
+
+
+def test_https_with_a_trusted_certificate(tls_site, tls: dict[str, Path]) -> None:
+    """A node whose system trust store holds the source's authority reads it over https."""
+    state, url = tls_site
+    state.body = json.dumps({"data": {"power": 99.5}}).encode()
+    env = os.environ | {"SSL_CERT_FILE": str(tls["ca"])}
+    done = subprocess.run(
+        [sys.executable, "-c", READ_ONCE, url],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [99.5]
+
+
+async def test_https_with_an_untrusted_certificate_fails_the_read(
+    tls_site, open_sensor: OpenSensor
+) -> None:
+    state, url = tls_site
+    state.body = json.dumps({"data": {"power": 1, "meters": [{}, {"kwh": 1}]}}).encode()
+    with pytest.raises(HttpError, match="certificate"):
+        await (await open_sensor(url)).read()
+    assert state.seen_headers is None  # nothing was sent to a server that could not be verified
+
+
+def test_the_http_library_is_imported_only_when_a_source_starts() -> None:
+    """`daisee-node --version` and `check-config` stay fast: aiohttp is loaded by `setup`."""
+    code = (
+        "import sys, daisee_node.cli, daisee_node.daemon, daisee_node.sensors.http_json\n"
+        "print('aiohttp' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 async def test_a_slow_source_gives_flagged_readings_at_the_interval_and_the_node_stops(
