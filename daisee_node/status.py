@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
@@ -12,20 +13,34 @@ from typing import Any
 from daisee_node.daemon import running_pid
 from daisee_node.errors import DaiseeError
 from daisee_node.readings import Quality
-from daisee_node.store import db_path
+from daisee_node.store import HEALTH_NAME, connect_readonly, db_path
 
 
 def open_readonly(data_dir: Path) -> sqlite3.Connection:
-    """A read-only connection to a node's database; a clear error when there is none."""
+    """A read-only connection to a node's database (nothing is written beside a live node)."""
     path = db_path(data_dir)
     if not path.exists():
         raise DaiseeError(f"no node database in {data_dir} (has a node run with this data dir?)")
+    conn = connect_readonly(path)
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         conn.execute("SELECT 1 FROM readings LIMIT 1")
     except sqlite3.Error as exc:
+        conn.close()
         raise DaiseeError(f"cannot read {path}: {exc}") from None
     return conn
+
+
+def read_health(data_dir: Path, pid: int | None) -> dict[str, Any] | None:
+    """The running writer's health file, if it belongs to the daemon running now."""
+    try:
+        report = json.loads((data_dir / HEALTH_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or pid is None or report.get("pid") is None:
+        return None
+    if pid != -1 and report.get("pid") != pid:
+        return None  # left by an earlier run
+    return report
 
 
 def newest_reading_ms(data_dir: Path) -> int | None:
@@ -42,7 +57,16 @@ def newest_reading_ms(data_dir: Path) -> int | None:
 
 def read_status(data_dir: Path) -> dict[str, Any]:
     """Everything `status` shows, as plain data (also the `--json` output)."""
-    conn = open_readonly(data_dir)
+    pid = running_pid(data_dir)
+    health = read_health(data_dir, pid)
+    try:
+        conn = open_readonly(data_dir)
+    except DaiseeError as exc:
+        if health is None:
+            raise
+        # The database cannot be read (a disk that filled before it existed, or a store opened
+        # for its own process only), but the daemon runs: show what its writer says.
+        return _report(data_dir, pid, health, str(exc), {}, [], {}, None, (None, None), 0, 0)
     try:
         path = db_path(data_dir)
         size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
@@ -80,6 +104,43 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         ledger = _ledger(conn)
     finally:
         conn.close()
+    return _report(
+        data_dir,
+        pid,
+        health,
+        None,
+        counters,
+        latest,
+        last_events,
+        ledger,
+        (oldest, newest),
+        aggregates,
+        size,
+    )
+
+
+def _report(
+    data_dir: Path,
+    pid: int | None,
+    health: dict[str, Any] | None,
+    db_error: str | None,
+    counters: dict[str, int],
+    latest: list[dict[str, Any]],
+    last_events: dict[tuple[str, str], tuple[Any, ...]],
+    ledger: dict[str, Any] | None,
+    span: tuple[int | None, int | None],
+    aggregates: int,
+    size: int,
+) -> dict[str, Any]:
+    """The report from what the database holds, completed by what the writer holds in memory."""
+    counters = dict(counters)
+    last_events = dict(last_events)
+    unwritten = (health or {}).get("unwritten") or {}
+    # State the writer could not write yet is newer than the database's.
+    counters.update(unwritten.get("counters") or {})
+    for key, (state, reason, t_ms) in (unwritten.get("events") or {}).items():
+        kind, name, target = key.split("|", 2)
+        last_events[(kind, name if kind != "rule" else f"{name}>{target}")] = (state, reason, t_ms)
     relays: dict[str, dict[str, Any]] = {}
     rules: dict[str, dict[str, Any]] = {}
     for name, value in counters.items():
@@ -104,7 +165,6 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         if name.startswith("sensor."):
             sensor, _, what = name[len("sensor.") :].rpartition(".")
             sensors.setdefault(sensor, {})[what] = value
-    pid = running_pid(data_dir)
     return {
         "data_dir": str(data_dir),
         "running": pid is not None,
@@ -114,14 +174,39 @@ def read_status(data_dir: Path) -> dict[str, Any]:
             "bytes": size,
             "readings": counters.get("readings_stored", 0),
             "minute_aggregates": aggregates,
-            "oldest_ms": oldest,
-            "newest_ms": newest,
+            "oldest_ms": span[0],
+            "newest_ms": span[1],
+            "error": db_error,
         },
+        "store": _store_health(health, counters),
         "sensors": sensors,
         "latest": latest,
         "relays": relays,
         "rules": rules,
         "ledger": ledger,
+    }
+
+
+def _store_health(health: dict[str, Any] | None, counters: dict[str, int]) -> dict[str, Any]:
+    """Write errors: live from the running writer, else as counted in the database."""
+    if health is not None:
+        return {
+            "healthy": bool(health.get("healthy", True)),
+            "write_errors": int(health.get("write_errors", 0)),
+            "last_error": health.get("last_error"),
+            "failing_since_ms": health.get("failing_since_ms"),
+            "held_in_memory": int(health.get("pending", 0)),
+            "dropped": int(health.get("dropped", 0)),
+            "live": True,
+        }
+    return {
+        "healthy": True,
+        "write_errors": counters.get("store.write_errors", 0),
+        "last_error": None,
+        "failing_since_ms": None,
+        "held_in_memory": 0,
+        "dropped": counters.get("store.dropped", 0),
+        "live": False,
     }
 
 
@@ -197,12 +282,17 @@ def render_status(report: dict[str, Any]) -> str:
         f"node data dir   {report['data_dir']}",
         "daemon          "
         + (f"running (pid {report['pid']})" if report["running"] else "not running"),
-        f"database        {_size(db['bytes'])}, {db['readings']:,} raw readings, "
-        f"{db['minute_aggregates']:,} minute aggregates",
-        f"  oldest        {_when(db['oldest_ms'])}",
-        f"  newest        {_when(db['newest_ms'])}",
-        "",
     ]
+    if db.get("error"):
+        lines.append(f"database        unreadable: {db['error']}")
+    else:
+        lines += [
+            f"database        {_size(db['bytes'])}, {db['readings']:,} raw readings, "
+            f"{db['minute_aggregates']:,} minute aggregates",
+            f"  oldest        {_when(db['oldest_ms'])}",
+            f"  newest        {_when(db['newest_ms'])}",
+        ]
+    lines += [*_store_lines(report.get("store")), ""]
     rows = [("CHANNEL", "VALUE", "UNIT", "QUALITY", "AT (UTC)")]
     for r in report["latest"]:
         value = "unavailable" if r["value"] is None else f"{r['value']:.6g}"
@@ -247,6 +337,25 @@ def render_status(report: dict[str, Any]) -> str:
         if ledger["relayed_for_peers"]:
             lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
     return "\n".join(lines)
+
+
+def _store_lines(store: dict[str, Any] | None) -> list[str]:
+    if not store:
+        return []
+    if not store["healthy"]:
+        return [
+            f"store           WRITES FAILING since {_when(store['failing_since_ms'])}: "
+            f"{store['write_errors']:,} write errors",
+            f"  last error    {store['last_error']}",
+            f"  in memory     {store['held_in_memory']:,} readings waiting, "
+            f"{store['dropped']:,} dropped",
+        ]
+    if store["write_errors"] or store["dropped"]:
+        return [
+            f"store           writing ({store['write_errors']:,} write errors so far, "
+            f"{store['dropped']:,} readings dropped)"
+        ]
+    return []
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import gc
+import json
 import math
 import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,10 @@ from daisee_node.logs import get_logger
 from daisee_node.readings import Channel, Quality, Reading
 
 DB_NAME = "node.db"
+#: the writer's health, for `status`: a fixed-size file rewritten in place, so it can still be
+#: updated when the disk is full
+HEALTH_NAME = "store-health.json"
+HEALTH_BYTES = 16_384
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 
@@ -174,6 +183,12 @@ class StoreStats:
     rolled_up_minutes: int = 0
     deleted_raw: int = 0
     deleted_aggregates: int = 0
+    #: failed write transactions (disk full, I/O error, locked by another process)
+    write_errors: int = 0
+    #: the newest write error, "" once a write succeeds again
+    last_error: str = ""
+    #: events (rule decisions, switches) dropped because the backlog was full
+    dropped_events: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -188,6 +203,10 @@ class Retention:
     maintenance_interval_s: float = 60.0
     #: minutes are rolled up once they ended this long ago, so late readings still count
     rollup_grace_s: float = 5.0
+    #: longest wait between two tries of a failing write
+    retry_max_s: float = 5.0
+    #: events (decisions, switches) held in memory at most while writes fail
+    max_pending_events: int = 10_000
 
 
 def db_path(data_dir: str | os.PathLike[str]) -> Path:
@@ -195,7 +214,11 @@ def db_path(data_dir: str | os.PathLike[str]) -> Path:
 
 
 class Store:
-    """The reading buffer: `put` from anywhere on the event loop, `run()` as the writer task."""
+    """The reading buffer: `put` from anywhere on the event loop, `run()` as the writer task.
+
+    `read_only=True` is for commands that only look (status, prove, verify) beside a live node:
+    the file is opened with SQLite's `mode=ro`, never created, migrated, tightened or moved.
+    """
 
     def __init__(
         self,
@@ -204,8 +227,12 @@ class Store:
         retention: Retention | None = None,
         clock: Clock | None = None,
         synchronous: str = "FULL",
+        read_only: bool = False,
+        lock_timeout_s: float = 10.0,
     ) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        self.lock_timeout_s = lock_timeout_s
         self.retention = retention or Retention()
         self.clock = clock or Clock()
         self.synchronous = synchronous
@@ -233,43 +260,144 @@ class Store:
         self.keep_unsealed = False
         #: called after each commit with the readings just made durable
         self.on_commit: list[Callable[[Sequence[Reading]], None]] = []
+        self.health_path = self.path.with_name(HEALTH_NAME)
+        self._failing_since_ms: int | None = None
+        self._health_written = 0.0
+        # Opened without shared memory (a full disk cannot hold the -shm file): other programs
+        # cannot read until the writer reconnects normally.
+        self._exclusive = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open (creating if needed), check integrity, migrate. A corrupt file is moved aside."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating if needed), check integrity, migrate.
+
+        Only a file SQLite reports as damaged (not a database, malformed, failing its quick check)
+        is moved aside. A database locked by another process is waited for, up to
+        `lock_timeout_s`, then reported as a `StoreError` with nothing moved. Read-only: the file
+        must exist, and nothing is created, migrated, tightened or moved.
+        """
+        if self.read_only:
+            await self._open_read_only()
+            return
         try:
-            try:
-                await self._connect()
-                ok = await self._quick_check()
-            except sqlite3.DatabaseError as exc:
-                ok = False
-                self._log.error("database unreadable", path=str(self.path), error=str(exc))
+            await asyncio.to_thread(self._prepare_files)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        try:
+            deadline = time.monotonic() + self.lock_timeout_s
+            exclusive = False
+            while True:
+                try:
+                    await self._connect(exclusive=exclusive)
+                    ok = await self._quick_check()
+                    break
+                except sqlite3.DatabaseError as exc:
+                    await self._close_quietly()
+                    kind = classify_error(exc)
+                    if kind in ("full", "io") and not exclusive and self.path.stat().st_size:
+                        # SQLite could not create its shared-memory file: most likely a full
+                        # disk. Without it the file can still be read, and written once space
+                        # returns.
+                        self._log.warning(
+                            "cannot create the database's shared-memory file (disk full?); "
+                            "opening it for this process only",
+                            path=str(self.path),
+                            error=str(exc),
+                        )
+                        exclusive = True
+                        continue
+                    if kind == "locked":
+                        if time.monotonic() < deadline:
+                            await asyncio.sleep(0.2)
+                            continue
+                        raise StoreError(
+                            f"{self.path} is locked by another process (waited "
+                            f"{self.lock_timeout_s:g} s): {exc}; is another program using it?"
+                        ) from None
+                    if kind != "corrupt":
+                        raise StoreError(f"cannot open {self.path}: {exc}") from None
+                    ok = False
+                    self._log.error("database unreadable", path=str(self.path), error=str(exc))
+                    break
             if not ok:
                 await self._quarantine()
                 await self._connect()
-            await self._migrate()
+            try:
+                await self._migrate()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot prepare {self.path}: {exc}") from None
             await self._load_channels()
         except BaseException:
-            if self._db is not None:
-                with contextlib.suppress(Exception):
-                    await self._db.close()
-                self._db = None
+            await self._close_quietly()
             raise
         self._next_maintenance = self.clock.now() + min(5.0, self.retention.maintenance_interval_s)
 
-    async def _connect(self) -> None:
+    async def _open_read_only(self) -> None:
+        try:
+            self._db = await aiosqlite.connect(
+                readonly_uri(self.path), uri=True, isolation_level=None
+            )
+            await self._db.execute(f"PRAGMA busy_timeout={int(self.lock_timeout_s * 1000)}")
+            async with self._db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(_too_new(self.path, version))
+            if version >= 1:
+                await self._load_channels()
+        except sqlite3.Error as exc:
+            await self._close_quietly()
+            raise StoreError(f"cannot read {self.path}: {exc}") from None
+        except BaseException:
+            await self._close_quietly()
+            raise
+
+    def _prepare_files(self) -> None:
+        """The db's folder (0700) and the db itself (0600) before SQLite sees them.
+
+        SQLite gives the -wal and -shm files the mode of the database file, so creating the file
+        private here keeps all three private.
+        """
+        ensure_private_dir(self.path.parent)
+        if not self.path.exists():
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        for suffix in ("", "-wal", "-shm"):
+            _tighten(Path(f"{self.path}{suffix}"), 0o600, self._log)
+        _tighten(self.health_path, 0o600, self._log)
+        try:
+            self._write_health(force=True)
+        except OSError as exc:
+            self._log.warning("cannot write the store's health file", error=str(exc))
+
+    async def _close_quietly(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.close()
+            self._db = None
+            _release_statements()
+
+    async def _connect(self, exclusive: bool = False) -> None:
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
+        # The busy timeout first: switching to WAL must also wait for another process's lock.
+        busy_ms = int(min(5.0, self.lock_timeout_s) * 1000)
+        await self._db.execute(f"PRAGMA busy_timeout={busy_ms}")
+        if exclusive:
+            # Set before the first access in WAL mode, SQLite keeps the WAL index in memory.
+            await self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        async with self._db.execute("PRAGMA journal_mode=WAL") as cur:
+            await cur.fetchall()
         await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
-        await self._db.execute("PRAGMA busy_timeout=5000")
         await self._db.execute("PRAGMA temp_store=MEMORY")
+        self._exclusive = exclusive
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; writers take turns (they share the one connection)."""
         assert self._db is not None
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only")
         async with self._tx_lock:
             try:
                 # BEGIN inside the try: a task cancelled while BEGIN is queued on the database
@@ -278,10 +406,14 @@ class Store:
                 await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await self._db.execute("ROLLBACK")
+                if _is_write_failure(exc):
+                    self._write_failed(exc)
                 raise
+            if self._failing_since_ms is not None:
+                await self._write_recovered()
 
     async def _quick_check(self) -> bool:
         assert self._db is not None
@@ -311,10 +443,7 @@ class Store:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this daisee-node "
-                f"understands ({len(MIGRATIONS)}); upgrade daisee-node"
-            )
+            raise StoreError(_too_new(self.path, version))
         for number in range(version, len(MIGRATIONS)):
             async with self.transaction() as db:
                 for statement in _split_sql(MIGRATIONS[number]):
@@ -331,11 +460,119 @@ class Store:
         """Checkpoint the WAL into the main file and close."""
         if self._db is None:
             return
+        if self.read_only:
+            await self._close_quietly()
+            return
         try:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            # The committed data is safe in the WAL; the next open checkpoints it.
+            self._log.warning("checkpoint at close failed", error=str(exc))
         finally:
             await self._db.close()
             self._db = None
+            _release_statements()
+            with contextlib.suppress(OSError):
+                self._write_health(force=True, closed=True)
+
+    # -- health ------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while writes fail (since the last failed write, until one succeeds)."""
+        return self._failing_since_ms is None
+
+    @property
+    def write_errors(self) -> int:
+        """Failed write transactions since the store was created."""
+        return self.stats.write_errors
+
+    @property
+    def last_error(self) -> str | None:
+        """The newest write error while writes fail; None when healthy."""
+        return self.stats.last_error or None
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and logs: ok, or failing with the error."""
+        if self.healthy and not self.stats.write_errors:
+            return "store ok"
+        if self.healthy:
+            return f"store ok ({self.stats.write_errors} write errors, recovered)"
+        return (
+            f"store writes failing ({self.stats.write_errors} errors, {self.pending} readings "
+            f"held, {self.stats.dropped} dropped): {self.stats.last_error}"
+        )
+
+    def health(self, closed: bool = False) -> dict[str, Any]:
+        """The writer's health as plain data (what the health file holds)."""
+        return {
+            "pid": None if closed else os.getpid(),
+            "t_ms": now_ms(),
+            "healthy": self.healthy,
+            "write_errors": self.stats.write_errors,
+            "last_error": self.last_error,
+            "failing_since_ms": self._failing_since_ms,
+            "pending": self.pending,
+            "dropped": self.stats.dropped,
+            "dropped_events": self.stats.dropped_events,
+        }
+
+    def _unwritten_state(self) -> dict[str, Any]:
+        """Relay and rule state held in memory, not yet in the database."""
+        counters = {
+            k: v for k, v in self._counter_sets.items() if k.startswith(("relay.", "rule."))
+        }
+        events: dict[str, list[Any]] = {}
+        for t_ms, kind, name, target, state, reason, _ in self._events:
+            events[f"{kind}|{name}|{target or ''}"] = [state, reason, t_ms]
+        return {"counters": counters, "events": events}
+
+    def _write_health(self, force: bool = False, closed: bool = False) -> None:
+        """Rewrite the health file in place (no new disk blocks needed once it exists)."""
+        if not force and time.monotonic() - self._health_written < 2.0:
+            return
+        self._health_written = time.monotonic()
+        report = self.health(closed)
+        if not self.healthy:
+            report["unwritten"] = self._unwritten_state()
+        data = json.dumps(report, separators=(",", ":")).encode()
+        if len(data) > HEALTH_BYTES:
+            report.pop("unwritten", None)
+            data = json.dumps(report, separators=(",", ":")).encode()
+        fd = os.open(self.health_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            # Trailing spaces are valid JSON whitespace: the file keeps its full size.
+            os.pwrite(fd, data.ljust(HEALTH_BYTES), 0)
+        finally:
+            os.close(fd)
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self.stats.write_errors += 1
+        self.stats.last_error = f"{classify_error(exc)}: {exc}"
+        self.add_counter("store.write_errors", 1)
+        if self._failing_since_ms is None:
+            self._failing_since_ms = now_ms()
+            self._health_written = 0.0  # the first failure is published at once
+            self._log.error(
+                "store writes failing; readings are held in memory and retried",
+                error=str(exc),
+                max_pending=self.retention.max_pending,
+            )
+        else:
+            self._log.debug("store write failed again", error=str(exc))
+
+    async def _write_recovered(self) -> None:
+        assert self._failing_since_ms is not None
+        self._log.warning(
+            "store writes recovered",
+            failed_for_s=round((now_ms() - self._failing_since_ms) / 1000, 1),
+            write_errors=self.stats.write_errors,
+            dropped=self.stats.dropped,
+        )
+        self._failing_since_ms = None
+        self.stats.last_error = ""
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._write_health, True)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -373,6 +610,7 @@ class Store:
                     max_pending=self.retention.max_pending,
                 )
             self.stats.dropped += excess
+            self.add_counter("store.dropped", excess)
         if not self._wakeup.is_set():
             self._wakeup.set()
         self._drained.clear()
@@ -389,6 +627,16 @@ class Store:
     ) -> None:
         """Record a decision or a switch (written with the next batch)."""
         self._events.append((t_ms, kind, name, target, state, reason, data))
+        excess = len(self._events) - self.retention.max_pending_events
+        if excess > 0:
+            del self._events[:excess]
+            if self.stats.dropped_events == 0:
+                self._log.error(
+                    "store backlog full; dropping oldest events",
+                    max_pending_events=self.retention.max_pending_events,
+                )
+            self.stats.dropped_events += excess
+            self.add_counter("store.dropped_events", excess)
         if not self._wakeup.is_set():
             self._wakeup.set()
 
@@ -406,30 +654,83 @@ class Store:
     # -- the writer task -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The writer task. Returns after `stop()`, once everything pending is committed."""
+        """The writer task. Returns after `stop()`, once everything pending is committed.
+
+        A failing write (disk full, I/O error, a lock held elsewhere) does not end the task: the
+        batch stays in memory (bounded by `max_pending`, oldest dropped first), the error is
+        counted, and the write is tried again after a growing pause, until it succeeds.
+        """
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only; it has no writer")
         if self._db is None:
             await self.open()
         last_commit = 0.0
+        retry_s = 0.0
         while True:
             if not (self._pending or self._events) and not self._stopping:
                 self._drained.set()
                 self._wakeup.clear()
                 timeout = max(0.05, (self._next_maintenance - self.clock.now()) / self.clock.speed)
+                if retry_s:
+                    timeout = min(timeout, retry_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=min(timeout, 5.0))
             if self._stopping and not self._pending:
-                await self._write_batch([])  # counters
+                with contextlib.suppress(*_WRITE_FAILURES):
+                    await self._write_batch([])  # counters
                 self._drained.set()
                 return
             since = time.monotonic() - last_commit
-            if not self._stopping and since < self.retention.flush_interval_s:
-                await asyncio.sleep(self.retention.flush_interval_s - since)
-            if self._pending or self._counter_adds or self._counter_sets or self._events:
-                batch, self._pending = self._pending, []
+            wait = max(self.retention.flush_interval_s, retry_s)
+            if not self._stopping and since < wait:
+                await asyncio.sleep(wait - since)
+            try:
+                if self._db is None:  # a reconnect failed: try again
+                    async with self._tx_lock:
+                        await self._connect(exclusive=True)
+                if self._pending or self._counter_adds or self._counter_sets or self._events:
+                    batch, self._pending = self._pending, []
+                    last_commit = time.monotonic()
+                    await self._write_batch(batch)
+                    if self._exclusive:
+                        await self._reconnect_shared()
+                if self.clock.now() >= self._next_maintenance and not self._stopping:
+                    await self.maintain()
+            except _WRITE_FAILURES as exc:
+                if not _is_write_failure(exc):
+                    raise
+                if self._stopping:
+                    self._log.error(
+                        "store stopped with readings not written",
+                        lost=self.pending,
+                        error=str(exc),
+                    )
+                    self._done_count += self.pending
+                    self._committed.set()
+                    self._drained.set()
+                    return
+                # Published here, once the failed batch is back in memory (at most every 2 s).
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(self._write_health)
                 last_commit = time.monotonic()
-                await self._write_batch(batch)
-            if self.clock.now() >= self._next_maintenance and not self._stopping:
-                await self.maintain()
+                retry_s = min(self.retention.retry_max_s, max(0.25, retry_s * 2))
+                # The rest of maintenance waits for the next turn.
+                self._next_maintenance = self.clock.now() + self.retention.maintenance_interval_s
+                continue
+            retry_s = 0.0
+
+    async def _reconnect_shared(self) -> None:
+        """Leave exclusive mode once writes work again, so other programs can read."""
+        async with self._tx_lock:  # no transaction may start on the connection being replaced
+            await self._close_quietly()
+            try:
+                await self._connect()
+            except sqlite3.Error as exc:
+                await self._close_quietly()
+                self._log.warning("still cannot share the database", error=str(exc))
+                await self._connect(exclusive=True)
+            else:
+                self._log.info("database shared again", path=str(self.path))
 
     def stop(self) -> None:
         """Ask the writer to commit what is pending and return."""
@@ -455,7 +756,8 @@ class Store:
                 ids = self._channel_ids
                 rows = [(r.t_ms, ids[r.channel], r.value, r.quality) for r in batch]
             except KeyError:
-                await self._register_channels({r.channel for r in batch})
+                async with self.transaction():
+                    await self._register_channels({r.channel for r in batch})
                 ids = self._channel_ids
                 rows = [(r.t_ms, ids[r.channel], r.value, r.quality) for r in batch]
             latest = {row[1]: row for row in rows}
@@ -479,8 +781,10 @@ class Store:
                 if events:
                     await db.executemany(_INSERT_EVENT, events)
         except BaseException:
-            # Nothing is lost: the batch and the counters go back in front of what came since.
+            # Nothing is lost: the batch and the counters go back in front of what came since
+            # (within the backlog's bound: the oldest readings are dropped first, counted).
             self._pending[:0] = batch
+            self._after_put()
             for k, v in adds.items():
                 self._counter_adds[k] = self._counter_adds.get(k, 0) + v
             for k, v in sets.items():
@@ -609,7 +913,11 @@ class Store:
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read query on the writer's connection (WAL readers never block the writer)."""
-        assert self._db is not None
+        if self._db is None and not self.read_only:
+            async with self._tx_lock:  # a reconnect is under way
+                pass
+        if self._db is None:
+            raise StoreError(f"{self.path} is not open")
         async with self._db.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
@@ -650,3 +958,117 @@ def _move_aside(path: Path, tag: str) -> None:
         src = Path(f"{path}{suffix}")
         if src.exists():
             src.rename(f"{path}{tag}{suffix}")
+
+
+def _too_new(path: Path, version: int) -> str:
+    return (
+        f"{path} has schema version {version}, newer than this daisee-node "
+        f"understands ({len(MIGRATIONS)}); upgrade daisee-node"
+    )
+
+
+# SQLite's primary result codes that say the file itself is damaged, and those that say another
+# connection holds it (https://www.sqlite.org/rescode.html).
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_LOCKED_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+
+
+def classify_error(exc: BaseException) -> str:
+    """What kind of failure `exc` is: corrupt, locked, full (disk or quota), io or other."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            primary = code & 0xFF
+            if primary in _CORRUPT_CODES:
+                return "corrupt"
+            if primary in _LOCKED_CODES:
+                return "locked"
+            if primary == 13:  # SQLITE_FULL
+                return "full"
+            if primary == 10:  # SQLITE_IOERR
+                return "io"
+            return "other"
+        text = str(exc).lower()
+        if "not a database" in text or "malformed" in text:
+            return "corrupt"
+        if "locked" in text or "busy" in text:
+            return "locked"
+        return "other"
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return "full"
+        return "io"
+    return "other"
+
+
+def readonly_uri(path: Path) -> str:
+    """A SQLite URI that reads `path` without writing anything beside it.
+
+    With a -wal file present (a node is running, or stopped without a checkpoint), `mode=ro`
+    reads through the node's WAL. Without one, the whole database is in the main file and
+    `immutable=1` keeps SQLite from creating -wal/-shm files that a read-only connection could not
+    remove again.
+    """
+    if not path.exists():
+        raise StoreError(f"no node database at {path} (has a node run with this data dir?)")
+    quoted = urllib.parse.quote(str(path.resolve()))
+    if Path(f"{path}-wal").exists():
+        return f"file:{quoted}?mode=ro"
+    return f"file:{quoted}?mode=ro&immutable=1"
+
+
+def connect_readonly(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """A synchronous read-only connection (see `readonly_uri`); a clear StoreError otherwise."""
+    try:
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=timeout)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    return conn
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create `path` (and parents) as 0700, or tighten an existing one: it holds personal data."""
+    folder = Path(path)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(folder, 0o700, get_logger("store"))
+    return folder
+
+
+def _tighten(path: Path, mode: int, log: Any) -> None:
+    """Remove group/other permissions from `path` if it has any (logged, since it is a change)."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if current & 0o077:
+        try:
+            os.chmod(path, (current | mode) & 0o700)
+        except PermissionError as exc:
+            log.warning("cannot tighten permissions", path=str(path), error=str(exc))
+            return
+        log.warning(
+            "permissions tightened: household readings are personal data",
+            path=str(path),
+            was=oct(current),
+            now=oct(stat.S_IMODE(path.stat().st_mode)),
+        )
+
+
+_WRITE_FAILURES = (sqlite3.Error, OSError)
+
+
+def _release_statements() -> None:
+    """Free statements still referenced from the tracebacks of failed writes.
+
+    Python closes SQLite connections with `sqlite3_close_v2`, which keeps a connection (and its
+    file locks) alive until its last statement is finalized; a failed write leaves one in a
+    reference cycle. Without a collection, a connection opened next could find the file locked.
+    """
+    gc.collect()
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """A failure of the disk or of access to it, as opposed to a bug in a statement."""
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return False
+    return isinstance(exc, _WRITE_FAILURES)

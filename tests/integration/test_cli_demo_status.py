@@ -34,6 +34,9 @@ def test_demo_stores_readings_and_status_shows_them(tmp_path: Path) -> None:
     channels = {n for (n,) in db_rows(data / "node.db", "SELECT name FROM channels")}
     assert {"pv.power_w", "load.power_w", "battery.soc_pct", "grid.power_w"} <= channels
 
+    # `status` only looks: nothing beside the database is created or changed.
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in data.iterdir()}
+    assert not (data / "node.db-wal").exists() and not (data / "node.db-shm").exists()
     status = cli("status", "--data-dir", str(data), "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
@@ -57,6 +60,17 @@ def test_demo_stores_readings_and_status_shows_them(tmp_path: Path) -> None:
     assert table.returncode == 0
     assert "battery.soc_pct" in table.stdout and "not running" in table.stdout
     assert f"period {ledger['sealed_seq']}" in table.stdout
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in data.iterdir()} == before
+    assert report["store"] == {
+        "healthy": True,
+        "write_errors": 0,
+        "last_error": None,
+        "failing_since_ms": None,
+        "held_in_memory": 0,
+        "dropped": 0,
+        "live": False,
+    }
+    assert "WRITES FAILING" not in table.stdout
 
 
 def test_a_second_demo_run_continues_the_first(tmp_path: Path) -> None:

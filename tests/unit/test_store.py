@@ -136,14 +136,16 @@ async def test_a_failed_write_loses_nothing(tmp_path: Path, monkeypatch) -> None
         return await real(sql, params)
 
     monkeypatch.setattr(s._db, "executemany", failing_once)
-    with pytest.raises(sqlite3.OperationalError):
-        await s.run()
-    assert s.pending == 100  # the batch went back in the queue
+    writer = asyncio.create_task(s.run())
+    await s.flush()  # the writer retries the batch it failed to write
+    assert s.stats.write_errors == 1 and s.healthy and s.last_error is None
     s.put(Reading("a.x_w", T0 + 100, 100.0))
     s.stop()
-    await s.run()  # as the supervisor would restart it
+    await writer
     await s.close()
     assert rows(tmp_path / "node.db", "SELECT count(*) FROM readings") == [(101,)]
+    counters = dict(rows(tmp_path / "node.db", "SELECT name, value FROM counters"))
+    assert counters["store.write_errors"] == 1
 
 
 async def test_migrations_number_the_schema(tmp_path: Path) -> None:
