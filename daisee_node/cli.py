@@ -193,7 +193,7 @@ def _exit_soon(code: int, delay_s: float) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from daisee_node.daemon import make_clock, running_pid
+    from daisee_node.daemon import make_clock, make_private_dir, running_pid
     from daisee_node.sensors.ads1115 import Ads1115Sensor
     from daisee_node.sensors.base import SensorContext
 
@@ -216,7 +216,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise DaiseeError(f"no ADS1115 sensor named {', '.join(sorted(unknown))} in {args.config}")
     if not chosen:
         raise DaiseeError(f"no ADS1115 sensor in {args.config}")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
 
     async def run() -> None:
         ctx = SensorContext(make_clock(config), data_dir, config.simulation)

@@ -37,7 +37,7 @@ from daisee_node.readings import Quality, Reading
 from daisee_node.rules.engine import Decision, RuleEngine
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
-from daisee_node.store import Store, db_path
+from daisee_node.store import Store, db_path, ensure_private_dir
 from daisee_node.systemd import Notifier
 
 if TYPE_CHECKING:
@@ -124,16 +124,9 @@ class DataDirLock:
 
 
 def make_private_dir(path: Path) -> None:
-    """Create the data dir readable by the node's user only (household readings are personal
-    data), and tighten one found open to others."""
+    """The data dir, private to the node's user (see `ensure_private_dir`), or a clear error."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            path.chmod(mode & 0o700)
-            logs.get_logger("daemon").warning(
-                "data dir was readable by others; now 0700", path=str(path), was=oct(mode)
-            )
+        ensure_private_dir(path)
     except OSError as exc:
         raise DaiseeError(f"cannot create the data dir {path}: {exc.strerror}") from None
 
@@ -581,9 +574,8 @@ class Node:
             f"{len(self.sensors)} sensor(s); {self.store.stats.written} readings stored; "
             f"{self.store.pending} pending"
         )
-        store_error = getattr(self.store, "last_error", None)
-        if store_error:
-            text += f"; STORE ERROR: {store_error}"
+        if not self.store.healthy:
+            text += f"; STORE: {self.store.status_line()}"
         if self.safe_state_error:
             text = f"ERROR: relays not in their safe state ({self.safe_state_error}); " + text
         return text
