@@ -9,14 +9,17 @@ Topics under `<base_topic>/<node id>/`: `status` (retained online/offline, the l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
 from daisee_node.mqtt import discovery
-from daisee_node.mqtt.link import MqttLink
+from daisee_node.mqtt.link import OUTAGES, MqttLink
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import Channel
 
@@ -27,37 +30,125 @@ if TYPE_CHECKING:
 DISCOVERY_META_KEY = "mqtt_discovery_topics"
 MODES = {"ON": "on", "OFF": "off", "AUTO": "auto"}
 LEDGER_EVERY_S = 5.0
+#: a command is a few words; anything longer is refused before it is parsed
+MAX_COMMAND_BYTES = 256
+MAX_EXPIRES_S = 7 * 86_400.0
+JSON_KEYS = frozenset({"state", "expires_s"})
+#: the whole goodbye (final state, `offline`, DISCONNECT); the daemon allows it 1 s
+GOODBYE_S = 0.9
+#: at most one warning line per kind this often; the lines between are counted in the next one
+QUIET_S = 10.0
+RULE_ERROR_MAX = 300
+
+
+class CommandError(DaiseeError):
+    """A relay command the node refuses (malformed, out of range, or for no such relay)."""
 
 
 def parse_command(payload: bytes) -> tuple[str, float | None]:
     """`ON`, `OFF`, `AUTO`, optionally followed by an expiry in seconds (`ON 600`), or JSON
-    `{"state": "ON", "expires_s": 600}`. Returns (mode, expires_s)."""
-    text = payload.decode(errors="replace").strip()
-    state: Any
-    expires: Any = None
+    `{"state": "ON", "expires_s": 600}`. Returns (mode, expires_s); raises CommandError.
+
+    Strict: at most MAX_COMMAND_BYTES of UTF-8; JSON is one flat object with only those keys;
+    `expires_s` a finite number of seconds in (0, 7 days] (not a boolean, list or object)."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError(f"command too long: {len(payload)} bytes (at most {MAX_COMMAND_BYTES})")
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandError("command is not UTF-8 text") from None
+    state: object
+    expires: object
     if text.startswith("{"):
-        try:
-            data = json.loads(text)
-            state, expires = data.get("state"), data.get("expires_s")
-        except (ValueError, AttributeError) as exc:
-            raise DaiseeError(f"not a command: {text[:60]!r}") from exc
+        state, expires = _json_command(text)
     else:
         parts = text.split()
         if not parts or len(parts) > 2:
-            raise DaiseeError(f"not a command: {text[:60]!r}")
+            raise CommandError(f"not a command: {text[:60]!r}")
         state = parts[0]
         expires = parts[1] if len(parts) == 2 else None
-    mode = MODES.get(str(state).upper())
+    mode = MODES.get(state.upper()) if isinstance(state, str) else None
     if mode is None:
-        raise DaiseeError(f"unknown state {state!r}: use ON, OFF or AUTO")
-    if expires is not None:
+        raise CommandError(f"unknown state {str(state)[:30]!r}: use ON, OFF or AUTO")
+    return mode, _expiry(expires, from_text=not text.startswith("{"))
+
+
+def _json_command(text: str) -> tuple[object, object]:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CommandError(f"not a command: {text[:60]!r}") from None
+    if not isinstance(data, dict):
+        raise CommandError("a JSON command is an object")
+    unknown = sorted(str(k)[:30] for k in data.keys() - JSON_KEYS)
+    if unknown:
+        raise CommandError(f"unknown key(s) {unknown}: use state and expires_s")
+    return data.get("state"), data.get("expires_s")
+
+
+def _expiry(value: object, *, from_text: bool) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and from_text:
         try:
-            expires = float(expires)
-        except ValueError as exc:
-            raise DaiseeError(f"expiry {expires!r} is not a number of seconds") from exc
-        if not 0 < expires <= 7 * 86_400:
-            raise DaiseeError("expiry must be between 0 and 7 days")
-    return mode, expires
+            seconds = float(value)
+        except ValueError:
+            raise CommandError(f"expiry {value[:30]!r} is not a number of seconds") from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise CommandError(f"expires_s must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_S):
+        raise CommandError("expiry must be more than 0 s and at most 7 days")
+    return seconds
+
+
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` saved up: `take()` says whether one is left."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self._now = now
+        self._tokens = float(burst)
+        self._t = now()
+
+    def take(self) -> bool:
+        t = self._now()
+        self._tokens = min(self.burst, self._tokens + (t - self._t) * self.rate)
+        self._t = t
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class QuietLog:
+    """A warning that may come thousands of times a second (a flood of bad commands): the first
+    is logged at once, then at most one line every `every_s`, saying how many were left out."""
+
+    def __init__(self, log: Any, event: str, every_s: float = QUIET_S) -> None:
+        self.log = log
+        self.event = event
+        self.every_s = every_s
+        self._next = 0.0
+        self._left_out = 0
+
+    def __call__(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._left_out += 1
+            return
+        if self._left_out:
+            fields["left_out"] = self._left_out
+        self.log.warning(self.event, **fields)
+        self._left_out = 0
+        self._next = now + self.every_s
 
 
 class NodeMqtt:
@@ -75,7 +166,7 @@ class NodeMqtt:
                     f"cannot read mqtt.password_file {settings.password_file}: {exc.strerror}"
                 ) from None
         self.node_id = node.config.node.id
-        self.link = MqttLink(settings, self.node_id, password)
+        self.link = MqttLink(settings, self.node_id, password, counter=node.store.add_counter)
         self.base = self.link.base
         self.log = get_logger("mqtt")
         self._sent_readings: dict[str, tuple[int, float]] = {}  # channel → (t_ms, monotonic)
@@ -84,6 +175,10 @@ class NodeMqtt:
         self._ledger_due = 0.0
         self.commands_applied = 0
         self.commands_refused = 0
+        self.commands_dropped = 0
+        self._buckets: dict[str, TokenBucket] = {}
+        self._warn_refused = QuietLog(self.log, "MQTT command refused")
+        self._warn_dropped = QuietLog(self.log, "MQTT commands over the rate limit dropped")
         self.link.on_connect.append(self._on_connect)
         self.link.subscribe(f"{self.base}/relay/+/set", self._on_command)
         ledger = node.ledger
@@ -96,16 +191,41 @@ class NodeMqtt:
     # -- tasks ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(), name="mqtt.link")
-            tg.create_task(self._state_loop(), name="mqtt.state")
+        """The link and the state publisher, until the link stops (`goodbye`) or cancellation.
 
-    async def goodbye(self) -> None:
-        """On a clean stop: the final states (relays safe), then `offline`."""
-        if self.link.connected.is_set():
-            await self.publish_state()
-            await self.link.drain(0.5)
-            await self.link.publish_now(self.link.status_topic, "offline", qos=1, retain=True)
+        A broker outage never ends it; a bug does (raised for the daemon's supervisor)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="mqtt.link")
+                tg.create_task(self._state_loop(), name="mqtt.state")
+        except Exception:
+            if self.link.stopping:
+                # Cancelled on the way out as a child failed: a TaskGroup then raises the
+                # failure, not the cancellation; a restart now would hold the stop back.
+                self.log.exception("MQTT failed while stopping")
+                raise asyncio.CancelledError from None
+            raise
+
+    async def goodbye(self, timeout_s: float = GOODBYE_S) -> None:
+        """On a clean stop: the final states (relays safe), then `offline`, then DISCONNECT.
+
+        Bounded by `timeout_s` whatever the broker does, and never raises: the node's stop goes
+        on without it (the broker's last will says `offline` then)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            async with asyncio.timeout(timeout_s * 0.6):  # the rest is for disconnecting
+                if self.link.connected.is_set():
+                    await self.publish_state(quick=True)
+                    await self.link.drain(timeout_s * 0.3)
+                    await self.link.publish_now(
+                        self.link.status_topic, "offline", qos=1, retain=True
+                    )
+        except (TimeoutError, *OUTAGES) as exc:
+            self.log.warning("MQTT goodbye not sent; the last will says offline", error=repr(exc))
+        except Exception:
+            self.log.exception("MQTT goodbye failed")
+        await self.link.stop(max(0.05, deadline - loop.time()))
 
     async def _on_connect(self) -> None:
         # A new session: the broker may have lost retained state; send all of it again.
@@ -116,15 +236,19 @@ class NodeMqtt:
         await self.publish_state()
 
     async def _state_loop(self) -> None:
-        while True:
+        while not self.link.stopping:
             await asyncio.sleep(0.5)
-            if self.link.connected.is_set():
-                await self.publish_state()
+            if self.link.connected.is_set() and not self.link.stopping:
+                # The connection may go meanwhile: the link reconnects, and then all is re-sent.
+                with contextlib.suppress(*OUTAGES):
+                    await self.publish_state()
 
     # -- state ---------------------------------------------------------------------------------
 
-    async def publish_state(self) -> None:
-        """Whatever changed since it was last sent (retained state is re-sent on connect)."""
+    async def publish_state(self, *, quick: bool = False) -> None:
+        """Whatever changed since it was last sent (retained state is re-sent on connect).
+
+        `quick`: readings, relays and rules only (no database query, no discovery)."""
         now = time.monotonic()
         every = self.settings.reading_interval_s
         for name, reading in list(self.node.latest.items()):
@@ -139,8 +263,10 @@ class NodeMqtt:
                 self._publish_if_changed(f"relay/{name}", snap["state"].upper())
                 self._publish_if_changed(f"relay/{name}/attributes", json.dumps(snap))
         if self.node.rules is not None:
-            for name, snap in self.node.rules.snapshot().items():
+            for name, snap in self._rule_states().items():
                 self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
+        if quick:
+            return
         if self.node.ledger is not None and self.node.started.is_set() and now >= self._ledger_due:
             # A database query: a few seconds' delay is fine for a 15-minute ledger.
             self._ledger_due = now + LEDGER_EVERY_S
@@ -151,6 +277,21 @@ class NodeMqtt:
             if entities != self._announced:  # after a connect, or a reload changed them
                 await self._discovery()
                 self._announced = entities
+
+    def _rule_states(self) -> dict[str, dict[str, Any]]:
+        """Each rule's snapshot, with the engine's `error` (why it last failed) when it has one."""
+        engine = self.node.rules
+        assert engine is not None
+        states = engine.snapshot()
+        by_name = {
+            getattr(getattr(r, "config", None), "name", None): r
+            for r in getattr(engine, "rules", ())
+        }
+        for name, snap in states.items():
+            error = snap.get("error", getattr(by_name.get(name), "error", None))
+            if error:
+                snap["error"] = str(error)[:RULE_ERROR_MAX]
+        return states
 
     def _publish_if_changed(self, suffix: str, payload: str) -> None:
         if self._sent_json.get(suffix) == payload:
@@ -186,11 +327,11 @@ class NodeMqtt:
         for topic, payload in wanted.items():
             if self._sent_json.get(topic) != payload:
                 self._sent_json[topic] = payload
-                await self.link.publish_now(topic, payload, qos=1, retain=True)
+                self.link.publish(topic, payload, qos=1, retain=True)
         gone = announced - set(wanted)
         for topic in sorted(gone):
             # An empty retained config removes the entity from Home Assistant.
-            await self.link.publish_now(topic, b"", qos=1, retain=True)
+            self.link.publish(topic, b"", qos=1, retain=True)
             self._sent_json.pop(topic, None)
         if gone or set(wanted) - announced:
             await self.node.store.set_meta(DISCOVERY_META_KEY, json.dumps(sorted(wanted)))
@@ -200,18 +341,41 @@ class NodeMqtt:
     # -- commands ------------------------------------------------------------------------------
 
     def _on_command(self, topic: str, payload: bytes) -> None:
+        """A relay command: parsed strictly, rate limited per relay, then applied.
+
+        Every command ends counted: `mqtt.commands_applied`, `_refused` (malformed, unknown relay,
+        or refused by the node) or `_dropped` (over the relay's rate)."""
         relay = topic[len(self.base) + len("/relay/") : -len("/set")]
+        relays = self.node.relays.relays if self.node.relays is not None else {}
         try:
+            if relay not in relays:
+                raise CommandError(f"no relay named {relay[:40]!r}")
             mode, expires = parse_command(payload)
+        except CommandError as exc:
+            self._refuse(topic, exc)
+            return
+        bucket = self._buckets.get(relay)
+        if bucket is None:
+            bucket = TokenBucket(self.settings.commands_per_s, self.settings.command_burst)
+            self._buckets[relay] = bucket
+        if not bucket.take():
+            self.commands_dropped += 1
+            self.node.store.add_counter("mqtt.commands_dropped", 1)
+            self._warn_dropped(relay=relay, per_s=self.settings.commands_per_s)
+            return
+        try:
             self.node.override(relay, mode, expires, reason="mqtt")
-        except (DaiseeError, KeyError, ValueError) as exc:
-            self.commands_refused += 1
-            self.node.store.add_counter("mqtt.commands_refused", 1)
-            self.log.warning("MQTT command refused", topic=topic, error=str(exc))
+        except DaiseeError as exc:
+            self._refuse(topic, exc)
             return
         self.commands_applied += 1
         self.node.store.add_counter("mqtt.commands_applied", 1)
         self.log.info("MQTT command", relay=relay, mode=mode, expires_s=expires)
+
+    def _refuse(self, topic: str, exc: Exception) -> None:
+        self.commands_refused += 1
+        self.node.store.add_counter("mqtt.commands_refused", 1)
+        self._warn_refused(topic=topic[:200], error=str(exc))
 
     # -- commitments -----------------------------------------------------------------------------
 

@@ -30,3 +30,9 @@ class MqttSection(StrictModel):
         True, description="publish signed commitments for peers to relay (needs [chain])"
     )
     reconnect_max_s: float = Field(60.0, gt=0, le=3_600)
+    commands_per_s: float = Field(
+        2.0, gt=0, le=100, description="relay commands taken per second and relay; excess dropped"
+    )
+    command_burst: int = Field(
+        5, ge=1, le=1_000, description="relay commands taken at once before the rate applies"
+    )

@@ -245,3 +245,19 @@ async def test_tls_with_a_private_ca(tmp_path):
         await stop(node, task)
     finally:
         tls_broker.stop()
+
+
+async def test_a_failing_rule_shows_its_error_in_its_retained_state(tmp_path, broker):
+    rule = {
+        "name": "broken",
+        "when": "battery.soc_pct / (pv.power_w - pv.power_w) > 1",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+    }
+    node, task = await start(mqtt_config(tmp_path, broker, rules=[rule]))
+    async with Watcher(broker) as w:
+        raw = await w.wait("daisee/m1/rule/broken", lambda p: bool(json.loads(p).get("error")))
+        state = json.loads(raw)
+        assert "zero" in state["error"].lower()
+        assert state["errors"] >= 1
+    await stop(node, task)
