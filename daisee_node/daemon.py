@@ -446,6 +446,11 @@ class Node:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._stop.is_set():
+                    # Stopping: a TaskGroup inside the task may raise its children's errors
+                    # instead of the cancellation (Python 3.11). Never restart on the way out.
+                    self.log.exception("task failed while stopping", task=name)
+                    raise asyncio.CancelledError from exc
                 if time.monotonic() - started > RESTART_RESET_S:
                     failures = 0
                 failures += 1
