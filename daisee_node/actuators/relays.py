@@ -1,20 +1,30 @@
 """Relays on GPIO (gpiozero), driven safely.
 
-- At start each relay is put straight into its safe state (or left as the hardware holds it, with
-  `initial = "keep"`), never toggled through the other state.
-- Relays of one interlock `group` never close together: a change of source opens the old one,
-  waits the group's dead time, then closes the new one (break-before-make).
+- Relays of one interlock `group` never close together, and a relay of a group closes only once
+  the group's dead time has passed since any relay of the group last opened (break-before-make).
+  This holds on every path: start, rules, overrides, reload, stop and `daisee-node safe-state`.
+- At start claiming a pin never closes a relay of a group (mock lines are claimed at the level
+  they hold; real lines, whose level is not known, open); the relays that must open open at
+  once, and a relay of a group closes only a full dead time after the start, since a crashed
+  process may have opened another one just before. Relays outside groups go straight to their
+  safe state. With `initial = "keep"` a relay is left as the hardware holds it (a group only
+  if every member keeps, its levels are known, and until a rule or a command asks for one).
 - Rules ask (`request`), people override (`override`: ON / OFF / AUTO, with an expiry); a
-  single worker task makes the pins follow, in a safe order.
+  single worker task makes the pins follow, in a safe order. Within a group an override ON
+  beats a rule's wish; when no command or rule asks for any member of a group to close, the
+  group returns to its safe state (a member explicitly asked off stays open).
 - On stop every relay returns to its safe state; `daisee-node safe-state` does the same from a
   fresh process, for systemd to call after any stop, including a crash or `kill -9`.
+- Time comes from the `monotonic` and `sleep` given to the controller (the real ones by
+  default), so tests run it on a fake clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,15 +95,17 @@ class RelayState:
     on: bool
     since: float = field(default_factory=time.monotonic)
     switches: int = 0
-    #: what the rules want (None: no rule has an opinion; keep the current state)
+    #: what the rules want (None: no rule has an opinion; keep the current state, or in a
+    #: group that nobody asks for, go to the group's safe state)
     auto: bool | None = None
     auto_reason: str = ""
     override: bool | None = None
-    override_until: float | None = None  # monotonic
+    override_until: float | None = None  # on the controller's monotonic clock
     override_reason: str = ""
 
     @property
     def wanted(self) -> bool:
+        """What this relay alone asks for, leaving its interlock group aside."""
         if self.override is not None:
             return self.override
         return self.on if self.auto is None else self.auto
@@ -115,37 +127,91 @@ class RelayController:
         data_dir: Path,
         *,
         on_change: Callable[[RelayState, str], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        pin_factory: Any = None,
     ) -> None:
         self.configs = list(configs)
         self.gpio = gpio
         self.data_dir = data_dir
         self.relays: dict[str, RelayState] = {}
         self.on_change = on_change
+        self._now = monotonic
+        self._sleep = sleep
+        #: a gpiozero pin factory to use instead of the one `gpio` names
+        self._given_factory = pin_factory
         self._factory: Any = None
         self._wake = asyncio.Event()
-        self._group_opened: dict[str, float] = {}  # group → when its last relay opened
+        self._lock = asyncio.Lock()  # one converging at a time: the worker or all_safe
+        #: group → its relays' names, in config order
+        self.groups: dict[str, list[str]] = {}
+        for c in self.configs:
+            if c.group:
+                self.groups.setdefault(c.group, []).append(c.name)
+        #: group → its dead time: the longest any member asks for
+        self.dead_time_s: dict[str, float] = {
+            g: max(c.dead_time_s for c in self.configs if c.group == g) for g in self.groups
+        }
+        self._group_opened: dict[str, float] = {}  # group → when one of its relays last opened
+        self._kept: set[str] = set()  # groups left as found at start, until someone asks
+        self._conflict: dict[str, tuple[str, ...]] = {}  # group → relays asked closed together
         self.log = get_logger("relays")
         self.conflicts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self, *, force_safe: bool = False) -> None:
-        """Claim the pins; each relay starts in its safe state (or as it is, if `keep`)."""
+        """Claim the pins and open what must open; closings are left to `converge`/`all_safe`.
+
+        Each relay goes to its safe state (or stays as it is, with `keep`, unless `force_safe`).
+        Relays outside groups that must close close at once. Within a group, the levels a
+        crashed process left are taken as they are and nothing closes before a full dead time
+        from now; the worker's first round (woken here) or `all_safe` does it.
+        """
         from gpiozero import OutputDevice
 
-        self._factory = make_pin_factory(self.gpio, self.data_dir)
+        self._factory = self._given_factory or make_pin_factory(self.gpio, self.data_dir)
+        # Persistent mock lines report the level a process left. A real line's level is not
+        # known once claimed (gpiozero claims it as an input first, and claiming it as an output
+        # without a level drives it low, which closes an active-low relay): it is claimed open.
+        levels_known = bool(getattr(self._factory, "reports_levels", False))
         for c in self.configs:
-            safe = c.safe_state == "on"
-            initial: bool | None = None if (c.initial == "keep" and not force_safe) else safe
+            keep = c.initial == "keep" and not force_safe
+            initial: bool | None
+            if levels_known or (keep and c.group is None):
+                initial = None  # as the line is: claiming it changes nothing
+            elif c.group is None:
+                initial = c.safe_state == "on"
+            else:
+                initial = False  # never closed here: its group's dead time comes first
             device = OutputDevice(
                 c.pin, active_high=c.active_high, initial_value=initial, pin_factory=self._factory
             )
             self.relays[c.name] = RelayState(c, device, bool(device.value))
-        # Two relays of one group found closed (kept from before): open all but the first.
-        for group in {c.group for c in self.configs if c.group}:
-            closed = [r for r in self.relays.values() if r.config.group == group and r.on]
-            for r in closed[1:]:
-                self._drive(r, False, "interlock at start")
+        now = self._now()
+        for r in self.relays.values():
+            r.since = now
+        start = {
+            name: r.on if (r.config.initial == "keep" and not force_safe) else self._safe(r)
+            for name, r in self.relays.items()
+        }
+        for group, names in self.groups.items():
+            for name in [n for n in names if start[n]][1:]:
+                start[name] = False  # two closed at once: keep the first, open the others
+            kept = all(self.relays[n].config.initial == "keep" for n in names)
+            if kept and levels_known and not force_safe:
+                self._kept.add(group)
+            # When the others last opened is not known (maybe a moment ago, by a process that
+            # then died): count the dead time from now.
+            self._group_opened[group] = now
+        for name, r in self.relays.items():
+            if r.on and not start[name]:
+                self._drive(r, False, "start")
+        for name, r in self.relays.items():
+            if not r.on and start[name] and r.config.group is None:
+                self._drive(r, True, "start")
+        if any(group not in self._kept for group in self.groups):
+            self._wake.set()  # the worker closes what a group needs, after the dead time
 
     def close(self) -> None:
         for r in self.relays.values():
@@ -158,26 +224,18 @@ class RelayController:
     async def all_safe(self) -> None:
         """Every relay to its safe state: openings first, closings after their dead time."""
         for r in self.relays.values():
-            r.override = None
-            r.auto = r.config.safe_state == "on"
-            if r.on and not r.auto:
-                self._drive(r, False, "safe state")
-        for r in self.relays.values():
-            if r.auto and not r.on:
-                # Counted from the group's last opening, whoever made it (a change of source
-                # may have been waiting out its dead time when the stop came).
-                opened = self._group_opened.get(r.config.group or "")
-                if opened is not None:
-                    wait = opened + r.config.dead_time_s - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                self._drive(r, True, "safe state")
+            r.override, r.override_until, r.override_reason = None, None, ""
+            r.auto, r.auto_reason = self._safe(r), "safe state"
+        self._kept.clear()
+        await self.converge()
 
     # -- what rules and people ask -----------------------------------------------------------
 
     def request(self, name: str, on: bool | None, reason: str) -> None:
         """The rules' wish for a relay (None: no opinion)."""
         r = self.relays[name]
+        if on is not None:
+            self._kept.discard(r.config.group or "")
         if r.auto != on:
             r.auto, r.auto_reason = on, reason
             self._wake.set()
@@ -193,17 +251,19 @@ class RelayController:
         if name not in self.relays:
             raise DaiseeError(f"no relay named {name!r}")
         r = self.relays[name]
+        self._kept.discard(r.config.group or "")
         if mode == "auto":
             r.override, r.override_until, r.override_reason = None, None, ""
         else:
             r.override = mode == "on"
-            r.override_until = None if expires_s is None else time.monotonic() + expires_s
+            r.override_until = None if expires_s is None else self._now() + expires_s
             r.override_reason = reason
         self.log.info("relay override", relay=name, mode=mode, expires_s=expires_s)
         self._wake.set()
 
     def expire_overrides(self) -> list[str]:
-        now = time.monotonic()
+        """Return to AUTO every relay whose override has run out; their names."""
+        now = self._now()
         expired = [
             n
             for n, r in self.relays.items()
@@ -223,41 +283,108 @@ class RelayController:
             await self.converge()
 
     async def converge(self) -> None:
-        # Openings first: they are always safe.
-        for r in self.relays.values():
-            if r.on and not r.wanted:
-                self._drive(r, False, self._why(r))
-        for r in list(self.relays.values()):
-            if r.on or not r.wanted:
+        """Drive the pins to the targets: openings at once, closings once it is safe.
+
+        A relay of a group closes only while every other relay of the group is open and the
+        group's dead time has passed since its last opening; until then this waits, and looks
+        at the targets again after the wait (they may have changed).
+        """
+        async with self._lock:
+            while True:
+                wait = self._step()
+                if wait <= 0:
+                    return
+                await self._sleep(wait)
+
+    def _step(self) -> float:
+        """One round of switching; how long until a pending closing may happen (0: none)."""
+        targets = self.targets()
+        for group, names in self.groups.items():
+            self._note_conflict(group, self._contenders(names))
+        for name, r in self.relays.items():
+            if r.on and not targets[name][0]:
+                self._drive(r, False, targets[name][1])
+        wait = 0.0
+        for name, r in self.relays.items():
+            on, reason = targets[name]
+            if r.on or not on:
                 continue
             group = r.config.group
-            if group:
-                peers = [p for p in self.relays.values() if p is not r and p.config.group == group]
-                # Only an explicit wish (a rule's request or an override) competes; a relay
-                # merely kept closed yields to a change of source.
-                rivals = [p for p in peers if p.wanted and (p.override is not None or p.auto)]
-                if rivals and self.configs.index(rivals[0].config) < self.configs.index(r.config):
-                    self.conflicts += 1
-                    self.log.warning(
-                        "interlock: two relays of a group wanted closed; "
-                        "the first in the config wins",
-                        group=group,
-                        closed=rivals[0].config.name,
-                        kept_open=r.config.name,
-                    )
+            if group is not None:
+                others = [
+                    p for n, p in self.relays.items() if n != name and p.config.group == group
+                ]
+                if any(p.on for p in others):  # cannot happen: the openings came first
+                    self.log.error("interlock: a relay of the group is still closed", relay=name)
                     continue
-                for p in peers:
-                    if p.on:
-                        self._drive(p, False, f"interlock: {r.config.name} takes over")
-                opened = self._group_opened.get(group)
-                if opened is not None:
-                    wait = opened + r.config.dead_time_s - time.monotonic()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                        if not r.wanted or any(p.on for p in peers):
-                            self._wake.set()  # things changed while we waited: start over
-                            return
-            self._drive(r, True, self._why(r))
+                left = (
+                    self._group_opened.get(group, -math.inf) + self.dead_time_s[group] - self._now()
+                )
+                if left > 0:
+                    wait = max(wait, left)
+                    continue
+            self._drive(r, True, reason)
+        return wait
+
+    def targets(self) -> dict[str, tuple[bool, str]]:
+        """What each relay should be now, and why, with the interlock groups resolved."""
+        out = {name: (r.wanted, self._why(r)) for name, r in self.relays.items()}
+        for group, names in self.groups.items():
+            members = [self.relays[n] for n in names if n in self.relays]
+            if group in self._kept:
+                for m in members:
+                    out[m.config.name] = (m.on, "kept as found at start")
+                continue
+            contenders = self._contenders(names)
+            winner: RelayState | None
+            if contenders:
+                winner = contenders[0]
+                why = self._why(winner)
+            else:
+                # Nobody asks any relay of the group to close: the group's safe state, except
+                # for a relay explicitly asked to stay open.
+                winner = next(
+                    (m for m in members if self._safe(m) and m.override is None and m.auto is None),
+                    None,
+                )
+                why = "safe state of the group: nothing asks for another source"
+            for m in members:
+                if m is winner:
+                    out[m.config.name] = (True, why)
+                elif not m.wanted:
+                    out[m.config.name] = (False, self._why(m))
+                elif winner is None:
+                    out[m.config.name] = (False, why)
+                else:
+                    out[m.config.name] = (False, f"interlock: {winner.config.name} takes over")
+        return out
+
+    def _contenders(self, names: Sequence[str]) -> list[RelayState]:
+        """The relays of a group asked to close, best claim first.
+
+        An override ON beats a rule's wish; among equals, the first in the config wins.
+        """
+        members = [self.relays[n] for n in names if n in self.relays]
+        overridden = [m for m in members if m.override is True]
+        return overridden or [m for m in members if m.override is None and m.auto is True]
+
+    def _note_conflict(self, group: str, contenders: list[RelayState]) -> None:
+        names = tuple(m.config.name for m in contenders) if len(contenders) > 1 else ()
+        if names == self._conflict.get(group, ()):
+            return
+        self._conflict[group] = names
+        if names:
+            self.conflicts += 1
+            self.log.warning(
+                "interlock: several relays of a group asked closed; the first in the config wins",
+                group=group,
+                closed=names[0],
+                kept_open=list(names[1:]),
+            )
+
+    @staticmethod
+    def _safe(r: RelayState) -> bool:
+        return r.config.safe_state == "on"
 
     @staticmethod
     def _why(r: RelayState) -> str:
@@ -270,10 +397,11 @@ class RelayController:
             r.device.on()
         else:
             r.device.off()
-            if r.config.group:
-                self._group_opened[r.config.group] = time.monotonic()
+        now = self._now()
+        if not on and r.config.group:
+            self._group_opened[r.config.group] = now
         r.on = on
-        r.since = time.monotonic()
+        r.since = now
         r.switches += 1
         self.log.info(
             "relay switched", relay=r.config.name, state="on" if on else "off", reason=reason
@@ -282,12 +410,14 @@ class RelayController:
             self.on_change(r, reason)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Each relay's state, mode, switch count and reason (for status and MQTT)."""
+        targets = self.targets()
         return {
             name: {
                 "state": "on" if r.on else "off",
                 "mode": r.mode,
                 "switches": r.switches,
-                "reason": self._why(r),
+                "reason": targets[name][1],
             }
             for name, r in self.relays.items()
         }

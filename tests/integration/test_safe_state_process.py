@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
+from typing import Any
 
 from daisee_node.actuators.mockpins import pin_level
 from tests.conftest import run_cli, wait_for, write_config
@@ -40,8 +40,7 @@ def test_kill_9_then_safe_state_opens_what_the_daemon_left_closed(tmp_path: Path
     d = daemon(path)
     wait_for(lambda: pin_level(pins, 22) is True, timeout=30)
     assert pin_level(pins, 23) is True
-    d.kill()  # no chance to clean up: the heater stays on
-    time.sleep(0.2)
+    d.kill()  # no chance to clean up: the heater stays on (kill() waits for the exit)
     assert pin_level(pins, 22) is True
 
     result = run_cli("safe-state", "-c", str(path))
@@ -66,12 +65,19 @@ def test_status_shows_relays_rules_and_why(tmp_path: Path, daemon) -> None:
     path = relay_config(tmp_path)
     d = daemon(path)
     wait_for(lambda: pin_level(tmp_path / "data" / "mock-gpio", 22) is True, timeout=30)
-    time.sleep(0.6)  # a commit
-    result = run_cli("status", "-c", str(path), "--json")
+
+    def committed() -> dict[str, Any] | None:
+        # The store commits in batches: poll until the switch and the rule's state are in.
+        result = run_cli("status", "-c", str(path), "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        heater = report.get("relays", {}).get("heater", {})
+        rule = report.get("rules", {}).get("heat", {})
+        return report if heater.get("state") == "on" and rule.get("active") == 1 else None
+
+    report = wait_for(committed, timeout=30, every=0.2)
     d.signal(signal.SIGTERM)
     d.wait()
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
     assert report["running"] is True
     assert report["relays"]["heater"]["state"] == "on"
     assert report["relays"]["heater"]["switches"] >= 1
