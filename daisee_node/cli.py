@@ -252,7 +252,17 @@ def cmd_safe_state(args: argparse.Namespace) -> int:
     if not config.relays:
         print("no relays configured")
         return EXIT_OK
-    controller = RelayController(config.relays, config.gpio, config.node.data_dir)
+    from daisee_node.daemon import running_pid
+
+    data_dir = config.node.data_dir
+    pid = running_pid(data_dir) if data_dir.exists() else None
+    if pid is not None:
+        # Two processes driving the same pins would defeat the interlock.
+        raise DaiseeError(
+            f"the node is running (pid {pid}) and drives the relays; stop it first "
+            "(sudo systemctl stop daisee-node): its stop leaves them safe"
+        )
+    controller = RelayController(config.relays, config.gpio, data_dir)
     controller.open(force_safe=True)
     try:
         asyncio.run(controller.all_safe())

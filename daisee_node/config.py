@@ -289,6 +289,20 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
         [r.pin for r in config.relays],
         lambda v, j: f"GPIO{v} is already used by relays[{j}]",
     )
+    safe_on: dict[str, int] = {}
+    for i, relay in enumerate(config.relays):
+        if relay.group is None or relay.safe_state != "on":
+            continue
+        if relay.group in safe_on:
+            problems.append(
+                ConfigProblem(
+                    f"relays[{i}].safe_state",
+                    f"relays[{safe_on[relay.group]}] of group {relay.group!r} is already safe "
+                    "'on': a group can have only one relay closed in its safe state",
+                )
+            )
+        else:
+            safe_on[relay.group] = i
     sim = config.simulation
     if sim is not None and sim.external_supply_relay and sim.external_supply_relay not in relays:
         problems.append(

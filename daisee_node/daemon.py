@@ -731,6 +731,18 @@ class Node:
             self.rules = self._build_rules(new) if new.rules else None
             if self.rules is not None:
                 self._sinks.append(self.rules.on_readings)
+            if self.relays is not None:
+                # Wishes of removed rules must not outlive them (a relay held on by a rule
+                # that is gone would stay on).
+                named = {relay for rule in new.rules for relay in rule.relays()}
+                for name, relay in self.relays.relays.items():
+                    if name not in named:
+                        safe = relay.config.safe_state == "on"
+                        self.relays.request(name, safe, "no rule drives it: safe state")
+                if self.rules is not None:
+                    for name, r in self.relays.relays.items():
+                        self.rules.set_suspended(name, r.override is not None)
+                    self.rules.tick()
         old_by_name = {s.name: s for s in old.sensors if s.enabled}
         new_by_name = {s.name: s for s in new.sensors if s.enabled}
         for name, cfg in old_by_name.items():

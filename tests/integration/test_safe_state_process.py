@@ -87,3 +87,16 @@ def test_status_shows_relays_rules_and_why(tmp_path: Path, daemon) -> None:
     assert "load.power_w=" in report["rules"]["heat"]["reason"]
     table = run_cli("status", "-c", str(path))
     assert "RELAY" in table.stdout and "heater" in table.stdout and "RULE" in table.stdout
+
+
+def test_safe_state_refuses_to_drive_pins_a_running_node_drives(tmp_path: Path, daemon) -> None:
+    path = relay_config(tmp_path)
+    pins = tmp_path / "data" / "mock-gpio"
+    d = daemon(path)
+    wait_for(lambda: pin_level(pins, 22) is True, timeout=30)
+    result = run_cli("safe-state", "-c", str(path))
+    assert result.returncode == 1
+    assert "the node is running" in result.stderr and "Traceback" not in result.stderr
+    assert pin_level(pins, 22) is True  # untouched: the node still drives it
+    d.signal(signal.SIGTERM)
+    assert d.wait()[0] == 0

@@ -274,3 +274,30 @@ def test_key_and_password_paths_are_relative_to_the_config_file(tmp_path: Path) 
     assert config.chain.keystore == tmp_path / "etc" / "keys" / "node.json"
     # unset: next to the data, which is where `keys new` puts them
     assert config.chain.password_path(config.data_dir) == config.data_dir / "node-key.pass"
+
+
+def test_a_group_has_at_most_one_relay_closed_in_its_safe_state() -> None:
+    found = problems_of(
+        """
+[node]
+id = "a"
+[[relays]]
+name = "supply_own"
+pin = 17
+group = "supply"
+safe_state = "on"
+[[relays]]
+name = "supply_grid"
+pin = 27
+group = "supply"
+safe_state = "on"
+[[relays]]
+name = "boiler"
+pin = 22
+safe_state = "on"
+"""
+    )
+    assert list(found) == ["relays[1].safe_state"]
+    assert (
+        "relays[0]" in found["relays[1].safe_state"] and "'supply'" in found["relays[1].safe_state"]
+    )

@@ -127,3 +127,25 @@ async def test_relays_that_cannot_be_made_safe_are_an_error(tmp_path: Path) -> N
     errors = [e for e in logs if e["log_level"] == "error"]
     assert any("safe state" in e["event"] for e in errors), json.dumps(logs, default=str)
     assert any("relays not in their safe state" in s for s in statuses)
+
+
+async def test_a_reload_that_removes_a_rule_releases_what_it_held(tmp_path: Path) -> None:
+    rule = {
+        "name": "hold",
+        "when": "load.power_w > -1",  # always true: holds the boiler on
+        "then": {"relay": "boiler", "state": "on"},
+    }
+    relays = [{"name": "boiler", "pin": 22, "safe_state": "off"}]
+    path = config_path(tmp_path, gpio={"backend": "mock"}, relays=relays, rules=[rule])
+    node = Node(load_config(path), config_path=path)
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    assert node.relays is not None
+    boiler = node.relays.relays["boiler"]
+    await until(lambda: boiler.on)
+
+    config_path(tmp_path, gpio={"backend": "mock"}, relays=relays)  # the rule is gone
+    assert await node.reload()
+    await until(lambda: not boiler.on)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
