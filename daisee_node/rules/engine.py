@@ -7,10 +7,16 @@ asks for `then`, an inactive one for `otherwise` (or nothing). If an input is mi
 than `stale_after_s`, the rule asks for its `fallback` at once: safety comes before hold and
 minimum times. Among the rules that ask something of one relay, the highest `priority` wins
 (the first in the file on a tie). A relay under manual override suspends its rules.
+
+An evaluation that fails (a division by a value that turned zero, a derived value that cannot be
+computed) fails for that rule only: the rule asks for its fallback, the failure is counted and its
+message kept on the rule (`error`, `errors`) until an evaluation succeeds again. Nothing a rule
+says can make `on_readings` or `tick` raise, so no rule can stop the sampler that feeds it.
 """
 
 from __future__ import annotations
 
+import graphlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from daisee_node.logs import get_logger
 from daisee_node.readings import Reading
-from daisee_node.rules.expressions import Expression
+from daisee_node.rules.expressions import EvaluationError, Expression
 from daisee_node.sensors.base import StrictModel
 
 RULE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
@@ -67,6 +74,9 @@ class Decision:
     reason: str
     inputs: dict[str, float | None]
     active: bool = False
+    #: why the evaluation failed (None: it did not), and failed evaluations so far
+    error: str | None = None
+    errors: int = 0
 
 
 @dataclass
@@ -86,6 +96,16 @@ class RuleState:
     #: what the rule asks now: relay → "on"/"off"/None
     asks: dict[str, str | None] = field(default_factory=dict)
     reason: str = "not evaluated yet"
+    #: the derived values the rule reads, directly or not, in the order they are computed
+    derived: tuple[str, ...] = ()
+    #: why the rule can never be evaluated (a cycle among its derived values)
+    broken: str | None = None
+    #: why the last evaluation failed (None: it did not)
+    error: str | None = None
+    #: evaluations that failed since the engine started
+    errors: int = 0
+    #: the last failure written to the log (each distinct one is written once)
+    logged_error: str | None = field(default=None, repr=False)
 
 
 class RuleEngine:
@@ -109,13 +129,24 @@ class RuleEngine:
         self.local_time = local_time or (lambda t: datetime.fromtimestamp(t / 1000))
         self.request = request
         self.record = record
+        self.log = get_logger("rules")
         self.derived = {name: Expression(text) for name, text in derived.items()}
         self.rules: list[RuleState] = []
         for cfg in rules:
             when = Expression(cfg.when)
             until = Expression(cfg.until) if cfg.until else None
             names = set(when.names) | (set(until.names) if until else set())
-            self.rules.append(RuleState(cfg, when, until, frozenset(self._expand(names))))
+            inputs, needed = self._expand(names)
+            rule = RuleState(cfg, when, until, frozenset(inputs))
+            try:
+                order = graphlib.TopologicalSorter(
+                    {n: self.derived[n].names & self.derived.keys() for n in needed}
+                ).static_order()
+                rule.derived = tuple(order)
+            except graphlib.CycleError as exc:
+                cycle = " -> ".join(dict.fromkeys(exc.args[1])) if len(exc.args) > 1 else ""
+                rule.broken = f"derived values depend on each other: {cycle}"
+            self.rules.append(rule)
         self._by_input: dict[str, list[RuleState]] = {}
         for rule in self.rules:
             for name in rule.inputs:
@@ -127,15 +158,21 @@ class RuleEngine:
         self._asked: dict[str, tuple[bool | None, str]] = {}
         self.evaluations = 0
 
-    def _expand(self, names: set[str]) -> set[str]:
-        """Channels behind derived values count as the rule's inputs."""
-        out: set[str] = set()
-        for name in names:
+    def _expand(self, names: set[str]) -> tuple[set[str], set[str]]:
+        """The channels a rule reads, those behind its derived values included, and the derived
+        values it needs (without recursion: derived values may name each other in a cycle)."""
+        channels: set[str] = set()
+        needed: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop()
             if name in self.derived:
-                out |= self._expand(set(self.derived[name].names))
+                if name not in needed:
+                    needed.add(name)
+                    todo.extend(self.derived[name].names)
             else:
-                out.add(name)
-        return out
+                channels.add(name)
+        return channels, needed
 
     # -- triggers --------------------------------------------------------------------------------
 
@@ -165,7 +202,10 @@ class RuleEngine:
         relays: set[str] = set()
         for rule in rules:
             if rule.config.enabled:
-                self._step(rule, now)
+                try:
+                    self._step(rule, now)
+                except Exception as exc:  # whatever a rule says, the caller (a sampler) goes on
+                    self._failed(rule, now, f"{type(exc).__name__}: {exc}", {})
                 relays.update(rule.config.relays())
         for relay in sorted(relays):
             self._resolve(relay, now)
@@ -191,15 +231,24 @@ class RuleEngine:
         values["time.weekday"] = float(local.weekday())
         if stale:
             return None, shown
-        for name, expression in self.derived.items():
-            values[name] = expression.evaluate(values)
         return values, shown
+
+    def _derive(self, rule: RuleState, values: dict[str, Any]) -> None:
+        """Add the derived values the rule reads to `values`; EvaluationError if one fails."""
+        if rule.broken is not None:
+            raise EvaluationError(rule.broken)
+        for name in rule.derived:
+            try:
+                values[name] = self.derived[name].evaluate(values)
+            except EvaluationError as exc:
+                raise EvaluationError(f"derived {name}: {exc}") from None
 
     def _step(self, rule: RuleState, now: int) -> None:
         self.evaluations += 1
         cfg = rule.config
         values, shown = self._values(rule, now)
         if values is None:
+            rule.error = None  # not evaluated: what fails now is the inputs
             rule.stale, rule.raw, rule.raw_since_ms = True, None, None
             rule.reason = "inputs missing or stale: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(shown.items())
@@ -207,13 +256,21 @@ class RuleEngine:
             rule.asks = self._fallback(cfg)
             self._note(rule, now, shown)
             return
+        try:
+            self._derive(rule, values)
+            if rule.until is None:
+                raw = rule.when.test(values)
+            elif rule.active:
+                raw = not rule.until.test(values)
+            else:
+                raw = rule.when.test(values)
+        except EvaluationError as exc:
+            self._failed(rule, now, str(exc), shown)
+            return
+        if rule.error is not None:
+            self.log.debug("rule evaluates again", rule=cfg.name)
+            rule.error = None
         rule.stale = False
-        if rule.until is None:
-            raw = rule.when.test(values)
-        elif rule.active:
-            raw = not rule.until.test(values)
-        else:
-            raw = rule.when.test(values)
         if raw != rule.raw:
             rule.raw, rule.raw_since_ms = raw, now
         held = now - (rule.raw_since_ms or now) >= cfg.hold_s * 1000
@@ -235,6 +292,25 @@ class RuleEngine:
             rule.reason += f"; changes in {left / 1000:.1f} s if it holds"
         self._note(rule, now, shown)
 
+    def _failed(self, rule: RuleState, now: int, message: str, shown: dict[str, Any]) -> None:
+        """An evaluation of this rule failed: count it, keep why, and fall back."""
+        rule.errors += 1
+        if message != rule.logged_error:
+            # Once per distinct message: a rule that fails at every sample must not flood the log.
+            rule.logged_error = message
+            self.log.warning(
+                "rule failed; it asks for its fallback until it evaluates again",
+                rule=rule.config.name,
+                error=message,
+                fallback=rule.config.fallback,
+                errors=rule.errors,
+            )
+        rule.error = message
+        rule.stale, rule.raw, rule.raw_since_ms = False, None, None
+        rule.reason = f"error: {message}; fallback {rule.config.fallback}"
+        rule.asks = self._fallback(rule.config)
+        self._note(rule, now, shown)
+
     def _fallback(self, cfg: RuleConfig) -> dict[str, str | None]:
         if cfg.fallback == "keep":
             return {}
@@ -244,7 +320,7 @@ class RuleEngine:
         }
 
     def _note(self, rule: RuleState, now: int, shown: dict[str, Any]) -> None:
-        key = (rule.active, rule.stale, tuple(sorted(rule.asks.items())))
+        key = (rule.active, rule.stale, rule.error, tuple(sorted(rule.asks.items())))
         if getattr(rule, "_last_key", None) == key:
             return
         rule._last_key = key  # type: ignore[attr-defined]
@@ -259,6 +335,8 @@ class RuleEngine:
                         rule.reason,
                         dict(shown),
                         active=rule.active,
+                        error=rule.error,
+                        errors=rule.errors,
                     )
                 )
 
@@ -279,6 +357,8 @@ class RuleEngine:
             self.request(relay, wish, reason)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Each rule's live state, for MQTT (`error`: why its last evaluation failed, or None;
+        `errors`: failed evaluations since the engine started)."""
         return {
             r.config.name: {
                 "enabled": r.config.enabled,
@@ -287,6 +367,8 @@ class RuleEngine:
                 "suspended": r.suspended,
                 "asks": dict(r.asks),
                 "reason": r.reason,
+                "error": r.error,
+                "errors": r.errors,
             }
             for r in self.rules
         }

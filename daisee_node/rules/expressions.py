@@ -4,18 +4,48 @@ Channel names keep their dots (`battery.soc_pct < 20 and time.hour >= 18`). rule
 `a.b` as an attribute of `a`, so a context of our own resolves dotted names against the node's
 values. Besides channels: `time.hour` (local hour of day, with its fraction), `time.weekday`
 (0 = Monday) and the node's derived values.
+
+What a rule may say is bounded before the parser sees it. rule-engine folds constant parts while
+it parses (so a regular expression over two literals runs inside `check-config`) and builds its
+tree recursively (so deep nesting overflows the stack). A rule is numbers, names, arithmetic,
+comparisons, `and`/`or`/`not` and `?:`, at most `MAX_LENGTH` characters and `MAX_DEPTH` levels
+deep; with nothing else, every evaluation takes a bounded time. Every name is a number, so a type
+error that can be known in advance is a config problem; one that cannot (a divisor that turns
+zero) fails that evaluation only, as an `EvaluationError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import decimal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 import rule_engine
 import rule_engine.ast as ast
 from rule_engine import errors
 
 TIME_NAMES = ("time.hour", "time.weekday", "time.minute")
+
+#: longest expression text, in characters
+MAX_LENGTH = 1000
+#: most operators in one expression: bounds the parser's recursion before it starts
+MAX_OPERATORS = 128
+#: most operators on one path of the expression tree (each `.` of a name is one): bounds the
+#: recursion of each evaluation
+MAX_DEPTH = 32
+
+_REGEX_TOKENS = frozenset({"EQ_FZM", "EQ_FZS", "NE_FZM", "NE_FZS"})
+_BITWISE_TOKENS = frozenset({"BWAND", "BWOR", "BWXOR", "BWLSH", "BWRSH"})
+_OPERAND_TOKENS = frozenset(
+    {"FLOAT", "FLOAT_INF", "FLOAT_NAN", "SYMBOL", "TRUE", "FALSE", "STRING", "LPAREN", "RPAREN"}
+)
+_OPERATOR_TOKENS = frozenset(
+    {"ADD", "SUB", "MUL", "TDIV", "FDIV", "MOD", "POW"}
+    | {"EQ", "NE", "GT", "GE", "LT", "LE", "AND", "OR", "NOT", "QMARK", "COLON", "ATTR"}
+)
+_ALLOWED = "numbers, names, + - * / // % **, comparisons, and/or/not and ?:"
+
+Result = Literal["condition", "number"]
 
 
 class _Partial:
@@ -43,57 +73,265 @@ class _Context(rule_engine.Context):
 
 
 class ExpressionError(ValueError):
-    """An expression that does not parse."""
+    """An expression that is refused: it does not parse, or says what a rule may not say."""
 
 
-def _names(node: Any, out: set[str]) -> None:
-    """Collect the dotted names an expression reads."""
-    if isinstance(node, ast.GetAttributeExpression | ast.SymbolExpression):
-        parts = []
-        cursor = node
-        while isinstance(cursor, ast.GetAttributeExpression):
-            parts.append(cursor.name)
-            cursor = cursor.object
-        if isinstance(cursor, ast.SymbolExpression):
-            parts.append(cursor.name)
-            out.add(".".join(reversed(parts)))
-            return
-        node = cursor
-    for value in vars(node).values() if hasattr(node, "__dict__") else ():
-        if isinstance(value, ast.ExpressionBase):
-            _names(value, out)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                if isinstance(item, ast.ExpressionBase):
-                    _names(item, out)
+class EvaluationError(ValueError):
+    """One evaluation failed (a division by zero, a missing name): the expression stays valid."""
+
+
+def _screen(text: str) -> None:
+    """Refuse, from the tokens alone, whatever could hang or overflow the parser."""
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(
+            f"expression too long: {len(text):,} characters (at most {MAX_LENGTH:,}); "
+            "name parts of it in [derived]"
+        )
+    lexer = rule_engine.Rule.parser._lexer.clone()  # a clone: the shared one is not thread-safe
+    lexer.input(text)
+    operators = 0
+    previous = None
+    try:
+        while (token := lexer.token()) is not None:
+            kind = token.type
+            if kind == "ATTR" and previous != "SYMBOL":
+                # `"text".length` or `(x).y`: attributes of values are evaluated by the parser.
+                raise ExpressionError("'.' belongs inside channel names only (battery.soc_pct)")
+            previous = kind
+            if kind in _REGEX_TOKENS:
+                raise ExpressionError(
+                    f"regular expressions ({token.value}) are not allowed in rules; "
+                    f"a rule may use {_ALLOWED}"
+                )
+            if kind in _BITWISE_TOKENS:
+                raise ExpressionError(
+                    f"bitwise operators ({token.value}) are not allowed in rules; "
+                    f"a rule may use {_ALLOWED}"
+                )
+            if kind == "SYMBOL" and token.value.startswith("$"):
+                raise ExpressionError(
+                    f"built-in functions ({token.value}) are not allowed in rules; "
+                    f"a rule may use {_ALLOWED}"
+                )
+            if kind in _OPERATOR_TOKENS:
+                operators += 1
+            elif kind not in _OPERAND_TOKENS and kind != "COMMENT":
+                raise ExpressionError(
+                    f"{str(token.value)[:20]!r} is not allowed in rules; a rule may use {_ALLOWED}"
+                )
+    except errors.EngineError as exc:
+        raise ExpressionError(f"{_message(exc)} in {_short(text)}") from None
+    if operators > MAX_OPERATORS:
+        raise ExpressionError(
+            f"expression too complex: {operators} operators (at most {MAX_OPERATORS}); "
+            "name parts of it in [derived]"
+        )
+
+
+def _children(node: Any) -> Iterator[Any]:
+    """The sub-expressions of a node of the screened grammar."""
+    if isinstance(node, ast.Statement):
+        yield node.expression
+    elif isinstance(node, ast.BinaryExpressionBase):
+        yield node.left
+        yield node.right
+    elif isinstance(node, ast.UnaryExpression):
+        yield node.right
+    elif isinstance(node, ast.GetAttributeExpression):
+        yield node.object
+    elif isinstance(node, ast.TernaryExpression):
+        yield node.condition
+        yield node.case_true
+        yield node.case_false
+
+
+def _depth(root: Any) -> int:
+    """The depth of a tree, without recursion (the tree may be deeper than is safe to recurse)."""
+    deepest = 0
+    stack = [(root, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in _children(node))
+    return deepest
+
+
+def _dotted(node: Any) -> str | None:
+    """`a.b.c` for a chain of attributes on a symbol, else None."""
+    parts = []
+    while isinstance(node, ast.GetAttributeExpression):
+        parts.append(node.name)
+        node = node.object
+    if isinstance(node, ast.SymbolExpression) and node.scope is None:
+        parts.append(node.name)
+        return ".".join(reversed(parts))
+    return None
+
+
+def _names(root: Any) -> set[str]:
+    """The dotted names an expression reads."""
+    out: set[str] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        name = (
+            _dotted(node)
+            if isinstance(node, ast.SymbolExpression | ast.GetAttributeExpression)
+            else None
+        )
+        if name is not None:
+            out.add(name)
+        else:
+            stack.extend(_children(node))
+    return out
+
+
+_KIND = {"number": "a number", "condition": "a condition", "text": "text"}
+_OPS = {
+    "add": "+", "sub": "-", "mul": "*", "tdiv": "/", "fdiv": "//", "mod": "%", "pow": "**",
+    "eq": "==", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<=",
+}  # fmt: skip
+
+
+def _type(node: Any) -> str:
+    """The kind of value a node gives: "number", "condition" or "text"; ExpressionError if its
+    parts cannot go together. Names are numbers. Recursive: run it on screened trees only."""
+    if isinstance(node, ast.Statement):
+        return _type(node.expression)
+    if isinstance(node, ast.FloatExpression):
+        return "number"
+    if isinstance(node, ast.BooleanExpression):
+        return "condition"
+    if isinstance(node, ast.StringExpression):
+        return "text"
+    if isinstance(node, ast.SymbolExpression | ast.GetAttributeExpression):
+        if _dotted(node) is None:
+            raise ExpressionError("attributes (.name) belong to channel names only")
+        return "number"
+    if isinstance(node, ast.UnaryExpression):
+        operand = _type(node.right)
+        if node.type == "not":
+            if operand == "text":
+                raise ExpressionError("type error: 'not' needs a condition, not text")
+            return "condition"
+        if operand != "number":
+            raise ExpressionError(f"type error: '-' needs a number, not {_KIND[operand]}")
+        return "number"
+    if isinstance(node, ast.TernaryExpression):
+        if _type(node.condition) == "text":
+            raise ExpressionError("type error: the test of '?:' is text")
+        case_true, case_false = _type(node.case_true), _type(node.case_false)
+        if case_true != case_false:
+            raise ExpressionError(
+                f"type error: '?:' gives {_KIND[case_true]} or {_KIND[case_false]}"
+            )
+        return case_true
+    if isinstance(node, ast.BinaryExpressionBase):
+        left, right = _type(node.left), _type(node.right)
+        if isinstance(node, ast.LogicExpression):
+            if "text" in (left, right):
+                raise ExpressionError(f"type error: '{node.type}' needs conditions, not text")
+            return "condition"
+        op = _OPS.get(node.type, node.type)
+        if isinstance(node, ast.ArithmeticComparisonExpression) or not isinstance(
+            node, ast.ComparisonExpression
+        ):
+            if left != "number" or right != "number":
+                raise ExpressionError(
+                    f"type error: '{op}' needs numbers, not {_KIND[left]} and {_KIND[right]}"
+                )
+            if op in ("/", "//", "%") and _is_zero(node.right):
+                raise ExpressionError(f"division by zero ('{op} 0')")
+            return "condition" if isinstance(node, ast.ComparisonExpression) else "number"
+        if left != right:  # == and != across kinds are constant: a mistake, not a test
+            raise ExpressionError(f"type error: '{op}' compares {_KIND[left]} with {_KIND[right]}")
+        return "condition"
+    raise ExpressionError(
+        f"{type(node).__name__} is not allowed in rules; a rule may use {_ALLOWED}"
+    )
+
+
+def _is_zero(node: Any) -> bool:
+    if not isinstance(node, ast.FloatExpression):
+        return False
+    try:
+        return bool(node.value == 0)
+    except (ArithmeticError, TypeError):
+        return False
+
+
+def _message(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    if message == "data type mismatch":
+        message = "type error: a condition or text where a number is needed (or the reverse)"
+    if isinstance(exc, decimal.DecimalException) or message.startswith("[<class"):
+        message = f"arithmetic error ({type(exc).__name__})"
+    return message
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
 class Expression:
-    """A compiled expression and the names it reads."""
+    """A compiled expression and the names it reads; refused (ExpressionError) unless it is
+    within the bounds above and its parts go together."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, result: Result | None = None) -> None:
         self.text = text
+        _screen(text)
         try:
             self._rule = rule_engine.Rule(text, context=_Context())
         except errors.EngineError as exc:
-            message = getattr(exc, "message", str(exc))
-            raise ExpressionError(f"{message} in {text!r}") from None
-        names: set[str] = set()
-        _names(self._rule.statement.expression, names)
-        self.names = frozenset(names)
+            raise ExpressionError(f"{_message(exc)} in {_short(text)}") from None
+        except (
+            ArithmeticError,
+            ValueError,
+            TypeError,
+        ) as exc:  # constant parts folded by the parser
+            raise ExpressionError(f"{_message(exc)} in {_short(text)}") from None
+        except RecursionError:  # the screen makes this unreachable; never let it escape
+            raise ExpressionError(f"expression nested too deeply in {_short(text)}") from None
+        statement = self._rule.statement
+        depth = _depth(statement) - 2  # operators on the longest path: not the statement or leaf
+        if depth > MAX_DEPTH:
+            raise ExpressionError(
+                f"expression nested too deeply: {depth} levels (at most {MAX_DEPTH}; a chain "
+                "of 'and' counts a level per term); name parts of it in [derived]"
+            )
+        kind = _type(statement)
+        if result == "condition" and kind != "condition":
+            raise ExpressionError(
+                f"type error: a condition is needed (e.g. 'x > 0'), not {_KIND[kind]}"
+            )
+        if result == "number" and kind != "number":
+            raise ExpressionError(f"type error: a number is needed, not {_KIND[kind]}")
+        self.kind = kind
+        self.names = frozenset(_names(statement))
 
     def evaluate(self, values: Mapping[str, Any]) -> Any:
-        """The value of the expression; `values` must hold every name it reads."""
-        return self._rule.evaluate(values)
+        """The value of the expression; `values` must hold every name it reads. EvaluationError
+        when this evaluation fails."""
+        try:
+            return self._rule.evaluate(values)
+        except errors.EngineError as exc:
+            raise EvaluationError(_message(exc)) from None
+        except (ArithmeticError, ValueError, TypeError, RecursionError) as exc:
+            raise EvaluationError(_message(exc)) from None
 
     def test(self, values: Mapping[str, Any]) -> bool:
-        return bool(self._rule.matches(values))
+        """Whether the condition holds; EvaluationError when this evaluation fails."""
+        value = self.evaluate(values)
+        if isinstance(value, _Partial):
+            raise EvaluationError(f"no value for {value.path}")
+        return bool(value)
 
 
-def check(text: str, known: Callable[[str], bool]) -> list[str]:
-    """Problems with an expression: syntax, or names that are not known channels."""
+def check(text: str, known: Callable[[str], bool], *, result: Result | None = None) -> list[str]:
+    """Problems with an expression: refused (see the module), or names that are not known.
+    Takes a few milliseconds at most, whatever the text."""
     try:
-        expression = Expression(text)
+        expression = Expression(text, result=result)
     except ExpressionError as exc:
         return [str(exc)]
     unknown = sorted(n for n in expression.names if not known(n))

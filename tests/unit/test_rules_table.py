@@ -214,3 +214,57 @@ def test_bad_expressions_do_not_compile(expression: str) -> None:
 
     with pytest.raises(ExpressionError):
         Expression(expression)
+
+
+def ratio_rule(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "ratio",
+        "when": "home.ratio > 2",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+        **extra,
+    }
+
+
+def test_a_failing_rule_falls_back_alone_counts_and_shows_why() -> None:
+    h = Harness([ratio_rule(), low_battery()], {"home.ratio": "pv.power_w / load.power_w"})
+    both = {"battery__soc_pct": 10, "pv__power_w": 1000}
+    assert h.at(0, load__power_w=100, **both) == {"heater": ON, "neighbour": ON}
+    # load 0: a division by zero, in the sampler's call and on the tick; neither raises.
+    assert h.at(1, load__power_w=0, **both) == {"heater": OFF, "neighbour": ON}  # heater: safe
+    state = h.engine.snapshot()["ratio"]
+    assert "division by zero" in state["error"] and "home.ratio" in state["error"]
+    assert state["errors"] == 2 and state["reason"].startswith("error: ")
+    assert h.engine.snapshot()["buy-when-low"]["error"] is None
+    failed = [d for d in h.decisions if d.rule == "ratio" and d.error]
+    assert failed and failed[-1].state == "off" and "division by zero" in failed[-1].reason
+    assert h.at(2, load__power_w=0, **both)["heater"] is OFF
+    assert h.engine.snapshot()["ratio"]["errors"] == 4
+    # It evaluates again: the error goes, the count stays.
+    assert h.at(3, load__power_w=100, **both) == {"heater": ON, "neighbour": ON}
+    assert h.engine.snapshot()["ratio"]["error"] is None
+    assert h.engine.snapshot()["ratio"]["errors"] == 4
+
+
+def test_a_failing_until_falls_back_too() -> None:
+    rule = low_battery(until="battery.soc_pct / (pv.power_w - pv.power_w) > 1", fallback="on")
+    h = Harness([rule])
+    assert h.at(0, battery__soc_pct=50, pv__power_w=1)["neighbour"] is OFF  # `when` is fine
+    assert h.at(1, battery__soc_pct=10, pv__power_w=1)["neighbour"] is ON  # active
+    assert h.at(2, battery__soc_pct=10, pv__power_w=1)["neighbour"] is ON  # `until` fails: "on"
+    assert "division by zero" in h.engine.snapshot()["buy-when-low"]["error"]
+
+
+def test_derived_values_in_a_cycle_fail_their_rules_not_the_engine() -> None:
+    derived = {"home.a": "home.b + 1", "home.b": "home.a + pv.power_w", "home.ratio": "home.a"}
+    h = Harness([ratio_rule(), low_battery()], derived)
+    assert h.at(0, pv__power_w=1, battery__soc_pct=10) == {"heater": OFF, "neighbour": ON}
+    assert "depend on each other" in h.engine.snapshot()["ratio"]["error"]
+
+
+def test_derived_values_may_use_each_other_in_any_order() -> None:
+    derived = {"home.ratio": "home.surplus_w / 100", "home.surplus_w": "pv.power_w - 500"}
+    h = Harness([ratio_rule()], derived)
+    assert h.at(0, pv__power_w=1000)["heater"] is ON  # (1000 - 500) / 100 = 5 > 2
+    assert h.at(1, pv__power_w=600)["heater"] is OFF  # 1 < 2
+    assert h.engine.snapshot()["ratio"]["errors"] == 0
