@@ -119,7 +119,9 @@ def run(url: str, reference: dict, relay: int) -> dict:
         [
             {
                 "to": ledger.address,
-                "data": ledger.contract.functions.addNode(n.address)._encode_transaction_data(),
+                "data": ledger.contract.functions.addNode(
+                    n.address, chain.DEFAULT_CAPACITY_W
+                )._encode_transaction_data(),
             }
             for n in nodes
         ],

@@ -25,7 +25,7 @@ from web3.middleware.base import Web3Middleware
 
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
-from daisee_node.ledger.commitment import Commitment
+from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EMBEDDED = "embedded"
@@ -37,7 +37,14 @@ REJECT_REASONS = {
     3: "seq already committed",
     4: "period overlaps or is empty",
     5: "prevHash does not match",
+    6: "seq is not the next one",
+    7: "totals exceed the node's capacity",
 }
+NOT_REGISTERED, STALE_SEQ, NOT_NEXT = REJECT_REASONS[2], REJECT_REASONS[3], REJECT_REASONS[6]
+#: an own commitment refused for these is sealed again from the chain's head
+RESEALABLE = frozenset({REJECT_REASONS[4], REJECT_REASONS[5], REJECT_REASONS[7]})
+#: the contract keeps this many low bits of the last commitment's hash
+HASH_LOW_BITS = 88
 
 
 class ChainError(DaiseeError):
@@ -155,11 +162,13 @@ class Head:
     registered: bool
     seq: int
     t1: int
+    capacity_w: int
     hash_low: int
 
     def follows(self, commitment_hash: bytes) -> bool:
         """True when the last accepted commitment is the one with this hash."""
-        return self.hash_low == int.from_bytes(commitment_hash, "big") & ((1 << 120) - 1)
+        mask = (1 << HASH_LOW_BITS) - 1
+        return self.hash_low == int.from_bytes(commitment_hash, "big") & mask
 
 
 @dataclass
@@ -197,19 +206,31 @@ class Ledger:
             raise ChainError(f"no contract at {self.address} on chain {self.chain_id}")
 
     def head(self, node: str, block: int | str = "latest") -> Head:
-        registered, seq, t1, low = self.contract.functions.heads(to_checksum_address(node)).call(
-            block_identifier=block
-        )
-        return Head(registered, seq, t1, low)
+        registered, seq, t1, capacity_w, low = self.contract.functions.heads(
+            to_checksum_address(node)
+        ).call(block_identifier=block)
+        return Head(registered, seq, t1, capacity_w, low)
 
     def credit(self) -> Contract:
         address = self.contract.functions.credit().call()
         return self.w3.eth.contract(address=address, abi=artifact("EnergyCredit")["abi"])
 
-    def set_node(self, account: LocalAccount, node: str, registered: bool = True) -> None:
-        fn = self.contract.functions.addNode if registered else self.contract.functions.removeNode
-        data = fn(to_checksum_address(node))._encode_transaction_data()
-        send(self.w3, account, {"to": self.address, "data": data})
+    def set_node(
+        self,
+        account: LocalAccount,
+        node: str,
+        registered: bool = True,
+        capacity_w: int = DEFAULT_CAPACITY_W,
+    ) -> None:
+        """Register (with its capacity in W) or remove a node; `account` is the governance."""
+        fns = self.contract.functions
+        address = to_checksum_address(node)
+        call = fns.addNode(address, capacity_w) if registered else fns.removeNode(address)
+        send(self.w3, account, {"to": self.address, "data": call._encode_transaction_data()})
+
+    def set_capacity(self, account: LocalAccount, node: str, capacity_w: int) -> None:
+        call = self.contract.functions.setCapacity(to_checksum_address(node), capacity_w)
+        send(self.w3, account, {"to": self.address, "data": call._encode_transaction_data()})
 
     def batch_data(self, items: list[tuple[Commitment, bytes]]) -> str:
         return self.contract.functions.commitBatch(

@@ -69,6 +69,21 @@ def add_parsers(sub: Any, default_config: Path) -> None:
     register.add_argument("--ledger", required=True, help="ledger contract address")
     key_options(register, "the governance account")
     register.add_argument("--remove", action="store_true")
+    register.add_argument(
+        "--capacity-w",
+        type=int,
+        default=None,
+        help=(
+            "the most power (W) the node's connection can import or export; the ledger refuses "
+            "commitments claiming more over their period (default 36000: the largest French "
+            "household connection; with --set-capacity, required)"
+        ),
+    )
+    register.add_argument(
+        "--set-capacity",
+        action="store_true",
+        help="only change a registered node's --capacity-w",
+    )
     register.add_argument("--fund-eth", type=float, default=0.0, help="also send it gas money")
     register.set_defaults(func=cmd_register)
 
@@ -181,9 +196,17 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     w3 = chain.connect(args.rpc)
     account = _account(args)
+    capacity_w = chain.DEFAULT_CAPACITY_W if args.capacity_w is None else args.capacity_w
+    if not 0 < capacity_w < 2**32:
+        raise DaiseeError(f"--capacity-w {capacity_w}: give a power in W, from 1 to {2**32 - 1}")
+    if args.set_capacity and (args.remove or args.capacity_w is None):
+        raise DaiseeError("--set-capacity needs --capacity-w and no --remove")
     ledger = chain.Ledger(w3, args.ledger)
     ledger.check_deployed()
-    ledger.set_node(account, args.address, registered=not args.remove)
+    if args.set_capacity:
+        ledger.set_capacity(account, args.address, capacity_w)
+    else:
+        ledger.set_node(account, args.address, registered=not args.remove, capacity_w=capacity_w)
     if args.fund_eth > 0:
         chain.fund(w3, account, args.address, int(args.fund_eth * 10**18))
     head = ledger.head(args.address)
@@ -193,6 +216,7 @@ def cmd_register(args: argparse.Namespace) -> int:
                 "node": to_checksum_address(args.address),
                 "registered": head.registered,
                 "seq": head.seq,
+                "capacity_w": head.capacity_w,
             }
         )
     )
@@ -236,7 +260,8 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
     if config.chain is None:
         raise DaiseeError("the config has no [chain] section")
     node = keystore_address(config.chain.keystore_path(config.data_dir))
-    store = Store(db_path(config.data_dir))
+    # Read-only: a live node may be writing beside it; nothing here may change its file.
+    store = Store(db_path(config.data_dir), read_only=True)
     await store.open()
     try:
         rows = await store.query(

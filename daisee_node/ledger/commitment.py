@@ -19,6 +19,9 @@ COMMITMENT_TYPE = (
     "uint64 importWh,uint64 exportWh,bytes32 prevHash,bytes32 rulesHash)"
 )
 COMMITMENT_TYPEHASH = keccak(COMMITMENT_TYPE.encode())
+#: the default capacity of a node (W): the largest French household connection (36 kVA)
+DEFAULT_CAPACITY_W = 36_000
+MS_PER_HOUR = 3_600_000
 _DOMAIN_TYPEHASH = keccak(
     b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
 )
@@ -109,6 +112,12 @@ class Commitment:
 
     def with_(self, **changes: Any) -> Commitment:
         return replace(self, **changes)
+
+
+def capacity_wh(capacity_w: int, t0: int, t1: int) -> int:
+    """The most whole Wh a `capacity_w` connection carries over [t0, t1) ms, as the ledger
+    contract counts it (it refuses a commitment claiming more)."""
+    return capacity_w * max(0, t1 - t0) // MS_PER_HOUR
 
 
 def domain_separator(chain_id: int, contract: str) -> bytes:

@@ -7,8 +7,10 @@ period is still sealed in order, and the submitter sends them when it returns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +19,17 @@ from eth_hash.auto import keccak
 
 from daisee_node.clock import Clock
 from daisee_node.ledger import merkle
-from daisee_node.ledger.commitment import Commitment, sign
+from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment, capacity_wh, sign
 from daisee_node.logs import get_logger
-from daisee_node.readings import Quality
+from daisee_node.readings import Quality, Reading
 from daisee_node.store import Store
 
 ZERO32 = b"\x00" * 32
 SEALED_UNTIL_KEY = "ledger_sealed_until_ms"
+#: how far back the baseline of a period's counter totals is looked for
+BASELINE_LOOKBACK_MS = 86_400_000
+#: at most one log line about late readings per this many seconds of node time
+LATE_LOG_EVERY_S = 60.0
 
 # pending → sent → included → confirmed; a reorg sends included ones back to pending.
 PENDING, SENT, INCLUDED, CONFIRMED, REJECTED = (
@@ -103,6 +109,24 @@ class Outbox:
                 )
         return added
 
+    async def drop_own_after(self, seq: int) -> int | None:
+        """Delete the node's own commitments after `seq` that are not on the chain (pending or
+        refused), so they can be sealed again; None (nothing deleted) while one of them is in
+        flight or included."""
+        async with self.store.transaction() as db:
+            cur = await db.execute(
+                "SELECT count(*) FROM commitments WHERE own = 1 AND seq > ? AND state IN (?, ?)",
+                (seq, SENT, INCLUDED),
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return None
+            cur = await db.execute(
+                "DELETE FROM commitments WHERE own = 1 AND seq > ? AND state IN (?, ?)",
+                (seq, PENDING, REJECTED),
+            )
+            return cur.rowcount
+
     async def last_own(self) -> Entry | None:
         rows = await self.store.query(
             f"SELECT {_COLUMNS} FROM commitments WHERE own = 1 ORDER BY seq DESC LIMIT 1"
@@ -171,8 +195,23 @@ def rules_hash(rules: list[Any], derived: dict[str, str]) -> bytes:
     return keccak(canonical.encode())
 
 
+@dataclass(frozen=True)
+class ChainHead:
+    """The last commitment of this node the chain holds: where sealing resumes when the
+    outbox knows less (a database moved aside, a node restored from its key alone)."""
+
+    seq: int
+    t1: int
+    commitment_hash: bytes
+
+
 class Sealer:
-    """Seals every complete period of the buffer into a signed commitment, in order."""
+    """Seals every complete period of the buffer into a signed commitment, in order.
+
+    Its seq is the node's own counter: it never skips one. Periods without readings are simply
+    not sealed (the next commitment's `t0` is later than the last one's `t1`), so the chain of
+    seqs and prevHashes has no holes for a relay to wait on.
+    """
 
     def __init__(
         self,
@@ -186,6 +225,7 @@ class Sealer:
         export_channel: str | None,
         rules_hash: bytes,
         clock: Clock,
+        capacity_w: int = DEFAULT_CAPACITY_W,
     ) -> None:
         self.store = store
         self.outbox = outbox
@@ -198,11 +238,60 @@ class Sealer:
         self.export_channel = export_channel
         self.rules_hash = rules_hash
         self.clock = clock
+        #: no period total claims more than this power over the period
+        self.capacity_w = capacity_w
+        #: the chain's head for this node, once known (see `ChainHead`)
+        self.chain_head: ChainHead | None = None
+        self._resumed_from_chain = False
+        #: end (ms) of the last sealed period: readings stamped before it are late
+        self.sealed_until_ms: int | None = None
+        self.late_readings = 0
+        self._late_logged_at: float | None = None
+        self._late_unlogged = 0
+        #: held while sealing, and while commitments the chain refused are dropped
+        self.lock = asyncio.Lock()
         self.log = get_logger("ledger")
+
+    async def load(self) -> None:
+        """Read where sealing stands from the outbox (so `sealed_until_ms` is known early)."""
+        last = await self.outbox.last_own()
+        if last is not None:
+            self.sealed_until_ms = max(self.sealed_until_ms or 0, last.commitment.t1)
+
+    def count_late(self, readings: Sequence[Reading]) -> None:
+        """Count readings made durable with a time inside an already sealed period.
+
+        A sealed period is never reopened: such readings stay in the buffer, out of every
+        commitment, and are counted (`ledger.late_readings`) and logged here.
+        """
+        until = self.sealed_until_ms
+        if until is None or not readings:
+            return
+        late = sum(1 for r in readings if r.t_ms < until)
+        if not late:
+            return
+        self.late_readings += late
+        self._late_unlogged += late
+        self.store.add_counter("ledger.late_readings", late)
+        now = self.clock.now()
+        if self._late_logged_at is None or now - self._late_logged_at >= LATE_LOG_EVERY_S:
+            first = self._late_logged_at is None
+            (self.log.warning if first else self.log.info)(
+                "readings stamped inside sealed periods; kept out of the commitments",
+                late=self._late_unlogged,
+                late_total=self.late_readings,
+                sealed_until_ms=until,
+            )
+            self._late_logged_at = now
+            self._late_unlogged = 0
 
     async def seal_due(self, chain_id: int, contract: str) -> list[tuple[Commitment, bytes]]:
         """Seal each period that ended at least `delay_s` ago and holds readings; return the
         new commitments with their signatures."""
+        async with self.lock:
+            return await self._seal_due(chain_id, contract)
+
+    async def _seal_due(self, chain_id: int, contract: str) -> list[tuple[Commitment, bytes]]:
         sealed = []
         horizon = self.clock.now_ms() - self.delay_ms
         # Everything published before now is in the database before a period is read.
@@ -211,6 +300,20 @@ class Sealer:
         seq = last.commitment.seq if last else 0
         prev_hash = last.commitment.struct_hash() if last else ZERO32
         after = last.commitment.t1 if last else 0
+        head = self.chain_head
+        if head is not None and head.seq > seq:
+            # The chain is ahead of the outbox: it lost commitments the chain has. Resuming
+            # from the outbox would sign seqs the chain already holds, refused forever.
+            if not self._resumed_from_chain:
+                self._resumed_from_chain = True
+                self.log.warning(
+                    "outbox behind the chain; sealing resumes from the chain's head",
+                    outbox_seq=seq,
+                    chain_seq=head.seq,
+                )
+            seq, prev_hash, after = head.seq, head.commitment_hash, max(after, head.t1)
+        if after:
+            self.sealed_until_ms = max(self.sealed_until_ms or 0, after)
         while True:
             rows = await self.store.query(
                 "SELECT min(t_ms) FROM readings WHERE t_ms >= ?", (after,)
@@ -236,6 +339,7 @@ class Sealer:
             )
             sealed.append((commitment, signature))
             seq, prev_hash, after = commitment.seq, commitment.struct_hash(), t1
+            self.sealed_until_ms = max(self.sealed_until_ms or 0, t1)
         return sealed
 
     async def _commitment(self, seq: int, t0: int, t1: int, prev_hash: bytes) -> Commitment:
@@ -252,31 +356,59 @@ class Sealer:
             t1=t1,
             root=merkle.root(leaves),
             count=len(leaves),
-            import_wh=await self._energy(self.import_channel, t0, t1),
-            export_wh=await self._energy(self.export_channel, t0, t1),
+            import_wh=await self._energy(self.import_channel, t0, t1, seq),
+            export_wh=await self._energy(self.export_channel, t0, t1, seq),
             prev_hash=prev_hash,
             rules_hash=self.rules_hash,
         )
 
-    async def _energy(self, channel: str | None, t0: int, t1: int) -> int:
-        """Whole Wh a cumulative counter advanced over the period (rounding carries over)."""
+    async def _energy(self, channel: str | None, t0: int, t1: int, seq: int) -> int:
+        """Whole Wh a cumulative counter advanced over the period, capped at what the node's
+        capacity can carry in that time.
+
+        Only GOOD readings count (implausible steps, backward counters, late or failed reads
+        are flagged at ingest): the total is the sum of the positive steps between consecutive
+        good readings, from the last good reading before the period. Steps are taken between
+        whole Wh, so rounding carries over from period to period.
+        """
         if channel is None:
             return 0
-        sql = (
+        good = int(Quality.GOOD)
+        rows = await self.store.query(
+            "SELECT r.value FROM readings r JOIN channels c ON c.id = r.channel_id "
+            "WHERE c.name = ? AND r.quality = ? AND r.t_ms >= ? AND r.t_ms < ? ORDER BY r.t_ms",
+            (channel, good, t0, t1),
+        )
+        if not rows:
+            return 0
+        base = await self.store.query(
             "SELECT r.value FROM readings r JOIN channels c ON c.id = r.channel_id "
             "WHERE c.name = ? AND r.quality = ? AND r.t_ms >= ? AND r.t_ms < ? "
-            "ORDER BY r.t_ms {} LIMIT 1"
+            "ORDER BY r.t_ms DESC LIMIT 1",
+            (channel, good, t0 - BASELINE_LOOKBACK_MS, t0),
         )
-        good = int(Quality.GOOD)
-        end = await self.store.query(sql.format("DESC"), (channel, good, t0, t1))
-        if not end:
-            return 0
-        # The baseline is the last good value before the period (a day back at most).
-        start = await self.store.query(sql.format("DESC"), (channel, good, t0 - 86_400_000, t0))
-        if not start:
-            start = await self.store.query(sql.format("ASC"), (channel, good, t0, t1))
-        delta = math.floor(end[0][0]) - math.floor(start[0][0])
-        return max(0, delta)
+        total = 0
+        prev: int | None = None
+        for (value,) in base + rows:
+            if not math.isfinite(value):
+                continue
+            whole = math.floor(value)
+            if prev is not None and whole > prev:
+                total += whole - prev
+            prev = whole
+        cap = capacity_wh(self.capacity_w, t0, t1)
+        if total > cap:
+            self.store.add_counter("ledger.capped_totals", 1)
+            self.log.warning(
+                "period total above the node's capacity; capped",
+                channel=channel,
+                seq=seq,
+                total_wh=total,
+                capped_wh=cap,
+                capacity_w=self.capacity_w,
+            )
+            return cap
+        return total
 
 
 def period_leaves(node: bytes, rows: list[tuple[Any, ...]]) -> list[bytes]:

@@ -16,7 +16,7 @@ from daisee_node.errors import DaiseeError
 from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.commitment import Commitment, signer
 from daisee_node.ledger.keys import load_account
-from daisee_node.ledger.outbox import Outbox, Sealer, rules_hash
+from daisee_node.ledger.outbox import ChainHead, Outbox, Sealer, rules_hash
 from daisee_node.ledger.settings import ChainSection
 from daisee_node.ledger.submitter import ChainThread, Submitter
 from daisee_node.logs import get_logger
@@ -61,11 +61,19 @@ class LedgerService:
             export_channel=settings.export_channel,
             rules_hash=rules_hash(rules, derived),
             clock=clock,
+            capacity_w=settings.capacity_w,
         )
         #: called with each newly sealed own commitment and its signature (MQTT publishes them)
         self.on_sealed: list[Callable[[Commitment, bytes], None]] = []
         self._connected = asyncio.Event()
         store.keep_unsealed = True
+        store.on_commit.append(self.sealer.count_late)
+
+    @property
+    def sealed_until_ms(self) -> int | None:
+        """End (ms) of the last sealed period (None before anything is known): a reading
+        stamped before it belongs to a period that is closed for good."""
+        return self.sealer.sealed_until_ms
 
     # -- chain connection ----------------------------------------------------------------------
 
@@ -75,6 +83,7 @@ class LedgerService:
         while True:
             try:
                 await self.worker.call(self._connect)
+                await self._sync_head()
                 break
             except Exception as exc:  # retried until the chain answers
                 attempts += 1
@@ -94,6 +103,7 @@ class LedgerService:
             self.clock,
             self.worker,
         )
+        self.submitter.reseal = self._reseal
         self._connected.set()
 
     def _connect(self) -> None:
@@ -102,7 +112,7 @@ class LedgerService:
             gov = Account.from_key(chainlib.TESTER_KEYS[0])
             address = chainlib.deploy(w3, gov, None, wh_per_credit=1000)
             ledger = chainlib.Ledger(w3, address)
-            ledger.set_node(gov, self.address)
+            ledger.set_node(gov, self.address, capacity_w=self.settings.capacity_w)
             chainlib.fund(w3, gov, self.address, EMBEDDED_FUNDS_WEI)
             self.log.info("embedded chain ready", ledger=address, chain_id=ledger.chain_id)
         else:
@@ -118,12 +128,67 @@ class LedgerService:
         self.chain_id = ledger.chain_id
         self.contract = ledger.address
 
+    async def _sync_head(self) -> None:
+        """Learn what the chain holds for this node: its head (sealing resumes after it when
+        the outbox knows less) and the capacity governance registered (totals stay below)."""
+        assert self.ledger is not None
+        ledger = self.ledger
+        head = await self.worker.call(ledger.head, self.address)
+        if head.registered and head.capacity_w < self.sealer.capacity_w:
+            self.log.warning(
+                "chain.capacity_w is above the capacity registered on chain; using the chain's",
+                capacity_w=self.settings.capacity_w,
+                registered_w=head.capacity_w,
+            )
+            self.sealer.capacity_w = head.capacity_w
+        last = await self.outbox.last_own()
+        if head.seq <= (last.commitment.seq if last else 0):
+            return
+        found = None
+        try:
+            found = await self.worker.call(ledger.find, self.address, head.seq)
+        except Exception as exc:  # a node may limit log queries; the low bits suffice
+            self.log.debug("cannot read the head commitment's log", error=str(exc)[:200])
+        commitment_hash = (
+            found.commitment_hash
+            if found is not None and head.follows(found.commitment_hash)
+            else head.hash_low.to_bytes(32, "big")  # the contract checks only these bits
+        )
+        self.sealer.chain_head = ChainHead(head.seq, head.t1, commitment_hash)
+
+    async def _reseal(self) -> None:
+        """The ledger refused one of this node's commitments for good (a period or prevHash it
+        cannot accept, totals above the registered capacity): as seqs are accepted only in
+        order, every later one would wait forever. Drop the node's commitments after the
+        chain's head that are not on chain, learn the head and capacity again, and let the
+        sealer sign those periods afresh."""
+        assert self.ledger is not None
+        async with self.sealer.lock:
+            head = await self.worker.call(self.ledger.head, self.address)
+            dropped = await self.outbox.drop_own_after(head.seq)
+            if dropped is None:
+                return  # one is in flight: the next refusal brings us back here
+            self.store.add_counter("ledger.resealed", dropped)
+            self.log.error(
+                "own commitment refused by the ledger; sealing again from the chain's head",
+                chain_seq=head.seq,
+                dropped=dropped,
+            )
+            await self._sync_head()
+
     # -- loops ---------------------------------------------------------------------------------
 
     async def seal_loop(self) -> None:
         """Seal due periods. Needs the chain id and contract (from config or the chain)."""
+        await self.sealer.load()
         if self.chain_id is None or self.contract is None:
             await self._connected.wait()
+        elif self.sealer.sealed_until_ms is None:
+            # An empty outbox may be a lost one: ask the chain where this node stands before
+            # signing seq 1, for up to a period; then seal offline as usual.
+            deadline = self.clock.now() + self.settings.period_s
+            while not self._connected.is_set() and self.clock.now() < deadline:
+                await self.clock.sleep(min(1.0, self.settings.period_s / 30))
         assert self.chain_id is not None and self.contract is not None
         poll_s = max(0.5, min(30.0, self.settings.period_s / 30))
         while True:

@@ -31,6 +31,17 @@ class ChainSection(StrictModel):
     )
     import_channel: str | None = Field(None, description="cumulative Wh imported, for totals")
     export_channel: str | None = Field(None, description="cumulative Wh exported (credits)")
+    capacity_w: int = Field(
+        36_000,
+        gt=0,
+        le=2**32 - 1,
+        description=(
+            "the most power (W) this node's connection can import or export; no period total "
+            "claims more than capacity_w × period (default 36,000 W: the largest French "
+            "household connection). Governance registers the same figure on chain, where a "
+            "commitment claiming more is refused"
+        ),
+    )
     submit: bool = Field(True, description="false: sign and publish only, for a relay to submit")
     relay_peers: bool = Field(False, description="also submit peers' signed commitments")
     submit_interval_s: float = Field(30.0, gt=0, le=86_400)

@@ -5,6 +5,12 @@ One batch transaction is in flight at a time. Its nonce is written to the node's
 of sending another. A transaction left unmined for `stuck_after_s` is replaced, same nonce, with
 higher fees. A commitment counts as confirmed once its block is `confirmations` deep and still
 on the chain; if its block is reorganised away it goes back to pending and is sent again.
+Only the chain node's answer (the block is gone, or has another hash) counts as a reorg: an RPC
+error while looking is retried later and counted as such.
+
+The ledger accepts each node's commitments strictly in order, so a batch carries, per node, only
+the run of seqs that follows the chain's head; a relay that holds seq N+2 but not N+1 keeps N+2
+until N+1 arrives (or is committed by someone else).
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import BlockNotFound, TransactionNotFound, Web3RPCError
 
 from daisee_node.clock import Clock
 from daisee_node.ledger import chain as chainlib
-from daisee_node.ledger.chain import ChainError, Ledger
+from daisee_node.ledger.chain import ChainError, Head, Ledger
 from daisee_node.ledger.outbox import (
     CONFIRMED,
     INCLUDED,
@@ -101,8 +107,12 @@ class Submitter:
         self.wake = asyncio.Event()
         #: awaited after every round (the embedded chain mines a block there)
         self.after_round: Callable[[], Awaitable[None]] | None = None
+        #: awaited when the ledger refuses one of the node's own commitments for good
+        self.reseal: Callable[[], Awaitable[None]] | None = None
         self.last_tx: str | None = None
         self.last_error: str | None = None
+        self._waiting = 0
+        self._waiting_logged = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -147,8 +157,8 @@ class Submitter:
         if await self._follow_in_flight():
             return True
         unsettled = await self._follow_included()
-        await self._reconcile()
-        sent = await self._send_batch()
+        heads = await self._reconcile()
+        sent = await self._send_batch(heads)
         return unsettled or sent
 
     # -- in-flight transaction -----------------------------------------------------------------
@@ -221,10 +231,13 @@ class Submitter:
                 block_hash=inc.block_hash,
             )
         done = {(i.node, i.seq) for i in included}
+        own_refused = False
         for node, seq, reason in rejected:
             done.add((node, seq))
-            if reason == chainlib.REJECT_REASONS[3]:
-                # Someone else committed it first (a relay): reconcile finds where.
+            if reason in (chainlib.STALE_SEQ, chainlib.NOT_NEXT, chainlib.NOT_REGISTERED):
+                # Someone else committed it first (a relay), one before it is not in yet, or
+                # the node is not registered yet: refused without any change. Reconcile and
+                # the next batches sort it out.
                 await self.outbox.update([(node, seq)], PENDING)
                 continue
             own = node == self.account.address
@@ -232,6 +245,8 @@ class Submitter:
                 "commitment rejected by the ledger", node=node, seq=seq, reason=reason
             )
             await self.outbox.update([(node, seq)], REJECTED, note=reason)
+            if own and reason in chainlib.RESEALABLE:
+                own_refused = True
         leftover = [tuple(k) for k in items if tuple(k) not in done]
         await self.outbox.update(leftover, PENDING)  # type: ignore[arg-type]
         self.store.add_counter("ledger.txs_mined", 1)
@@ -243,6 +258,9 @@ class Submitter:
             committed=len(included),
             rejected=len(rejected),
         )
+        if own_refused and self.reseal is not None:
+            # Nothing after a refused seq can ever be accepted: seal again from the chain.
+            await self.reseal()
 
     async def _set_tx_state(self, ids: list[int], state: str) -> None:
         async with self.store.transaction() as db:
@@ -262,7 +280,18 @@ class Submitter:
         for e in entries:
             assert e.block_number is not None
             if e.block_number not in blocks:
-                blocks[e.block_number] = await self.call(self._block_hash, e.block_number)
+                try:
+                    blocks[e.block_number] = await self.call(self._block_hash, e.block_number)
+                except Exception as exc:
+                    # No answer is not an answer: the block may well be there. Look again
+                    # next round; nothing is marked dropped or sent again meanwhile.
+                    self.store.add_counter("ledger.rpc_errors", 1)
+                    self.log.warning(
+                        "cannot read a commitment's block; looking again later",
+                        block=e.block_number,
+                        error=str(exc)[:200] or exc.__class__.__name__,
+                    )
+                    return True
             if blocks[e.block_number] != e.block_hash:
                 reorged.append(e)
             elif latest - e.block_number >= self.settings.confirmations:
@@ -288,23 +317,26 @@ class Submitter:
         return len(final) < len(entries)
 
     def _block_hash(self, number: int) -> bytes | None:
+        """The hash of block `number`, or None when the chain node says it has no such block.
+        Any other failure (timeout, connection refused, server error) raises."""
         try:
             block = self.w3.eth.get_block(number)
-        except Exception:
+        except BlockNotFound:
             return None
         return bytes(block["hash"]) if block else None
 
     # -- batching ---------------------------------------------------------------------------------
 
-    async def _reconcile(self) -> None:
-        """Pending commitments the chain already has (sent by a relay, or before a restart)."""
+    async def _reconcile(self) -> dict[str, Head]:
+        """Pending commitments the chain already has (sent by a relay, or before a restart).
+        Returns the chain's head of each node with pending commitments."""
         pending = await self.outbox.in_state(PENDING)
-        heads: dict[str, int] = {}
+        heads: dict[str, Head] = {}
         for e in pending:
             node, seq = e.key
             if node not in heads:
-                heads[node] = (await self.call(self.ledger.head, node)).seq
-            if seq > heads[node]:
+                heads[node] = await self.call(self.ledger.head, node)
+            if seq > heads[node].seq:
                 continue
             found = await self.call(self.ledger.find, node, seq)
             if found is None or found.commitment_hash != e.commitment.struct_hash():
@@ -317,17 +349,41 @@ class Submitter:
                 block_number=found.block_number,
                 block_hash=found.block_hash,
             )
+        return heads
 
-    async def _batch(self) -> list[Entry]:
-        pending = await self.outbox.in_state(PENDING)
+    async def _batch(self, heads: dict[str, Head]) -> list[Entry]:
+        """Per node, the pending commitments that follow the chain's head without a hole, in
+        seq order: anything after a missing seq would only be refused (`NOT_NEXT`). Nodes not
+        (or no longer) registered wait too."""
+        pending = await self.outbox.in_state(PENDING)  # by own first, then node, then seq
         if not self.settings.relay_peers:
             pending = [e for e in pending if e.own]
-        return pending[: self.settings.batch_max]
+        batch: list[Entry] = []
+        expected: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        for e in pending:
+            node, seq = e.key
+            if node not in heads or not heads[node].registered:
+                continue  # it appeared since reconcile (next round), or is not registered
+            nxt = expected.get(node, heads[node].seq + 1)
+            if seq == nxt:
+                batch.append(e)
+                expected[node] = seq + 1
+            elif seq > nxt:
+                waiting[node] = waiting.get(node, 0) + 1
+        total = sum(waiting.values())
+        if total != self._waiting:
+            self._waiting = total
+            self.store.set_counter("ledger.waiting_for_earlier", total)
+            if total and not self._waiting_logged:
+                self.log.info("commitments wait for earlier seqs", by_node=waiting)
+            self._waiting_logged = bool(total)
+        return batch[: self.settings.batch_max]
 
-    async def _send_batch(self) -> bool:
+    async def _send_batch(self, heads: dict[str, Head]) -> bool:
         if not self.settings.submit:
             return False
-        batch = await self._batch()
+        batch = await self._batch(heads)
         if not batch:
             return False
         nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address, "pending")

@@ -139,3 +139,33 @@ class Clique(ChainNode):
 
 def genesis_chain_id(path: Path) -> int:
     return int(json.loads(path.read_text())["config"]["chainId"])
+
+
+class AnvilLedger:
+    """anvil with the ledger deployed; anvil's funded development account is the governance."""
+
+    def __init__(self, workdir: Path, block_time_s: int = 1) -> None:
+        from eth_account import Account
+
+        from daisee_node.ledger import chain as chainlib
+
+        self.chainlib = chainlib
+        self.anvil = Anvil(workdir, block_time_s)
+        self.anvil.start()
+        self.gov = Account.from_key(ANVIL_KEY)
+        self.w3 = chainlib.connect(self.anvil.url)
+        self.ledger = chainlib.Ledger(self.w3, chainlib.deploy(self.w3, self.gov, None, 1000))
+
+    def enrol(self, address: str, *, funded: bool = True, capacity_w: int | None = None) -> None:
+        """Register a node (default capacity unless given), and give it gas money unless it is
+        to rely on relays."""
+        capacity = self.chainlib.DEFAULT_CAPACITY_W if capacity_w is None else capacity_w
+        self.ledger.set_node(self.gov, address, capacity_w=capacity)
+        if funded:
+            self.chainlib.fund(self.w3, self.gov, address, 10**18)
+
+    def restart(self) -> None:
+        """Start anvil again on the same port, from its state dump."""
+        self.anvil.start()
+        self.w3 = self.chainlib.connect(self.anvil.url)
+        self.ledger = self.chainlib.Ledger(self.w3, self.ledger.address)

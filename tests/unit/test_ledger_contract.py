@@ -6,7 +6,6 @@ import pytest
 from eth_account import Account
 from eth_hash.auto import keccak
 from web3 import Web3
-from web3.logs import DISCARD
 
 from daisee_node.ledger import chain, merkle
 from daisee_node.ledger.commitment import Commitment, sign
@@ -154,30 +153,34 @@ def test_forged_replayed_and_unregistered_commitments_are_rejected(env):
     assert ledger.credit().functions.totalSupply().call() == 0
 
 
-def test_prev_hash_overlap_gaps_and_removal(env):
+def test_prev_hash_overlap_early_seq_and_removal(env):
     w3, gov, ledger, node = env
     cid, addr = ledger.chain_id, ledger.address
     c1, _ = make(node, 1, 0, 900_000, readings(node.address, 0, 1))
     bad_prev, _ = make(node, 2, 900_000, 1_800_000, [], prev=b"\1" * 32)
     overlap, _ = make(node, 2, 800_000, 1_800_000, [], prev=c1.struct_hash())
-    gap, _ = make(node, 5, 4_500_000, 5_400_000, [], prev=b"\2" * 32)
-    items = [(c, sign(c, node.key, cid, addr)) for c in (c1, bad_prev, overlap, gap)]
+    early, _ = make(node, 5, 4_500_000, 5_400_000, [], prev=b"\2" * 32)
+    items = [(c, sign(c, node.key, cid, addr)) for c in (c1, bad_prev, overlap, early)]
     receipt = chain.send(w3, gov, {"to": ledger.address, "data": ledger.batch_data(items)})
     ok, rejected = ledger.outcome(receipt)
-    assert [i.seq for i in ok] == [1, 5]
-    assert [r[2] for r in rejected] == ["prevHash does not match", "period overlaps or is empty"]
-    gaps = ledger.contract.events.Gap().process_receipt(receipt, errors=DISCARD)
-    assert [(g["args"]["expected"], g["args"]["got"]) for g in gaps] == [(2, 5)]
+    assert [i.seq for i in ok] == [1]
+    assert [r[2] for r in rejected] == [
+        "prevHash does not match",
+        "period overlaps or is empty",
+        "seq is not the next one",
+    ]
 
     ledger.set_node(gov, node.address, registered=False)
-    c6, _ = make(node, 6, 5_400_000, 6_300_000, [], prev=gap.struct_hash())
-    assert submit(w3, gov, ledger, [(c6, sign(c6, node.key, cid, addr))])[1][0][2] == (
+    c2, _ = make(node, 2, 900_000, 1_800_000, [], prev=c1.struct_hash())
+    assert submit(w3, gov, ledger, [(c2, sign(c2, node.key, cid, addr))])[1][0][2] == (
         "node not registered"
     )
     # only governance manages the registry
     chain.fund(w3, gov, node.address, 10**18)
     with pytest.raises(Exception, match=r"revert|OnlyGovernance"):
         ledger.set_node(node, node.address)
+    with pytest.raises(Exception, match=r"revert|OnlyGovernance"):
+        ledger.set_capacity(node, node.address, 10**6)
 
 
 def test_any_account_may_relay_a_signed_commitment(env):

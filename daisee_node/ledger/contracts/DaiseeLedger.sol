@@ -12,6 +12,11 @@ import {EnergyCredit} from "./EnergyCredit.sol";
 /// Accepted commitments of a batch are hashed into one batch root, so a batch costs one storage
 /// slot however many commitments it carries; any reading can be proven against it later. Each
 /// commitment, with its period totals, is also in the `Committed` event for anyone to read.
+/// Each node's commitments are accepted strictly in order (seq = head + 1, prevHash chaining
+/// the previous one), and no period total may exceed what the node's connection can carry:
+/// governance sets each node's capacity in watts, and a commitment claiming more than
+/// capacity × (t1 − t0) imported or exported is refused, so neither a broken meter nor a
+/// stolen key can mint without bound.
 contract DaiseeLedger is EIP712 {
     struct Commitment {
         address node;
@@ -33,13 +38,16 @@ contract DaiseeLedger is EIP712 {
         uint8 quality;
     }
 
-    /// @dev One slot per node: registration, the last accepted seq and period end, and the low
-    /// 120 bits of the last commitment's hash (enough to check the next one's `prevHash`).
+    /// @dev One slot per node: registration, the last accepted seq and period end, the node's
+    /// capacity in watts, and the low 88 bits of the last commitment's hash (enough to check the
+    /// next one's `prevHash`: the node signs that field, so it only has to tell its own
+    /// commitments apart).
     struct Head {
         bool registered;
         uint64 seq;
         uint64 t1;
-        uint120 hashLow;
+        uint32 capacityW;
+        uint88 hashLow;
     }
 
     bytes32 public constant COMMITMENT_TYPEHASH = keccak256(
@@ -53,6 +61,11 @@ contract DaiseeLedger is EIP712 {
     uint8 public constant STALE_SEQ = 3;
     uint8 public constant BAD_PERIOD = 4;
     uint8 public constant BAD_PREV_HASH = 5;
+    /// @notice The seq is beyond the next one: it waits for the ones before it (nothing changes).
+    uint8 public constant NOT_NEXT = 6;
+    /// @notice importWh or exportWh is more than the node's capacity over the period.
+    uint8 public constant OVER_CAPACITY = 7;
+    uint256 private constant MS_PER_HOUR = 3_600_000;
 
     EnergyCredit public immutable credit;
     address public governance;
@@ -60,13 +73,13 @@ contract DaiseeLedger is EIP712 {
     /// @notice Block in which each batch root was recorded (0: never).
     mapping(bytes32 => uint256) public batchBlock;
 
-    event NodeAdded(address indexed node);
+    event NodeAdded(address indexed node, uint32 capacityW);
+    event CapacitySet(address indexed node, uint32 capacityW);
     event NodeRemoved(address indexed node);
     event GovernanceTransferred(address indexed previous, address indexed next);
     event Committed(
         address indexed node, uint64 indexed seq, bytes32 commitmentHash, Commitment commitment
     );
-    event Gap(address indexed node, uint64 expected, uint64 got);
     event Rejected(address indexed node, uint64 indexed seq, uint8 reason);
     event BatchRecorded(bytes32 indexed root, uint256 accepted);
 
@@ -86,9 +99,21 @@ contract DaiseeLedger is EIP712 {
 
     // -- governance ----------------------------------------------------------------------
 
-    function addNode(address node) external onlyGovernance {
-        heads[node].registered = true;
-        emit NodeAdded(node);
+    /// @notice Register `node` (or re-register a removed one, which keeps its seq) with the
+    /// largest power, in watts, its connection can import or export (e.g. 36,000 W, the largest
+    /// French household connection). Its commitments may claim at most
+    /// capacityW × (t1 − t0) / 3,600,000 Wh of import and of export (t in ms).
+    function addNode(address node, uint32 capacityW) external onlyGovernance {
+        Head storage head = heads[node];
+        head.registered = true;
+        head.capacityW = capacityW;
+        emit NodeAdded(node, capacityW);
+    }
+
+    /// @notice Change a node's capacity in watts (see `addNode`); applies to later commitments.
+    function setCapacity(address node, uint32 capacityW) external onlyGovernance {
+        heads[node].capacityW = capacityW;
+        emit CapacitySet(node, capacityW);
     }
 
     /// @notice A removed node keeps its seq, so re-adding it never lets old commitments replay.
@@ -113,8 +138,10 @@ contract DaiseeLedger is EIP712 {
         return _hashTypedDataV4(commitmentHash(c));
     }
 
-    /// @notice Record signed commitments. Invalid ones are skipped with a `Rejected` event.
-    /// The accepted ones' hashes, in order, are the leaves of the batch root.
+    /// @notice Record signed commitments. Invalid ones are skipped with a `Rejected` event and
+    /// change nothing: one whose seq is not the node's next (`NOT_NEXT`) can be submitted again
+    /// once the ones before it are in. The accepted ones' hashes, in order, are the leaves of
+    /// the batch root.
     /// @return root the batch root (zero when nothing was accepted)
     /// @return accepted how many commitments were recorded
     function commitBatch(Commitment[] calldata cs, bytes[] calldata signatures)
@@ -132,10 +159,9 @@ contract DaiseeLedger is EIP712 {
                 continue;
             }
             Head storage head = heads[c.node];
-            if (c.seq != head.seq + 1) emit Gap(c.node, head.seq + 1, c.seq);
             head.seq = c.seq;
             head.t1 = c.t1;
-            head.hashLow = uint120(uint256(h));
+            head.hashLow = uint88(uint256(h));
             hashes[accepted++] = h;
             emit Committed(c.node, c.seq, h, c);
             if (c.exportWh > 0) credit.mintFor(c.node, c.exportWh);
@@ -158,10 +184,13 @@ contract DaiseeLedger is EIP712 {
         Head memory head = heads[c.node];
         if (!head.registered) return NOT_REGISTERED;
         if (c.seq <= head.seq) return STALE_SEQ;
+        if (c.seq != head.seq + 1) return NOT_NEXT;
         if (c.t1 <= c.t0 || c.t0 < head.t1) return BAD_PERIOD;
-        if (c.seq == head.seq + 1 && uint120(uint256(c.prevHash)) != head.hashLow) {
-            return BAD_PREV_HASH;
-        }
+        if (uint88(uint256(c.prevHash)) != head.hashLow) return BAD_PREV_HASH;
+        // Wh × 3.6e6 against W × ms: exact, no rounding, no overflow in 256 bits.
+        uint256 limit = uint256(head.capacityW) * (c.t1 - c.t0);
+        if (uint256(c.importWh) * MS_PER_HOUR > limit) return OVER_CAPACITY;
+        if (uint256(c.exportWh) * MS_PER_HOUR > limit) return OVER_CAPACITY;
         return 0;
     }
 
