@@ -205,6 +205,12 @@ class ChainHead:
     commitment_hash: bytes
 
 
+#: this many flagged counter readings in a row before a good one mean a confirmed new level (the
+#: ingest checks accept a new level after agreeing readings); a single flagged spike between two
+#: good readings does not break the chain, so the energy across it still counts
+REBASE_RUN = 2
+
+
 class Sealer:
     """Seals every complete period of the buffer into a signed commitment, in order.
 
@@ -374,22 +380,34 @@ class Sealer:
         if channel is None:
             return 0
         good = int(Quality.GOOD)
+        # Flagged counter readings come along so that a re-based counter (a new level that
+        # several reads confirmed) breaks the chain of steps instead of counting as energy.
+        qualities = (good, int(Quality.COUNTER_BACKWARDS), int(Quality.IMPLAUSIBLE_STEP))
+        marks = ",".join("?" * len(qualities))
         rows = await self.store.query(
-            "SELECT r.value FROM readings r JOIN channels c ON c.id = r.channel_id "
-            "WHERE c.name = ? AND r.quality = ? AND r.t_ms >= ? AND r.t_ms < ? ORDER BY r.t_ms",
-            (channel, good, t0, t1),
+            "SELECT r.value, r.quality FROM readings r JOIN channels c ON c.id = r.channel_id "
+            f"WHERE c.name = ? AND r.quality IN ({marks}) AND r.t_ms >= ? AND r.t_ms < ? "
+            "ORDER BY r.t_ms",
+            (channel, *qualities, t0, t1),
         )
-        if not rows:
+        if not any(q == good for _, q in rows):
             return 0
         base = await self.store.query(
-            "SELECT r.value FROM readings r JOIN channels c ON c.id = r.channel_id "
+            "SELECT r.value, r.quality FROM readings r JOIN channels c ON c.id = r.channel_id "
             "WHERE c.name = ? AND r.quality = ? AND r.t_ms >= ? AND r.t_ms < ? "
             "ORDER BY r.t_ms DESC LIMIT 1",
             (channel, good, t0 - BASELINE_LOOKBACK_MS, t0),
         )
         total = 0
         prev: int | None = None
-        for (value,) in base + rows:
+        flagged_run = 0
+        for value, quality in base + rows:
+            if quality != good:
+                flagged_run += 1
+                continue
+            if flagged_run >= REBASE_RUN:
+                prev = None  # the counter moved to a new level: that step is not energy
+            flagged_run = 0
             if not math.isfinite(value):
                 continue
             whole = math.floor(value)

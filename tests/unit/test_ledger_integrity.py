@@ -405,3 +405,23 @@ async def test_an_rpc_timeout_while_rereading_a_block_is_not_taken_for_a_reorg(
     assert len(seqs) == len(set(seqs))
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
+
+
+async def test_a_counter_rebased_by_agreeing_reads_does_not_count_its_jump(store: Store) -> None:
+    """The ingest checks accept a new level only after agreeing reads (the first ones stay
+    flagged): the jump to it is not energy; a lone flagged spike still is crossed."""
+    g, jump = Quality.GOOD, Quality.IMPLAUSIBLE_STEP
+    (c1,) = await seal_exports(
+        store,
+        [
+            Reading(EXPORT, T0 + 1_000, 100.0, g),
+            Reading(EXPORT, T0 + 50_000, 1e12, jump),  # a lone spike: 100 → 102 still counts
+            Reading(EXPORT, T0 + 100_000, 102.0, g),
+            Reading(EXPORT, T0 + 200_000, 5_000.0, jump),  # a used meter fitted at 5,000 Wh
+            Reading(EXPORT, T0 + 300_000, 5_001.0, jump),
+            Reading(EXPORT, T0 + 400_000, 5_002.0, g),  # confirmed
+            Reading(EXPORT, T0 + 500_000, 5_007.0, g),
+        ],
+        periods=1,
+    )
+    assert c1.export_wh == 2 + 5
