@@ -7,6 +7,7 @@ with its TOML path (`sensors[1].interval_s`) and a reason in plain words. Unknow
 from __future__ import annotations
 
 import difflib
+import graphlib
 import os
 import tomllib
 import types
@@ -24,7 +25,7 @@ from daisee_node.ledger.settings import ChainSection
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
-from daisee_node.rules.expressions import TIME_NAMES, check
+from daisee_node.rules.expressions import TIME_NAMES, Expression, ExpressionError, check
 from daisee_node.sensors import SENSOR_KINDS
 from daisee_node.sensors.base import NAME_PATTERN, StrictModel
 from daisee_node.sensors.simulated import SimulationConfig
@@ -274,6 +275,27 @@ def _check_chain(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def _derived_cycles(derived: dict[str, str]) -> list[ConfigProblem]:
+    """Derived values that depend on each other in a circle can never be computed."""
+    graph: dict[str, set[str]] = {}
+    for name, text in derived.items():
+        try:
+            graph[name] = set(Expression(text).names) & derived.keys()
+        except ExpressionError:
+            continue  # already listed as a problem of its own
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        circle = exc.args[1]
+        return [
+            ConfigProblem(
+                f"derived.{circle[0]}",
+                "derived values depend on each other in a circle: " + " → ".join(circle),
+            )
+        ]
+    return []
+
+
 def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     relays = {relay.name for relay in config.relays}
@@ -325,7 +347,10 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
                     f"derived.{name}", "must be named like a channel, e.g. 'home.surplus_w'"
                 )
             )
-        problems += [ConfigProblem(f"derived.{name}", p) for p in check(text, known)]
+        problems += [
+            ConfigProblem(f"derived.{name}", p) for p in check(text, known, result="number")
+        ]
+    problems += _derived_cycles(config.derived)
     problems += _unique(
         "rules",
         "name",
@@ -336,7 +361,10 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
         for key in ("when", "until"):
             text = getattr(rule, key)
             if text is not None:
-                problems += [ConfigProblem(f"rules[{i}].{key}", p) for p in check(text, known)]
+                problems += [
+                    ConfigProblem(f"rules[{i}].{key}", p)
+                    for p in check(text, known, result="condition")
+                ]
         for key in ("then", "otherwise"):
             action = getattr(rule, key)
             if action is not None and action.relay not in relays:

@@ -214,6 +214,7 @@ class Node:
         self._safe_done = False
         self._backstop: threading.Timer | None = None
         self._sink_failures: dict[str, int] = {}
+        self._rule_errors: dict[str, int] = {}
         self.clock_steps = 0
 
     # -- the reading bus ---------------------------------------------------------------------
@@ -652,6 +653,10 @@ class Node:
                         self.rules.set_suspended(name, r.override is not None)
             if self.rules is not None:
                 self.rules.tick()
+                for r in self.rules.rules:
+                    if r.errors != self._rule_errors.get(r.config.name):
+                        self._rule_errors[r.config.name] = r.errors
+                        self.store.set_counter(f"rule.{r.config.name}.errors", r.errors)
             await asyncio.sleep(0.25)
 
     def override(

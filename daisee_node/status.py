@@ -315,10 +315,11 @@ def render_status(report: dict[str, Any]) -> str:
         lines += _table(rows)
     if report.get("rules"):
         lines.append("")
-        rows = [("RULE", "ACTIVE", "ASKS", "WHY")]
+        rows = [("RULE", "ACTIVE", "ASKS", "ERRORS", "WHY")]
         for name, r in sorted(report["rules"].items()):
             asks = ", ".join(f"{k} {v or '-'}" for k, v in sorted(r.get("asks", {}).items()))
-            rows.append((name, "yes" if r.get("active") else "no", asks, r.get("reason", "")))
+            active = "yes" if r.get("active") else "no"
+            rows.append((name, active, asks, f"{r.get('errors', 0):,}", r.get("reason", "")))
         lines += _table(rows)
     ledger = report.get("ledger")
     if ledger:

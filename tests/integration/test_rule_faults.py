@@ -127,7 +127,8 @@ def test_a_rule_failing_at_run_time_falls_back_and_its_sensor_keeps_sampling(
         result = run_cli("status", "-c", str(path), "--json")
         rules = json.loads(result.stdout).get("rules", {}) if result.returncode == 0 else {}
         heat = rules.get("heat")
-        return heat if heat and "division by zero" in heat.get("reason", "") else None
+        failing = heat and "division by zero" in heat.get("reason", "")
+        return heat if failing and heat.get("errors", 0) > 0 else None
 
     heat = wait_for(rule_status, timeout=15, every=0.5)
     assert heat["asks"] == {"heater": "on"}

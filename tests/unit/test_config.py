@@ -301,3 +301,31 @@ safe_state = "on"
     assert (
         "relays[0]" in found["relays[1].safe_state"] and "'supply'" in found["relays[1].safe_state"]
     )
+
+
+def test_derived_values_in_a_circle_and_wrong_kinds_are_listed() -> None:
+    found = problems_of(
+        """
+[node]
+id = "a"
+[[sensors]]
+name = "battery"
+kind = "simulated"
+model = "battery"
+[[relays]]
+name = "supply"
+pin = 17
+[derived]
+"home.a_w" = "home.b_w + 1"
+"home.b_w" = "home.a_w * 2"
+"home.flag_w" = "battery.soc_pct > 20"
+[[rules]]
+name = "low"
+when = "battery.soc_pct + 1"
+then = { relay = "supply", state = "on" }
+"""
+    )
+    circle = [path for path, message in found.items() if "circle" in message]
+    assert circle and circle[0] in ("derived.home.a_w", "derived.home.b_w")
+    assert "derived.home.flag_w" in found
+    assert "rules[0].when" in found
