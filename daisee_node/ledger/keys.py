@@ -12,6 +12,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from daisee_node.errors import DaiseeError
+from daisee_node.secretfiles import read_secret
 
 # PBKDF2 rather than scrypt: scrypt's default needs 256 MB, half a Pi Zero 2 W's memory.
 KDF = "pbkdf2"
@@ -39,12 +40,11 @@ def ensure_password(password_file: Path) -> str:
 
 
 def read_password(password_file: Path) -> str:
+    """The key password; refused when the file is open to others, as the keystore is."""
     try:
-        return password_file.read_text().rstrip("\n")
-    except OSError as exc:
-        raise KeyStoreError(
-            f"cannot read the key password {password_file}: {exc.strerror}"
-        ) from exc
+        return read_secret(password_file, "the key password")
+    except DaiseeError as exc:
+        raise KeyStoreError(str(exc)) from None
 
 
 def new_keystore(keystore: Path, password_file: Path) -> str:

@@ -22,6 +22,7 @@ from daisee_node.mqtt import discovery
 from daisee_node.mqtt.link import OUTAGES, MqttLink
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import Channel
+from daisee_node.secretfiles import read_secret
 
 if TYPE_CHECKING:
     from daisee_node.daemon import Node
@@ -159,12 +160,7 @@ class NodeMqtt:
         self.settings = settings
         password = None
         if settings.password_file is not None:
-            try:
-                password = settings.password_file.read_text().strip()
-            except OSError as exc:
-                raise DaiseeError(
-                    f"cannot read mqtt.password_file {settings.password_file}: {exc.strerror}"
-                ) from None
+            password = read_secret(settings.password_file, "mqtt.password_file").strip()
         self.node_id = node.config.node.id
         self.link = MqttLink(settings, self.node_id, password, counter=node.store.add_counter)
         self.base = self.link.base

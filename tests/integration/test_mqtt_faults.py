@@ -402,6 +402,7 @@ def test_stop_within_5_s_while_the_broker_never_answers(tmp_path, mute_server, d
     port, accepted = mute_server
     password = tmp_path / "mqtt.pass"
     password.write_text("secret\n")
+    password.chmod(0o600)
     d = daemon(node_config(tmp_path, "127.0.0.1", port, password))
     wait_started(d)
     wait_for(lambda: accepted, 10)  # the node is waiting for its CONNACK

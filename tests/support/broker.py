@@ -134,6 +134,7 @@ class Broker:
     def password_file(self, user: str) -> Path:
         path = self.workdir / f"{user}.pass"
         path.write_text(USERS[user][0] + "\n")
+        path.chmod(0o600)  # the node refuses a password others can read
         return path
 
     def start(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,7 @@ def test_wrong_password_loose_mode_and_missing_file_are_clear_errors(tmp_path):
     new_keystore(keystore, password)
     wrong = tmp_path / "wrong.pass"
     wrong.write_text("not it\n")
+    wrong.chmod(0o600)
     with pytest.raises(KeyStoreError, match="cannot decrypt"):
         load_account(keystore, wrong)
     keystore.chmod(0o644)
@@ -39,3 +41,13 @@ def test_wrong_password_loose_mode_and_missing_file_are_clear_errors(tmp_path):
         load_account(keystore, password)
     with pytest.raises(KeyStoreError, match="keys new"):
         keystore_address(tmp_path / "none.json")
+
+
+def test_a_password_file_open_to_others_is_refused(tmp_path: Path) -> None:
+    keystore, password = tmp_path / "k.json", tmp_path / "k.pass"
+    new_keystore(keystore, password)
+    password.chmod(0o644)
+    with pytest.raises(KeyStoreError, match=r"open to others.*chmod 600"):
+        load_account(keystore, password)
+    password.chmod(0o640)  # the image's way: readable by the node's group only
+    assert load_account(keystore, password).address
