@@ -14,6 +14,7 @@ from typing import Any
 
 from eth_utils import to_checksum_address
 
+from daisee_node import safejson
 from daisee_node.config import Config, load_config
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
@@ -323,7 +324,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
     try:
-        data = json.loads(text)
+        data = safejson.loads(text)
         commitment = Commitment.from_json(data["commitment"])
         reading = (
             bytes.fromhex(data["channel_id"].removeprefix("0x")),

@@ -10,6 +10,7 @@ from eth_account import Account
 from eth_hash.auto import keccak
 from eth_keys import keys as eth_keys
 
+from daisee_node import safejson
 from daisee_node.errors import DaiseeError
 
 DOMAIN_NAME = "DAISEE"
@@ -156,7 +157,7 @@ def signed_to_json(commitment: Commitment, signature: bytes) -> str:
 
 def signed_from_json(text: str | bytes) -> tuple[Commitment, bytes]:
     try:
-        data = json.loads(text)
+        data = safejson.loads(text)
         signature = bytes.fromhex(str(data["signature"]).removeprefix("0x"))
         return Commitment.from_json(data["commitment"]), signature
     except (KeyError, TypeError, ValueError) as exc:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from daisee_node import safejson
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
 from daisee_node.mqtt import discovery
@@ -76,7 +77,7 @@ def parse_command(payload: bytes) -> tuple[str, float | None]:
 
 def _json_command(text: str) -> tuple[object, object]:
     try:
-        data = json.loads(text)
+        data = safejson.loads(text)
     except (ValueError, RecursionError):
         raise CommandError(f"not a command: {text[:60]!r}") from None
     if not isinstance(data, dict):

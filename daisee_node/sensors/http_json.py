@@ -14,13 +14,13 @@ document larger than `max_bytes`. aiohttp is imported in `setup`, like the hardw
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from daisee_node import safejson
 from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.sensors.base import NAME_PATTERN, Sensor, SensorConfig, SensorContext, StrictModel
 
@@ -163,7 +163,7 @@ class HttpJsonSensor(Sensor):
         """The parsed document; OSError (TimeoutError included) when there is none."""
         body = await self._get()
         try:
-            return json.loads(body)
+            return safejson.loads(body)
         except (ValueError, RecursionError) as exc:
             raise HttpError(f"{self.cfg.url}: not JSON ({exc})") from None
 
