@@ -72,7 +72,9 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
     await until(confirmed)
     ledger = svc.ledger
     assert ledger is not None
-    head = ledger.head(svc.address)
+    # Head and balance read at one block: the node keeps committing meanwhile.
+    block = ledger.w3.eth.block_number
+    head = ledger.head(svc.address, block)
     assert head.registered and head.seq >= 3
 
     db = sqlite3.connect(tmp_path / "data/node.db")
@@ -113,7 +115,7 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
         entry = await svc.outbox.get(svc.address, seq)
         assert entry is not None
         total_export += entry.commitment.export_wh
-    balance = ledger.credit().functions.balanceOf(svc.address).call()
+    balance = ledger.credit().functions.balanceOf(svc.address).call(block_identifier=block)
     assert total_export > 0  # a sunny June morning exports
     assert balance == total_export * 10**15
     node.request_stop()
