@@ -214,6 +214,15 @@ class NodeMqtt:
             async with asyncio.timeout(timeout_s * 0.6):  # the rest is for disconnecting
                 if self.link.connected.is_set():
                     await self.publish_state(quick=True)
+                    unsafe = getattr(self.node, "safe_state_error", None)
+                    if unsafe:
+                        # The house must hear it: relays that could not be made safe.
+                        await self.link.publish_now(
+                            self.problem_topic,
+                            f"relays not in their safe state: {unsafe}",
+                            qos=1,
+                            retain=True,
+                        )
                     await self.link.drain(timeout_s * 0.3)
                     await self.link.publish_now(
                         self.link.status_topic, "offline", qos=1, retain=True
@@ -224,7 +233,14 @@ class NodeMqtt:
             self.log.exception("MQTT goodbye failed")
         await self.link.stop(max(0.05, deadline - loop.time()))
 
+    @property
+    def problem_topic(self) -> str:
+        """Retained: what keeps the node from being safe (empty while nothing does)."""
+        return f"{self.base}/problem"
+
     async def _on_connect(self) -> None:
+        # A running node has its relays under control: clear a problem an earlier stop left.
+        await self.link.publish_now(self.problem_topic, "", qos=1, retain=True)
         # A new session: the broker may have lost retained state; send all of it again.
         self._sent_readings.clear()
         self._sent_json.clear()

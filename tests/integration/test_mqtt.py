@@ -261,3 +261,31 @@ async def test_a_failing_rule_shows_its_error_in_its_retained_state(tmp_path, br
         assert "zero" in state["error"].lower()
         assert state["errors"] >= 1
     await stop(node, task)
+
+
+async def test_relays_that_cannot_be_made_safe_are_said_on_mqtt(tmp_path: Path, broker) -> None:
+    node = Node(load_config(mqtt_config(tmp_path, broker, discovery=False)))
+    assert node.relays is not None
+
+    async def stuck() -> None:
+        raise OSError("relay board not answering")
+
+    async with Watcher(broker) as watcher:
+        task = asyncio.create_task(node.run())
+        await asyncio.wait_for(node.started.wait(), 10)
+        await watcher.wait("daisee/m1/status", lambda p: p == b"online")
+        node.relays.all_safe = stuck  # type: ignore[method-assign]
+        node.request_stop()
+        assert await asyncio.wait_for(task, 10) == 3
+        problem = await watcher.wait("daisee/m1/problem", lambda p: p != b"")
+        assert b"relays not in their safe state" in problem and b"not answering" in problem
+
+    # A node that starts again, relays in hand, clears it.
+    node = Node(load_config(mqtt_config(tmp_path, broker, discovery=False)))
+    async with Watcher(broker) as watcher:
+        task = asyncio.create_task(node.run())
+        await asyncio.wait_for(node.started.wait(), 10)
+        await watcher.wait("daisee/m1/status", lambda p: p == b"online")
+        await watcher.wait("daisee/m1/problem", lambda p: p == b"")
+        node.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
