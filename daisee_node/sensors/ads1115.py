@@ -403,16 +403,26 @@ class Ads1115Sensor(Sensor):
                 append = codes.append
                 perf, sleep = time.perf_counter, time.sleep
                 start = perf()
-                for i in range(n):
-                    delay = start + i * period - perf()
-                    if delay > 0:
-                        sleep(delay)
+                # The window is a span of time (whole mains cycles), not a count: a thread
+                # woken late skips the conversions it missed instead of bunching its reads,
+                # so the samples still cover whole cycles and the RMS stays unbiased.
+                i = 0
+                while i < n:
+                    late = perf() - (start + i * period)
+                    if late < 0:
+                        sleep(-late)
+                    elif late >= period:
+                        i += int(late / period)
+                        if i >= n:
+                            break
                     append(to_code(result(True)))
+                    i += 1
                 seconds = perf() - start
             except BaseException:
                 chip.selected = None  # the chip's state is unknown after a bus error
                 raise
         self.sample_cpu_s += time.thread_time() - cpu0
+        n = len(codes)
         self.samples_taken += n
         scale = self.fsr / 32768.0
         total = sum(codes)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,40 +18,9 @@ import pytest
 
 from daisee_node.actuators.mockpins import pin_level
 from tests.conftest import ROOT, wait_for, write_config
+from tests.support.meters import SilentServer
 
 STOP_DEADLINE_S = 5.0
-
-
-class SilentServer:
-    """Accepts TCP connections and never answers: a chain node that hangs."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def close(self) -> None:
-        self._stop = True
-        self.thread.join(2)
-        for c in self.conns:
-            c.close()
-        self.sock.close()
 
 
 @pytest.fixture

@@ -24,25 +24,13 @@ from daisee_node.ledger.service import LedgerService
 from daisee_node.ledger.settings import ChainSection
 from daisee_node.readings import Quality, Reading
 from daisee_node.store import Retention, Store
+from tests.support.clocks import FixedClock
 from tests.unit.test_ledger_node import start_node, until
 
 PERIOD_MS = 900_000
 T0 = 1_781_000_000_000 // PERIOD_MS * PERIOD_MS  # a period boundary in 2026
 ZERO = b"\0" * 32
 EXPORT = "grid.export_wh"
-
-
-class FixedClock(Clock):
-    """A clock the test moves by hand."""
-
-    def __init__(self, now_ms: int) -> None:
-        self.t_ms = now_ms
-
-    def now_ms(self) -> int:
-        return self.t_ms
-
-    def now(self) -> float:
-        return self.t_ms / 1000
 
 
 # -- the contract --------------------------------------------------------------------------

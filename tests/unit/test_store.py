@@ -10,24 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from daisee_node.clock import Clock
 from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.store import DAY_MS, MIGRATIONS, MINUTE_MS, Retention, Store, StoreError
+from tests.support.clocks import FixedClock
 
 T0 = 1_781_000_000_000 // MINUTE_MS * MINUTE_MS  # a minute boundary in 2026
-
-
-class FixedClock(Clock):
-    """A clock the test sets by hand."""
-
-    def __init__(self, now_ms: int) -> None:
-        self.t_ms = now_ms
-
-    def now_ms(self) -> int:
-        return self.t_ms
-
-    def now(self) -> float:
-        return self.t_ms / 1000
 
 
 @pytest.fixture
