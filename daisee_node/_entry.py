@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
+
+#: the config every command reads unless told otherwise (here, so that the command line can
+#: describe itself without loading the config models)
+DEFAULT_CONFIG_PATH = Path("/etc/daisee-node/config.toml")
 
 
 def main() -> int:
+    """Run the command line; `--version` alone answers without loading the commands."""
+    if sys.argv[1:] == ["--version"]:
+        # The same line argparse prints, without importing the config models and the parser.
+        from daisee_node import __version__
+
+        print(f"daisee-node {__version__}")
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "run":
         # Until the daemon installs its own handlers, a stop just ends the process cleanly.
         def stop(_signum: int, _frame: object) -> None:

@@ -12,11 +12,17 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daisee_node import __version__, logs
-from daisee_node.config import DEFAULT_CONFIG_PATH, Config, config_from_dict, load_config
+from daisee_node import __version__
+from daisee_node._entry import DEFAULT_CONFIG_PATH
 from daisee_node.errors import ConfigError, DaiseeError
+
+if TYPE_CHECKING:
+    from daisee_node.config import Config
+
+# The config models (pydantic, every sensor kind) and logging are imported by the commands that
+# use them: `--help` and argument errors answer without them.
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 DEMO_DATA_DIR = Path("daisee-demo")
@@ -146,6 +152,8 @@ def _iso_time(text: str) -> datetime:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from daisee_node.config import load_config
+
     config = load_config(args.file)
     print(
         f"{args.file}: ok — node {config.node.id!r}, {len(config.sensors)} sensor(s), "
@@ -155,6 +163,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from daisee_node import logs
+    from daisee_node.config import load_config
+
     config = load_config(args.config)
     logs.configure(config.log.level, config.log.format)
     return _run_node(config, config_path=args.config)
@@ -193,6 +204,8 @@ def _exit_soon(code: int, delay_s: float) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from daisee_node import logs
+    from daisee_node.config import load_config
     from daisee_node.daemon import make_clock, make_private_dir, running_pid
     from daisee_node.sensors.ads1115 import Ads1115Sensor
     from daisee_node.sensors.base import SensorContext
@@ -247,6 +260,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_safe_state(args: argparse.Namespace) -> int:
     from daisee_node.actuators.relays import RelayController
+    from daisee_node.config import load_config
 
     config = load_config(args.config)
     if not config.relays:
@@ -288,6 +302,8 @@ def demo_config(
     data_dir: Path, *, speed: float = 60.0, start: datetime | None = None, seed: int = 1
 ) -> Config:
     """The demo node: one simulated home (PV roof, household load, battery, grid meter)."""
+    from daisee_node.config import config_from_dict
+
     if start is None:
         today = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
         start = today
@@ -339,6 +355,7 @@ def demo_config(
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.speed < 1:
         raise DaiseeError("--speed must be at least 1")
+    from daisee_node import logs
     from daisee_node.status import newest_reading_ms
 
     start = args.start
@@ -414,6 +431,7 @@ def _summary_line(node: Any, ledger: dict[str, Any] | None = None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from daisee_node.config import load_config
     from daisee_node.status import read_status, render_status
 
     if args.data_dir is not None:

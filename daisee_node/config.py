@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
+from daisee_node._entry import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
 from daisee_node.ledger.settings import ChainSection
@@ -30,8 +31,6 @@ from daisee_node.sensors import SENSOR_KINDS
 from daisee_node.sensors.base import NAME_PATTERN, StrictModel
 from daisee_node.sensors.simulated import SimulationConfig
 from daisee_node.store import Retention
-
-DEFAULT_CONFIG_PATH = Path("/etc/daisee-node/config.toml")
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 KEY_FILES = ("keystore", "password_file")

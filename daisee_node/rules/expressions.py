@@ -12,17 +12,29 @@ comparisons, `and`/`or`/`not` and `?:`, at most `MAX_LENGTH` characters and `MAX
 deep; with nothing else, every evaluation takes a bounded time. Every name is a number, so a type
 error that can be known in advance is a config problem; one that cannot (a divisor that turns
 zero) fails that evaluation only, as an `EvaluationError`.
+
+rule-engine builds its LALR parser tables when it is imported, which costs more CPU than the rest
+of the node's start-up (seconds on a Pi). So it is imported only when an expression is first
+compiled, and the tables it built are kept in the user's cache directory and handed to it at the
+next start (PLY checks them against the grammar, so a changed grammar just rebuilds them).
 """
 
 from __future__ import annotations
 
 import decimal
+import marshal
+import os
+import sys
+import threading
+import types
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import rule_engine
-import rule_engine.ast as ast
-from rule_engine import errors
+if TYPE_CHECKING:
+    import rule_engine
+    import rule_engine.ast as ast
+    from rule_engine import errors
 
 TIME_NAMES = ("time.hour", "time.weekday", "time.minute")
 
@@ -47,6 +59,114 @@ _ALLOWED = "numbers, names, + - * / // % **, comparisons, and/or/not and ?:"
 
 Result = Literal["condition", "number"]
 
+#: where PLY looks for rule-engine's tables before building them
+_TABMODULE = "rule_engine.parser.parsetab"
+_TABLES_FILE = "rule-parser-tables.marshal"
+_load_lock = threading.Lock()
+_Context: Any = None  # the context class, made once rule_engine is imported
+
+
+def _tables_path() -> Path | None:
+    """The cache file for the parser tables (XDG cache dir), or None when there is no home."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    try:
+        root = Path(base) if base else Path.home() / ".cache"
+    except (RuntimeError, KeyError):  # a service user without a home directory
+        return None
+    return root / "daisee-node" / _TABLES_FILE
+
+
+def _read_tables(path: Path) -> dict[str, Any] | None:
+    try:
+        tables = marshal.loads(path.read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return None
+    keys = ("_tabversion", "_lr_method", "_lr_signature", "_lr_action", "_lr_goto")
+    if not isinstance(tables, dict) or not all(k in tables for k in (*keys, "_lr_productions")):
+        return None
+    return tables
+
+
+def _write_tables(path: Path, parser: Any) -> None:
+    """Save the tables of rule-engine's freshly built parser, in the form PLY reads back."""
+    from rule_engine._vendor.ply import yacc
+
+    pdict = {name: getattr(parser, name) for name in dir(parser)}
+    module = sys.modules[type(parser).__module__]
+    pdict.setdefault("__file__", module.__file__)
+    pdict.setdefault("__package__", module.__package__)
+    reflect = yacc.ParserReflect(pdict, log=yacc.NullLogger())
+    reflect.get_all()
+    lr = parser._parser
+    tables = {
+        "_tabversion": yacc.__tabversion__,
+        "_lr_method": "LALR",
+        "_lr_signature": reflect.signature(),
+        "_lr_action": lr.action,
+        "_lr_goto": lr.goto,
+        "_lr_productions": [
+            (p.str, p.name, p.len, p.func, os.path.basename(p.file), p.line)
+            if p.func
+            else (str(p), p.name, p.len, None, None, None)
+            for p in lr.productions
+        ],
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_bytes(marshal.dumps(tables))
+        os.replace(partial, path)  # readers see the old file or the whole new one
+    except (OSError, ValueError):
+        pass  # a read-only home: the tables are built again next time
+
+
+def _load() -> None:
+    """Import rule_engine (once), with its parser tables from the cache when they are there."""
+    global rule_engine, ast, errors, _Context
+    if _Context is not None:
+        return
+    with _load_lock:
+        if _Context is not None:
+            return
+        path = _tables_path()
+        tables = _read_tables(path) if path is not None else None
+        if tables is not None:
+            module = types.ModuleType(_TABMODULE)
+            module.__dict__.update(tables)
+            sys.modules[_TABMODULE] = module
+        try:
+            import rule_engine
+            import rule_engine.ast as ast
+            from rule_engine import errors
+            from rule_engine._vendor.ply import yacc
+        finally:
+            if tables is not None:
+                sys.modules.pop(_TABMODULE, None)
+        parser = rule_engine.Rule.parser
+        if path is not None and not isinstance(parser._parser.productions[0], yacc.MiniProduction):
+            _write_tables(path, parser)  # built from the grammar: no or stale tables
+        _Context = _make_context(rule_engine)
+
+
+def _make_context(engine: types.ModuleType) -> type:
+    class Context(engine.Context):  # type: ignore[name-defined]
+        """Resolves dotted channel names against the node's values."""
+
+        def __init__(self) -> None:
+            super().__init__(resolver=self._symbol, default_value=None)
+
+        @staticmethod
+        def _symbol(thing: Mapping[str, Any], name: str) -> Any:
+            return thing[name] if name in thing else _Partial(name)
+
+        def resolve_attribute(self, thing: Any, object_: Any, name: str) -> Any:
+            if isinstance(object_, _Partial):
+                key = f"{object_.path}.{name}"
+                return thing[key] if key in thing else _Partial(key)
+            return super().resolve_attribute(thing, object_, name)
+
+    return Context
+
 
 class _Partial:
     """A dotted name being read part by part (`battery` then `.soc_pct`)."""
@@ -55,21 +175,6 @@ class _Partial:
 
     def __init__(self, path: str) -> None:
         self.path = path
-
-
-class _Context(rule_engine.Context):
-    def __init__(self) -> None:
-        super().__init__(resolver=self._symbol, default_value=None)
-
-    @staticmethod
-    def _symbol(thing: Mapping[str, Any], name: str) -> Any:
-        return thing[name] if name in thing else _Partial(name)
-
-    def resolve_attribute(self, thing: Any, object_: Any, name: str) -> Any:
-        if isinstance(object_, _Partial):
-            key = f"{object_.path}.{name}"
-            return thing[key] if key in thing else _Partial(key)
-        return super().resolve_attribute(thing, object_, name)
 
 
 class ExpressionError(ValueError):
@@ -87,6 +192,7 @@ def _screen(text: str) -> None:
             f"expression too long: {len(text):,} characters (at most {MAX_LENGTH:,}); "
             "name parts of it in [derived]"
         )
+    _load()
     lexer = rule_engine.Rule.parser._lexer.clone()  # a clone: the shared one is not thread-safe
     lexer.input(text)
     operators = 0
