@@ -47,7 +47,7 @@ install -d -m 0750 "$ROOT/etc/daisee-node"
 if [ ! -e "$ROOT/etc/daisee-node/config.toml" ]; then
     install -m 0640 "$HERE/files/config.toml" "$ROOT/etc/daisee-node/config.toml"
 fi
-install -d -m 0750 "$ROOT/var/lib/daisee-node"
+install -d -m 0700 "$ROOT/var/lib/daisee-node"   # household readings: the node's user only
 uid=$(awk -F: '$1 == "daisee" {print $3}' "$ROOT/etc/passwd")
 gid=$(awk -F: '$1 == "daisee" {print $4}' "$ROOT/etc/passwd")
 chown "0:$gid" "$ROOT/etc/daisee-node" "$ROOT/etc/daisee-node/config.toml"
