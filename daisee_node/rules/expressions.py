@@ -21,6 +21,7 @@ next start (PLY checks them against the grammar, so a changed grammar just rebui
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import marshal
 import os
@@ -144,7 +145,9 @@ def _load() -> None:
                 sys.modules.pop(_TABMODULE, None)
         parser = rule_engine.Rule.parser
         if path is not None and not isinstance(parser._parser.productions[0], yacc.MiniProduction):
-            _write_tables(path, parser)  # built from the grammar: no or stale tables
+            # A speed-up only: a change inside PLY must never stop the rules.
+            with contextlib.suppress(Exception):
+                _write_tables(path, parser)  # built from the grammar: no or stale tables
         _Context = _make_context(rule_engine)
 
 
