@@ -13,7 +13,23 @@ from typing import Any
 from daisee_node.daemon import running_pid
 from daisee_node.errors import DaiseeError
 from daisee_node.readings import Quality
-from daisee_node.store import HEALTH_NAME, connect_readonly, db_path
+from daisee_node.store import (
+    HEALTH_NAME,
+    INTEGRITY_MARK,
+    LAST_EVENT_END,
+    LAST_EVENT_PREFIX,
+    LAST_EVENTS_SCAN,
+    connect_readonly,
+    db_path,
+)
+
+# Each query a primary-key or index search, so `status` costs the same on a day or a year of
+# data. min() and max() asked apart: together, SQLite scans the whole table.
+OLDEST_SQL = "SELECT min(t_ms) FROM readings"
+NEWEST_SQL = "SELECT max(t_ms) FROM readings"
+LAST_EVENTS_SQL = "SELECT value FROM meta WHERE key >= ? AND key < ?"
+LAST_EVENTS_KEPT_SQL = "SELECT 1 FROM meta WHERE key = 'last_events_kept'"
+STATUS_QUERIES = (OLDEST_SQL, NEWEST_SQL, LAST_EVENTS_SQL, LAST_EVENTS_KEPT_SQL)
 
 
 def open_readonly(data_dir: Path) -> sqlite3.Connection:
@@ -50,7 +66,7 @@ def newest_reading_ms(data_dir: Path) -> int | None:
     except DaiseeError:
         return None
     with conn:
-        row = conn.execute("SELECT max(t_ms) FROM readings").fetchone()
+        row = conn.execute(NEWEST_SQL).fetchone()
     conn.close()
     return None if row is None or row[0] is None else int(row[0])
 
@@ -67,12 +83,16 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         # The database cannot be read (a disk that filled before it existed, or a store opened
         # for its own process only), but the daemon runs: show what its writer says.
         return _report(data_dir, pid, health, str(exc), {}, [], {}, None, (None, None), 0, 0)
+    path = db_path(data_dir)
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    counters: dict[str, int] = {}
     try:
-        path = db_path(data_dir)
-        size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-        oldest, newest = conn.execute("SELECT min(t_ms), max(t_ms) FROM readings").fetchone()
         counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
-        aggregates = conn.execute("SELECT count(*) FROM readings_1m").fetchone()[0]
+        oldest = conn.execute(OLDEST_SQL).fetchone()[0]
+        newest = conn.execute(NEWEST_SQL).fetchone()[0]
+        aggregates = counters.pop("aggregates_stored", None)
+        if aggregates is None:  # a file no writer of this version has maintained yet
+            aggregates = conn.execute("SELECT count(*) FROM readings_1m").fetchone()[0]
         latest = [
             {
                 "channel": name,
@@ -86,22 +106,12 @@ def read_status(data_dir: Path) -> dict[str, Any]:
                 "JOIN channels c ON c.id = l.channel_id ORDER BY c.name"
             )
         ]
-        has_events = (
-            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
-        )
-        last_events: dict[tuple[str, str], tuple[Any, ...]] = {}
-        if has_events:
-            # The newest row of each group: SQLite takes bare columns from the max(id) row.
-            for kind, name, target, state, reason, t_ms, _ in conn.execute(
-                "SELECT kind, name, target, state, reason, t_ms, max(id) FROM events "
-                "GROUP BY kind, name, target"
-            ):
-                last_events[(kind, name if kind != "rule" else f"{name}>{target}")] = (
-                    state,
-                    reason,
-                    t_ms,
-                )
+        last_events = _last_events(conn)
         ledger = _ledger(conn)
+    except sqlite3.Error as exc:
+        # A damaged page: say so, with what could be read, rather than fail.
+        error = f"cannot read {path}: {exc}"
+        return _report(data_dir, pid, health, error, counters, [], {}, None, (None, None), 0, size)
     finally:
         conn.close()
     return _report(
@@ -117,6 +127,24 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         aggregates,
         size,
     )
+
+
+def _last_events(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """The newest event of each relay and rule target, as the writer keeps them in `meta`."""
+    if conn.execute(LAST_EVENTS_KEPT_SQL).fetchone() is not None:
+        rows = [
+            json.loads(value)
+            for (value,) in conn.execute(LAST_EVENTS_SQL, (LAST_EVENT_PREFIX, LAST_EVENT_END))
+        ]
+    elif conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None:
+        # A file whose writer has not yet noted them (an older version, or just upgraded).
+        rows = [row[:6] for row in conn.execute(LAST_EVENTS_SCAN)]
+    else:
+        rows = []
+    return {
+        (kind, name if kind != "rule" else f"{name}>{target}"): (state, reason, t_ms)
+        for kind, name, target, state, reason, t_ms in rows
+    }
 
 
 def _report(
@@ -177,6 +205,12 @@ def _report(
             "oldest_ms": span[0],
             "newest_ms": span[1],
             "error": db_error,
+            "integrity": {
+                # the background check found damage: the file is moved aside at the next start
+                "damaged": Path(f"{db_path(data_dir)}{INTEGRITY_MARK}").exists(),
+                "failures": counters.get("store.integrity_failures", 0),
+                "last_ok_ms": counters.get("store.integrity_ok_ms"),
+            },
         },
         "store": _store_health(health, counters),
         "sensors": sensors,
@@ -283,6 +317,11 @@ def render_status(report: dict[str, Any]) -> str:
         "daemon          "
         + (f"running (pid {report['pid']})" if report["running"] else "not running"),
     ]
+    if db.get("integrity", {}).get("damaged"):
+        lines.append(
+            "database        DAMAGED (found by the background integrity check); the file is "
+            "moved aside at the next start"
+        )
     if db.get("error"):
         lines.append(f"database        unreadable: {db['error']}")
     else:

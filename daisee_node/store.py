@@ -6,7 +6,15 @@ transaction. The database runs in WAL mode with `synchronous=FULL`, so a committ
 `kill -9` and a power cut; what can be lost is what had not been committed yet (under one second).
 
 Retention keeps the file bounded: raw readings for `raw_days`, then 1-minute aggregates (min, max,
-mean, last, count of good readings, count of bad ones) for `aggregate_days`.
+mean, last, count of good readings, count of bad ones) for `aggregate_days`; events for
+`events_days`. Maintenance (rollup, retention) works in short slices within a time budget per turn,
+so a long backlog never holds the writer for long.
+
+Costs at start stay flat in the size of the file: `open` checks only what a crash can have touched
+(the schema and the newest pages of each table; in WAL mode with `synchronous=FULL` a killed process
+cannot leave the rest damaged). The full `PRAGMA integrity_check` runs on a connection of its own
+in a thread, after start and then daily; a failure is logged, counted and marks the file, which is
+moved aside at the next start.
 """
 
 from __future__ import annotations
@@ -39,6 +47,14 @@ DB_NAME = "node.db"
 #: updated when the disk is full
 HEALTH_NAME = "store-health.json"
 HEALTH_BYTES = 16_384
+#: beside the database: the background integrity check found damage; moved aside at next start
+INTEGRITY_MARK = ".integrity-failed"
+#: meta keys holding the newest event of each (kind, name, target), so `status` never scans events
+LAST_EVENT_PREFIX = "last_event|"
+LAST_EVENT_END = "last_event}"  # '}' sorts right after '|': the end of the prefix's key range
+_LAST_EVENTS_KEPT = "last_events_kept"
+#: rows read from the newest end of each table at start
+_START_CHECK_ROWS = 256
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 
@@ -139,6 +155,12 @@ _UPSERT_LATEST = (
     "ON CONFLICT(channel_id) DO UPDATE SET t_ms=excluded.t_ms, value=excluded.value, "
     "quality=excluded.quality WHERE excluded.t_ms >= latest.t_ms"
 )
+_SET_LAST_EVENT = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+# The newest row of each group: SQLite takes bare columns from the max(id) row.
+LAST_EVENTS_SCAN = (
+    "SELECT kind, name, target, state, reason, t_ms, max(id) FROM events "
+    "GROUP BY kind, name, target"
+)
 _ADD_COUNTER = (
     "INSERT INTO counters (name, value, t_ms) VALUES (?,?,?) "
     "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value, t_ms = excluded.t_ms"
@@ -189,6 +211,10 @@ class StoreStats:
     last_error: str = ""
     #: events (rule decisions, switches) dropped because the backlog was full
     dropped_events: int = 0
+    deleted_events: int = 0
+    #: background integrity checks that found the file damaged
+    integrity_failures: int = 0
+    integrity_checks: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -207,6 +233,13 @@ class Retention:
     retry_max_s: float = 5.0
     #: events (decisions, switches) held in memory at most while writes fail
     max_pending_events: int = 10_000
+    #: days events are kept; None: as long as raw readings
+    events_days: float | None = None
+    #: most time one maintenance turn holds the writer; the rest waits for the next turn
+    maintenance_budget_s: float = 0.25
+    #: the full integrity check runs this long after the writer starts, then every interval
+    integrity_delay_s: float = 120.0
+    integrity_interval_s: float = 86_400.0
 
 
 def db_path(data_dir: str | os.PathLike[str]) -> Path:
@@ -266,20 +299,33 @@ class Store:
         # Opened without shared memory (a full disk cannot hold the -shm file): other programs
         # cannot read until the writer reconnects normally.
         self._exclusive = False
+        self.integrity_mark = Path(f"{self.path}{INTEGRITY_MARK}")
+        self._check_task: asyncio.Task[bool | None] | None = None
+        self._check_cancelled = False
+        self._next_check = math.inf
+        self._counters_ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open (creating if needed), check integrity, migrate.
+        """Open (creating if needed), check what a crash can damage, migrate.
 
-        Only a file SQLite reports as damaged (not a database, malformed, failing its quick check)
-        is moved aside. A database locked by another process is waited for, up to
-        `lock_timeout_s`, then reported as a `StoreError` with nothing moved. Read-only: the file
-        must exist, and nothing is created, migrated, tightened or moved.
+        Only a file SQLite reports as damaged (not a database, malformed, failing the start check,
+        or marked by a failed background integrity check) is moved aside. A database locked by
+        another process is waited for, up to `lock_timeout_s`, then reported as a `StoreError`
+        with nothing moved. Read-only: the file must exist, and nothing is created, migrated,
+        tightened or moved.
         """
         if self.read_only:
             await self._open_read_only()
             return
+        if self.integrity_mark.exists():
+            self._log.error(
+                "the last integrity check found the database damaged",
+                path=str(self.path),
+                found=_read_mark(self.integrity_mark),
+            )
+            await self._quarantine()
         try:
             await asyncio.to_thread(self._prepare_files)
         except OSError as exc:
@@ -290,7 +336,7 @@ class Store:
             while True:
                 try:
                     await self._connect(exclusive=exclusive)
-                    ok = await self._quick_check()
+                    ok = await self._start_check()
                     break
                 except sqlite3.DatabaseError as exc:
                     await self._close_quietly()
@@ -415,14 +461,119 @@ class Store:
             if self._failing_since_ms is not None:
                 await self._write_recovered()
 
-    async def _quick_check(self) -> bool:
+    async def _start_check(self) -> bool:
+        """Read what a crash can have touched: the schema and the newest rows of every table.
+
+        Cost is flat in the size of the file. With WAL and `synchronous=FULL` a killed process
+        leaves committed pages intact and the rest in the WAL; a damaged page raises a
+        `DatabaseError` here (classified by the caller). Damage elsewhere (a failing SD card) is
+        the background check's to find.
+        """
         assert self._db is not None
-        async with self._db.execute("PRAGMA quick_check") as cur:
-            rows = [r[0] for r in await cur.fetchall()]
-        if rows == ["ok"]:
+        async with self._db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND sql IS NOT NULL"
+        ) as cur:
+            tables = list(await cur.fetchall())
+        for name, sql in tables:
+            if name.startswith("sqlite_"):
+                continue
+            async with self._db.execute(f'PRAGMA table_info("{name}")') as cur:
+                info = list(await cur.fetchall())
+            if "WITHOUT ROWID" in str(sql).upper():
+                keys = [row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]]
+                order = ", ".join(f'"{k}" DESC' for k in keys)
+            else:
+                order = "rowid DESC"
+            async with self._db.execute(
+                f'SELECT * FROM "{name}" ORDER BY {order} LIMIT {_START_CHECK_ROWS}'
+            ) as cur:
+                await cur.fetchall()
+        return True
+
+    async def check_integrity(self) -> bool | None:
+        """The full `PRAGMA integrity_check`, on a read-only connection in a thread.
+
+        The writer goes on meanwhile (a WAL reader never blocks it). True: the file is sound;
+        False: damage found, logged, counted and marked so the next start moves the file aside;
+        None: the check could not run (stopped, or the file is not shared).
+        """
+        started = time.monotonic()
+        findings = await asyncio.to_thread(self._integrity_findings)
+        if findings is None:
+            return None
+        self.stats.integrity_checks += 1
+        took = round(time.monotonic() - started, 3)
+        if findings == ["ok"]:
+            self._log.info("database integrity check passed", path=str(self.path), took_s=took)
+            self.set_counter("store.integrity_ok_ms", now_ms())
             return True
-        self._log.error("database failed its integrity check", path=str(self.path), found=rows[:5])
+        self.stats.integrity_failures += 1
+        self.add_counter("store.integrity_failures", 1)
+        self._log.error(
+            "database failed its integrity check; it is moved aside at the next start",
+            path=str(self.path),
+            found=findings[:5],
+            took_s=took,
+        )
+        try:
+            await asyncio.to_thread(_write_mark, self.integrity_mark, findings)
+        except OSError as exc:
+            self._log.error("cannot mark the damaged database", error=str(exc))
         return False
+
+    def _integrity_findings(self) -> list[str] | None:
+        """Run the check (in a worker thread); None when it could not run to the end."""
+        try:
+            conn = sqlite3.connect(
+                f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro",
+                uri=True,
+                timeout=5.0,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            self._log.warning("integrity check could not open the database", error=str(exc))
+            return None
+        try:
+            # Polled by SQLite while the check runs: a stopping writer ends it at once.
+            conn.set_progress_handler(lambda: 1 if self._check_cancelled else 0, 10_000)
+            rows = conn.execute("PRAGMA integrity_check(100)").fetchall()
+            return [str(r[0]) for r in rows]
+        except sqlite3.Error as exc:
+            if self._check_cancelled:
+                return None
+            if classify_error(exc) == "corrupt":
+                return [str(exc)]
+            self._log.warning("integrity check could not run", error=str(exc))
+            return None
+        finally:
+            conn.close()
+
+    def _start_scheduled_check(self) -> None:
+        now = time.monotonic()
+        if self._check_task is not None or now < self._next_check or self._exclusive:
+            return
+        self._next_check = now + self.retention.integrity_interval_s
+
+        async def scheduled() -> bool | None:
+            try:
+                return await self.check_integrity()
+            finally:
+                self._check_task = None
+
+        self._check_task = asyncio.create_task(scheduled(), name="store.integrity")
+
+    async def _stop_check(self) -> None:
+        """End a running background check (SQLite polls the flag) and wait for its thread."""
+        task = self._check_task
+        if task is None:
+            return
+        self._check_cancelled = True
+        try:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        finally:
+            self._check_task = None
+            self._check_cancelled = False
 
     async def _quarantine(self) -> None:
         """Keep the damaged file for inspection and start a new one: the node must go on."""
@@ -458,6 +609,7 @@ class Store:
 
     async def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
+        await self._stop_check()
         if self._db is None:
             return
         if self.read_only:
@@ -664,15 +816,28 @@ class Store:
             raise StoreError(f"{self.path} is open read-only; it has no writer")
         if self._db is None:
             await self.open()
+        self._next_check = time.monotonic() + self.retention.integrity_delay_s
+        try:
+            await self._run()
+        finally:
+            await self._stop_check()
+
+    async def _run(self) -> None:
         last_commit = 0.0
         retry_s = 0.0
         while True:
+            if not self._stopping:
+                self._start_scheduled_check()
             if not (self._pending or self._events) and not self._stopping:
                 self._drained.set()
                 self._wakeup.clear()
-                timeout = max(0.05, (self._next_maintenance - self.clock.now()) / self.clock.speed)
+                due = self._next_maintenance - self.clock.now()
+                # An unfinished maintenance turn (a backlog) goes on at once.
+                timeout = 0.0 if due <= 0 else max(0.05, due / self.clock.speed)
                 if retry_s:
                     timeout = min(timeout, retry_s)
+                if self._check_task is None:
+                    timeout = min(timeout, max(0.05, self._next_check - time.monotonic()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=min(timeout, 5.0))
             if self._stopping and not self._pending:
@@ -695,7 +860,7 @@ class Store:
                     if self._exclusive:
                         await self._reconnect_shared()
                 if self.clock.now() >= self._next_maintenance and not self._stopping:
-                    await self.maintain()
+                    await self.maintain(budget_s=self.retention.maintenance_budget_s)
             except _WRITE_FAILURES as exc:
                 if not _is_write_failure(exc):
                     raise
@@ -780,6 +945,7 @@ class Store:
                     await db.executemany(_SET_COUNTER, [(k, v, now_ms) for k, v in sets.items()])
                 if events:
                     await db.executemany(_INSERT_EVENT, events)
+                    await db.executemany(_SET_LAST_EVENT, _last_events(events))
         except BaseException:
             # Nothing is lost: the batch and the counters go back in front of what came since
             # (within the backlog's bound: the oldest readings are dropped first, counted).
@@ -818,12 +984,52 @@ class Store:
 
     # -- maintenance: rollup and retention ---------------------------------------------------
 
-    async def maintain(self, now_ms: int | None = None) -> None:
-        """Roll complete minutes up into aggregates, then drop what is past retention."""
+    async def maintain(self, now_ms: int | None = None, budget_s: float | None = None) -> bool:
+        """Roll complete minutes up into aggregates, then drop what is past retention.
+
+        With `budget_s`, stops after the slice that crosses the budget and returns False: the
+        writer commits what arrived meanwhile and comes back at once. Without, runs to the end.
+        """
         now_ms = self.clock.now_ms() if now_ms is None else now_ms
-        self._next_maintenance = self.clock.now() + self.retention.maintenance_interval_s
-        await self._rollup(now_ms)
-        await self._expire(now_ms)
+        deadline = math.inf if budget_s is None else time.monotonic() + budget_s
+        await self._prepare_counters()
+        done = await self._rollup(now_ms, deadline) and await self._expire(now_ms, deadline)
+        self._next_maintenance = self.clock.now() + (
+            self.retention.maintenance_interval_s if done else 0.0
+        )
+        return done
+
+    async def _prepare_counters(self) -> None:
+        """Once per file: count aggregates and note each key's last event, for `status`.
+
+        Files written before these were kept are counted once here (a scan, after READY); from
+        then on they are kept up to date with every write.
+        """
+        if self._counters_ready:
+            return
+        assert self._db is not None
+        async with self._db.execute(
+            "SELECT 1 FROM counters WHERE name = 'aggregates_stored'"
+        ) as cur:
+            counted = await cur.fetchone() is not None
+        kept = await self._meta_int(_LAST_EVENTS_KEPT) is not None
+        if not (counted and kept):
+            async with self.transaction() as db:
+                if not counted:
+                    await db.execute(
+                        "INSERT OR REPLACE INTO counters (name, value, t_ms) "
+                        "SELECT 'aggregates_stored', count(*), ? FROM readings_1m",
+                        (now_ms(),),
+                    )
+                if not kept:
+                    async with db.execute(LAST_EVENTS_SCAN) as cur:
+                        rows = [tuple(r[:6]) for r in await cur.fetchall()]
+                    await db.executemany(
+                        _SET_LAST_EVENT,
+                        _last_events([(t, k, n, g, st, why, None) for k, n, g, st, why, t in rows]),
+                    )
+                    await db.execute(_SET_LAST_EVENT, (_LAST_EVENTS_KEPT, "1"))
+        self._counters_ready = True
 
     async def get_meta(self, key: str) -> str | None:
         rows = await self.query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -839,7 +1045,8 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else None
 
-    async def _rollup(self, now_ms: int) -> None:
+    async def _rollup(self, now_ms: int, deadline: float = math.inf) -> bool:
+        """Roll up from where the last run stopped, in short slices; False if out of time."""
         assert self._db is not None
         until = (now_ms - int(self.retention.rollup_grace_s * 1000)) // MINUTE_MS * MINUTE_MS
         start = await self._meta_int("rollup_until_ms")
@@ -847,22 +1054,45 @@ class Store:
             async with self._db.execute("SELECT min(t_ms) FROM readings") as cur:
                 row = await cur.fetchone()
             if row is None or row[0] is None:
-                return
+                return True
             start = int(row[0]) // MINUTE_MS * MINUTE_MS
-        step = 60 * MINUTE_MS  # an hour per transaction keeps each write short
+        step = 10 * MINUTE_MS  # a slice is one short transaction, even at high sample rates
         while start < until:
-            end = min(until, start + step)
+            # Skips a gap (the node was stopped) in one primary-key search.
+            async with self._db.execute(
+                "SELECT min(t_ms) FROM readings WHERE t_ms >= ? AND t_ms < ?", (start, until)
+            ) as cur:
+                row = await cur.fetchone()
+            first = None if row is None or row[0] is None else int(row[0])
             async with self.transaction() as db:
-                cur = await db.execute(_ROLLUP, (start, end))
+                if first is None:
+                    end = until
+                else:
+                    start = max(start, first // MINUTE_MS * MINUTE_MS)
+                    end = min(until, start + step)
+                    span = (start // MINUTE_MS, end // MINUTE_MS)
+                    async with db.execute(
+                        "SELECT count(*) FROM readings_1m WHERE minute >= ? AND minute < ?", span
+                    ) as cur:
+                        had = int((await cur.fetchone() or (0,))[0])
+                    cur = await db.execute(_ROLLUP, (start, end))
+                    made = max(0, cur.rowcount)
+                    self.stats.rolled_up_minutes += made
+                    if made != had:
+                        stamp = time.time_ns() // 1_000_000
+                        await db.execute(_ADD_COUNTER, ("aggregates_stored", made - had, stamp))
                 await db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('rollup_until_ms', ?)",
                     (str(end),),
                 )
-            self.stats.rolled_up_minutes += max(0, cur.rowcount)
             start = end
-            await asyncio.sleep(0)  # let the loop breathe between chunks
+            await asyncio.sleep(0)  # let the loop breathe between slices
+            if start < until and time.monotonic() >= deadline:
+                return False  # at least one slice per turn: a backlog always shrinks
+        return True
 
-    async def _expire(self, now_ms: int) -> None:
+    async def _expire(self, now_ms: int, deadline: float = math.inf) -> bool:
+        """Delete what is past retention, in slices; False if out of time."""
         assert self._db is not None
         rolled = await self._meta_int("rollup_until_ms")
         raw_cutoff = now_ms - int(self.retention.raw_days * DAY_MS)
@@ -871,32 +1101,62 @@ class Store:
             # Readings of a period not yet sealed into a commitment are the ledger's to keep.
             sealed = await self._meta_int("ledger_sealed_until_ms")
             raw_cutoff = min(raw_cutoff, sealed or 0)
+        done = True
         if rolled is not None:
             raw_cutoff = min(raw_cutoff, rolled)
-            self.stats.deleted_raw += await self._delete_chunked(
+            deleted, done = await self._delete_chunked(
                 "DELETE FROM readings WHERE t_ms < ?",
                 "SELECT min(t_ms) FROM readings",
                 raw_cutoff,
                 3_600_000,
+                deadline,
                 counter="readings_stored",
             )
+            self.stats.deleted_raw += deleted
+        if not done:
+            return False
         agg_cutoff = (now_ms - int(self.retention.aggregate_days * DAY_MS)) // MINUTE_MS
-        self.stats.deleted_aggregates += await self._delete_chunked(
+        deleted, done = await self._delete_chunked(
             "DELETE FROM readings_1m WHERE minute < ?",
             "SELECT min(minute) FROM readings_1m",
             agg_cutoff,
             24 * 60,
+            deadline,
+            counter="aggregates_stored",
         )
+        self.stats.deleted_aggregates += deleted
+        if not done:
+            return False
+        events_days = self.retention.events_days
+        events_cutoff = now_ms - int((events_days or self.retention.raw_days) * DAY_MS)
+        deleted, done = await self._delete_chunked(
+            "DELETE FROM events WHERE t_ms < ?",
+            "SELECT min(t_ms) FROM events",
+            events_cutoff,
+            DAY_MS,
+            deadline,
+        )
+        self.stats.deleted_events += deleted
+        return done
 
     async def _delete_chunked(
-        self, delete_sql: str, min_sql: str, cutoff: int, step: int, counter: str | None = None
-    ) -> int:
-        """Delete below `cutoff` in `step`-wide slices, one short transaction each."""
+        self,
+        delete_sql: str,
+        min_sql: str,
+        cutoff: int,
+        step: int,
+        deadline: float = math.inf,
+        counter: str | None = None,
+    ) -> tuple[int, bool]:
+        """Delete below `cutoff` in `step`-wide slices, one short transaction each.
+
+        Returns how many rows went, and False if the deadline came first.
+        """
         assert self._db is not None
         async with self._db.execute(min_sql) as cur:
             row = await cur.fetchone()
         if row is None or row[0] is None:
-            return 0
+            return 0, True
         total = 0
         lower = int(row[0])
         while lower < cutoff:
@@ -907,7 +1167,9 @@ class Store:
                     await db.execute(_ADD_COUNTER, (counter, -cur.rowcount, now_ms()))
             total += max(0, cur.rowcount)
             await asyncio.sleep(0)
-        return total
+            if lower < cutoff and time.monotonic() >= deadline:
+                return total, False
+        return total, True
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -953,8 +1215,30 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _last_events(events: Sequence[tuple[Any, ...]]) -> list[tuple[str, str]]:
+    """(meta key, value) of the newest of `events` (as put_event takes them) per key."""
+    newest: dict[str, str] = {}
+    for t_ms, kind, name, target, state, reason, _ in events:
+        key = f"{LAST_EVENT_PREFIX}{kind}|{name}|{target or ''}"
+        newest[key] = json.dumps([kind, name, target, state, reason, t_ms])
+    return list(newest.items())
+
+
+def _write_mark(mark: Path, findings: list[str]) -> None:
+    report = {"t_ms": now_ms(), "found": findings[:20]}
+    mark.write_text(json.dumps(report) + "\n")
+    os.chmod(mark, 0o600)
+
+
+def _read_mark(mark: Path) -> list[str]:
+    try:
+        return list(json.loads(mark.read_text()).get("found", []))[:5]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def _move_aside(path: Path, tag: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", INTEGRITY_MARK):
         src = Path(f"{path}{suffix}")
         if src.exists():
             src.rename(f"{path}{tag}{suffix}")
