@@ -75,6 +75,12 @@ class StoreSection(StrictModel):
         "full", description="'normal' is faster but may lose the last commits on a power cut"
     )
     max_pending_readings: int = Field(500_000, ge=1_000)
+    events_days: float | None = Field(
+        None, gt=0, description="days rule decisions and relay switches are kept (default: raw_days)"
+    )
+    integrity_interval_h: float = Field(
+        24.0, gt=0, description="hours between full integrity checks (run in the background)"
+    )
 
     def retention(self) -> Retention:
         return Retention(
@@ -82,6 +88,8 @@ class StoreSection(StrictModel):
             aggregate_days=self.aggregate_days,
             flush_interval_s=self.flush_interval_s,
             max_pending=self.max_pending_readings,
+            events_days=self.events_days,
+            integrity_interval_s=self.integrity_interval_h * 3600,
         )
 
 

@@ -329,3 +329,9 @@ then = { relay = "supply", state = "on" }
     assert circle and circle[0] in ("derived.home.a_w", "derived.home.b_w")
     assert "derived.home.flag_w" in found
     assert "rules[0].when" in found
+
+
+def test_store_retention_settings_reach_the_store() -> None:
+    config = parse_config('[node]\nid = "a"\n[store]\nevents_days = 30\nintegrity_interval_h = 6\n')
+    retention = config.store.retention()
+    assert retention.events_days == 30 and retention.integrity_interval_s == 6 * 3600
