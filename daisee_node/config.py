@@ -76,7 +76,7 @@ class StoreSection(StrictModel):
     )
     max_pending_readings: int = Field(500_000, ge=1_000)
     events_days: float | None = Field(
-        None, gt=0, description="days rule decisions and relay switches are kept (default: raw_days)"
+        None, gt=0, description="days decisions and relay switches are kept (default: raw_days)"
     )
     integrity_interval_h: float = Field(
         24.0, gt=0, description="hours between full integrity checks (run in the background)"
