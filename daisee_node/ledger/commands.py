@@ -290,7 +290,8 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
         await store.close()
     node_bytes = bytes.fromhex(node[2:])
     leaves = period_leaves(node_bytes, period)
-    if merkle.root(leaves) != c.root:
+    tree = merkle.levels(leaves)  # built once: it gives both the root and the proof
+    if tree[-1][0] != c.root:
         raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
     cid = merkle.channel_id(channel)
     micro = merkle.value_micro(value)
@@ -308,7 +309,7 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
         "value": value,
         "value_micro": micro,
         "quality": quality,
-        "proof": ["0x" + p.hex() for p in merkle.proof(merkle.levels(leaves), index)],
+        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
         "commitment": c.to_json(),
         "tx": "0x" + entry.tx_hash.hex(),
         "batch_proof": ["0x" + p.hex() for p in batch_proof],

@@ -9,12 +9,18 @@ its proof simply has no sibling at that level.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from eth_hash.auto import keccak
 
 ZERO32 = b"\x00" * 32
+#: pairs hashed between two calls of a `pause` callback
+PAUSE_EVERY = 32
+
+
+def no_pause() -> None:
+    """The default `pause`: go straight on."""
 
 
 @lru_cache(maxsize=4096)
@@ -60,9 +66,36 @@ def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
     return out
 
 
-def root(leaves: Sequence[bytes]) -> bytes:
-    """The Merkle root (all zeros for no leaves, the leaf itself for one)."""
-    return levels(leaves)[-1][0]
+def root(leaves: Sequence[bytes], pause: Callable[[], None] = no_pause) -> bytes:
+    """The Merkle root (all zeros for no leaves, the leaf itself for one); the same as
+    `levels(leaves)[-1][0]`, keeping only one level in memory at a time."""
+    return packed_root(b"".join(leaves), pause)
+
+
+def packed_root(packed: bytes | bytearray, pause: Callable[[], None] = no_pause) -> bytes:
+    """The Merkle root of leaves given end to end, 32 bytes each.
+
+    Each level is one flat bytes object: the garbage collector never walks it, where a list of
+    hundreds of thousands of hashes would be walked at every collection, holding the GIL for
+    milliseconds. `pause` is called every `PAUSE_EVERY` pairs: a worker thread uses it to give
+    the event loop its turn.
+    """
+    level = bytes(packed)
+    n = len(level) // 32
+    if n == 0:
+        return ZERO32
+    while n > 1:
+        nxt = bytearray()
+        for start in range(0, n - 1, 2 * PAUSE_EVERY):
+            for i in range(start, min(n - 1, start + 2 * PAUSE_EVERY), 2):
+                at = 32 * i
+                nxt += hash_pair(level[at : at + 32], level[at + 32 : at + 64])
+            pause()
+        if n % 2:
+            nxt += level[32 * (n - 1) :]
+        level = bytes(nxt)
+        n = len(level) // 32
+    return level
 
 
 def proof(tree: list[list[bytes]], index: int) -> list[bytes]:

@@ -3,16 +3,25 @@
 Sealing reads the period's readings from the buffer, builds the Merkle tree, signs the commitment
 and stores it, all before anything talks to the chain: with the chain away for hours, every
 period is still sealed in order, and the submitter sends them when it returns.
+
+A period can hold hundreds of thousands of readings (10 channels at 50 Hz: 450,000 in 15 min),
+seconds of hashing here and minutes on a Pi. That work runs in a worker thread, never on the
+event loop, which keeps sampling, rules and the watchdog running meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
-from collections.abc import Sequence
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
@@ -22,14 +31,30 @@ from daisee_node.ledger import merkle
 from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment, capacity_wh, sign
 from daisee_node.logs import get_logger
 from daisee_node.readings import Quality, Reading
-from daisee_node.store import Store
+from daisee_node.store import Store, StoreError, connect_readonly
 
+T = TypeVar("T")
 ZERO32 = b"\x00" * 32
 SEALED_UNTIL_KEY = "ledger_sealed_until_ms"
 #: how far back the baseline of a period's counter totals is looked for
 BASELINE_LOOKBACK_MS = 86_400_000
 #: at most one log line about late readings per this many seconds of node time
 LATE_LOG_EVERY_S = 60.0
+#: how long a sealing read waits for a lock before it reads through the store instead
+READ_TIMEOUT_S = 1.0
+#: a sealing worker thread gives the event loop its turn at least this often
+TURN_EVERY_S = 0.001
+#: rows made into leaves between two calls of `pause` (a leaf: 15 µs here, 10–20× on a Pi)
+LEAVES_PER_PAUSE = 4
+#: rows read from the database at a time while sealing
+ROWS_PER_FETCH = 128
+#: the longest a worker thread waits for its turn to come back (a stopped loop never answers)
+TURN_WAIT_MAX_S = 0.1
+#: a period's rows in time order (the order of the table's key, so it costs nothing)
+PERIOD_ROWS_SQL = (
+    "SELECT r.t_ms, c.name, r.value, r.quality FROM readings r "
+    "JOIN channels c ON c.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ? ORDER BY r.t_ms"
+)
 
 # pending → sent → included → confirmed; a reorg sends included ones back to pending.
 PENDING, SENT, INCLUDED, CONFIRMED, REJECTED = (
@@ -252,6 +277,9 @@ class Sealer:
         #: end (ms) of the last sealed period: readings stamped before it are late
         self.sealed_until_ms: int | None = None
         self.late_readings = 0
+        #: end (ms) of the period being sealed: the loop runs meanwhile, and a reading of that
+        #: period committed now is most likely not in the rows already being read
+        self._sealing_until_ms: int | None = None
         self._late_logged_at: float | None = None
         self._late_unlogged = 0
         #: held while sealing, and while commitments the chain refused are dropped
@@ -270,7 +298,7 @@ class Sealer:
         A sealed period is never reopened: such readings stay in the buffer, out of every
         commitment, and are counted (`ledger.late_readings`) and logged here.
         """
-        until = self.sealed_until_ms
+        until = max(self.sealed_until_ms or 0, self._sealing_until_ms or 0) or None
         if until is None or not readings:
             return
         late = sum(1 for r in readings if r.t_ms < until)
@@ -331,9 +359,18 @@ class Sealer:
             t0, t1 = max(after, start), start + self.period_ms
             if t1 > horizon:
                 break
-            commitment = await self._commitment(seq + 1, t0, t1, prev_hash)
-            signature = sign(commitment, self.account.key, chain_id, contract)
-            await self.outbox.add(commitment, signature, own=True, sealed_ms=self.clock.now_ms())
+            self._sealing_until_ms = t1
+            try:
+                commitment = await self._commitment(seq + 1, t0, t1, prev_hash)
+                signature = await asyncio.to_thread(
+                    sign, commitment, self.account.key, chain_id, contract
+                )
+                await self.outbox.add(
+                    commitment, signature, own=True, sealed_ms=self.clock.now_ms()
+                )
+            except BaseException:
+                self._sealing_until_ms = None  # the period stays open: sealed on the next round
+                raise
             self.store.set_counter("ledger.sealed_seq", commitment.seq)
             self.log.info(
                 "period sealed",
@@ -346,29 +383,57 @@ class Sealer:
             sealed.append((commitment, signature))
             seq, prev_hash, after = commitment.seq, commitment.struct_hash(), t1
             self.sealed_until_ms = max(self.sealed_until_ms or 0, t1)
+            self._sealing_until_ms = None
         return sealed
 
     async def _commitment(self, seq: int, t0: int, t1: int, prev_hash: bytes) -> Commitment:
-        rows = await self.store.query(
-            "SELECT r.t_ms, c.name, r.value, r.quality FROM readings r "
-            "JOIN channels c ON c.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
-            (t0, t1),
-        )
-        leaves = period_leaves(self._node_bytes, rows)
+        turns = LoopTurns(asyncio.get_running_loop())
+        node = self._node_bytes
+
+        def tree(chunks: Iterable[Sequence[tuple[Any, ...]]]) -> tuple[bytes, int]:
+            packed = packed_leaves(node, chunks, turns)
+            return merkle.packed_root(packed, turns), len(packed) // 32
+
+        tree_root, count = await self._in_worker(PERIOD_ROWS_SQL, (t0, t1), tree, turns)
         return Commitment(
             node=self.node,
             seq=seq,
             t0=t0,
             t1=t1,
-            root=merkle.root(leaves),
-            count=len(leaves),
-            import_wh=await self._energy(self.import_channel, t0, t1, seq),
-            export_wh=await self._energy(self.export_channel, t0, t1, seq),
+            root=tree_root,
+            count=count,
+            import_wh=await self._energy(self.import_channel, t0, t1, seq, turns),
+            export_wh=await self._energy(self.export_channel, t0, t1, seq, turns),
             prev_hash=prev_hash,
             rules_hash=self.rules_hash,
         )
 
-    async def _energy(self, channel: str | None, t0: int, t1: int, seq: int) -> int:
+    async def _in_worker(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        consume: Callable[[Iterable[Sequence[tuple[Any, ...]]]], T],
+        turns: Callable[[], None],
+    ) -> T:
+        """`consume` the rows of a read query, chunk by chunk, in a worker thread.
+
+        The rows are read there too, on a read-only connection of its own: the node's database
+        is in WAL mode, so it sees everything committed and blocks no writer, and no row is
+        ever held on the event loop. When that connection cannot read (the store holds the
+        file exclusively after a full disk, or there is no file), the rows come through the
+        store's connection instead.
+        """
+        path = self.store.path
+        try:
+            return await asyncio.to_thread(lambda: consume(stream_rows(path, sql, params, turns)))
+        except (sqlite3.Error, StoreError) as exc:
+            self.log.debug("reading through the store", error=str(exc)[:200])
+        rows = RowsHandoff(await self.store.query(sql, params))
+        return await asyncio.to_thread(lambda: consume(rows.take_chunks()))
+
+    async def _energy(
+        self, channel: str | None, t0: int, t1: int, seq: int, turns: Callable[[], None]
+    ) -> int:
         """Whole Wh a cumulative counter advanced over the period, capped at what the node's
         capacity can carry in that time.
 
@@ -384,36 +449,20 @@ class Sealer:
         # several reads confirmed) breaks the chain of steps instead of counting as energy.
         qualities = (good, int(Quality.COUNTER_BACKWARDS), int(Quality.IMPLAUSIBLE_STEP))
         marks = ",".join("?" * len(qualities))
-        rows = await self.store.query(
-            "SELECT r.value, r.quality FROM readings r JOIN channels c ON c.id = r.channel_id "
-            f"WHERE c.name = ? AND r.quality IN ({marks}) AND r.t_ms >= ? AND r.t_ms < ? "
-            "ORDER BY r.t_ms",
-            (channel, *qualities, t0, t1),
-        )
-        if not any(q == good for _, q in rows):
-            return 0
         base = await self.store.query(
             "SELECT r.value, r.quality FROM readings r JOIN channels c ON c.id = r.channel_id "
             "WHERE c.name = ? AND r.quality = ? AND r.t_ms >= ? AND r.t_ms < ? "
             "ORDER BY r.t_ms DESC LIMIT 1",
             (channel, good, t0 - BASELINE_LOOKBACK_MS, t0),
         )
-        total = 0
-        prev: int | None = None
-        flagged_run = 0
-        for value, quality in base + rows:
-            if quality != good:
-                flagged_run += 1
-                continue
-            if flagged_run >= REBASE_RUN:
-                prev = None  # the counter moved to a new level: that step is not energy
-            flagged_run = 0
-            if not math.isfinite(value):
-                continue
-            whole = math.floor(value)
-            if prev is not None and whole > prev:
-                total += whole - prev
-            prev = whole
+        total = await self._in_worker(
+            "SELECT r.value, r.quality FROM readings r JOIN channels c ON c.id = r.channel_id "
+            f"WHERE c.name = ? AND r.quality IN ({marks}) AND r.t_ms >= ? AND r.t_ms < ? "
+            "ORDER BY r.t_ms",
+            (channel, *qualities, t0, t1),
+            lambda chunks: counter_total(base, chunks, turns),
+            turns,
+        )
         cap = capacity_wh(self.capacity_w, t0, t1)
         if total > cap:
             self.store.add_counter("ledger.capped_totals", 1)
@@ -429,10 +478,163 @@ class Sealer:
         return total
 
 
-def period_leaves(node: bytes, rows: list[tuple[Any, ...]]) -> list[bytes]:
-    """Leaves of (t_ms, channel name, value, quality) rows, in the ledger's order."""
+class RowsHandoff:
+    """Query rows on their way to a worker thread, which takes them out.
+
+    The last reference to the rows then dies in that thread: freeing hundreds of thousands of
+    row tuples costs milliseconds, which must not be spent on the event loop either.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+
+    def take_chunks(self, size: int = ROWS_PER_FETCH) -> Iterator[list[tuple[Any, ...]]]:
+        rows, self._rows = self._rows, []
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
+
+
+class LoopTurns:
+    """Called often from a worker thread: at least every `every_s`, it waits until the event
+    loop has run what was ready.
+
+    A busy thread keeps the GIL until the interpreter forces a switch (`sys.getswitchinterval()`,
+    5 ms), so every wake-up of the loop could wait that long. Handing the turn over explicitly
+    bounds that wait by `every_s`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float = TURN_EVERY_S) -> None:
+        self._loop = loop
+        self._every_s = every_s
+        self._turn = threading.Event()
+        self._since = time.perf_counter()
+        #: turns handed to the loop so far
+        self.turns = 0
+
+    def __call__(self) -> None:
+        if time.perf_counter() - self._since < self._every_s:
+            return
+        self._turn.clear()
+        try:
+            self._loop.call_soon_threadsafe(self._turn.set)
+        except RuntimeError:  # the loop is closed: nobody to make way for
+            return
+        self._turn.wait(TURN_WAIT_MAX_S)
+        self.turns += 1
+        self._since = time.perf_counter()
+
+
+def stream_rows(
+    path: Path, sql: str, params: tuple[Any, ...], pause: Callable[[], None] = merkle.no_pause
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of a read query on a read-only connection of its own, a chunk at a time
+    (blocking: iterate it in a thread)."""
+    if not Path(f"{path}-wal").exists():
+        # Without a WAL file the read-only connection would open the file as immutable, which
+        # is only right when no writer has it open.
+        raise StoreError(f"{path} has no WAL file")
+    conn = connect_readonly(path, timeout=READ_TIMEOUT_S)
+    try:
+        cur = conn.execute(sql, params)
+        while chunk := cur.fetchmany(ROWS_PER_FETCH):
+            yield chunk
+            pause()
+    finally:
+        conn.close()
+
+
+def counter_total(
+    base: list[tuple[Any, ...]],
+    chunks: Iterable[Sequence[tuple[Any, ...]]],
+    pause: Callable[[], None] = merkle.no_pause,
+) -> int:
+    """Whole Wh a counter advanced over its (value, quality) rows, in time order, after the
+    `base` row (see `Sealer._energy`). Only a step ending at a good row of the period counts,
+    so a period without one totals 0."""
+    good = int(Quality.GOOD)
+    total = 0
+    prev: int | None = None
+    flagged_run = 0
+    for chunk in itertools.chain([base], chunks):
+        for value, quality in chunk:
+            if quality != good:
+                flagged_run += 1
+                continue
+            if flagged_run >= REBASE_RUN:
+                prev = None  # the counter moved to a new level: that step is not energy
+            flagged_run = 0
+            if not math.isfinite(value):
+                continue
+            whole = math.floor(value)
+            if prev is not None and whole > prev:
+                total += whole - prev
+            prev = whole
+        pause()
+    return total
+
+
+def period_leaves(
+    node: bytes, rows: Sequence[tuple[Any, ...]], pause: Callable[[], None] = merkle.no_pause
+) -> list[bytes]:
+    """Leaves of (t_ms, channel name, value, quality) rows in any order, in the ledger's."""
+    ordered = sorted(rows, key=_row_time)  # stable, and quick for rows already in time order
+    chunks = (ordered[i : i + ROWS_PER_FETCH] for i in range(0, len(ordered), ROWS_PER_FETCH))
+    packed = packed_leaves(node, chunks, pause)
+    return [packed[i : i + 32] for i in range(0, len(packed), 32)]
+
+
+def _row_time(row: tuple[Any, ...]) -> Any:
+    return row[0]
+
+
+def packed_leaves(
+    node: bytes,
+    chunks: Iterable[Sequence[tuple[Any, ...]]],
+    pause: Callable[[], None] = merkle.no_pause,
+) -> bytes:
+    """Leaves of (t_ms, channel name, value, quality) rows that come in time order, a chunk at
+    a time, in the ledger's order, end to end (32 bytes each); `pause` is called every
+    `LEAVES_PER_PAUSE` leaves.
+
+    Only the readings of one time need sorting among themselves (by channel id), so no row
+    outlives its chunk by much, and the leaves sit in one flat buffer: a whole period held as
+    row tuples or a list of hashes would make the garbage collector walk them all at every
+    collection, holding the GIL for milliseconds.
+    """
+    leaves = bytearray()
+    carry: list[tuple[Any, ...]] = []  # rows of the newest time so far: it may go on
+    done_t: int | None = None  # every row up to this time has its leaf
+    for chunk in chunks:
+        if not chunk:
+            continue
+        rows = carry + list(chunk)
+        cut = len(rows)
+        while cut and rows[cut - 1][0] == rows[-1][0]:
+            cut -= 1
+        carry = rows[cut:]
+        if cut:
+            done_t = _add_leaves(node, rows[:cut], leaves, pause, done_t)
+    if carry:
+        _add_leaves(node, carry, leaves, pause, done_t)
+    return bytes(leaves)
+
+
+def _add_leaves(
+    node: bytes,
+    rows: Sequence[tuple[Any, ...]],
+    leaves: bytearray,
+    pause: Callable[[], None],
+    after: int | None,
+) -> int:
+    """Append the leaves of `rows`, which hold every reading of their times, all later than
+    `after`; return their latest time."""
     keyed = sorted((t, merkle.channel_id(name), value, q) for t, name, value, q in rows)
-    return [
-        merkle.reading_leaf(node, cid, t, merkle.value_micro(value), q)
-        for t, cid, value, q in keyed
-    ]
+    if after is not None and keyed[0][0] <= after:
+        raise ValueError("rows are not in time order")
+    for start in range(0, len(keyed), LEAVES_PER_PAUSE):
+        for t, cid, value, q in keyed[start : start + LEAVES_PER_PAUSE]:
+            leaves += merkle.reading_leaf(node, cid, t, merkle.value_micro(value), q)
+        pause()
+    return int(keyed[-1][0])

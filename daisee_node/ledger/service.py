@@ -6,21 +6,26 @@ import asyncio
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
+from typing import TYPE_CHECKING, Any
 
 from daisee_node.clock import Clock
 from daisee_node.errors import DaiseeError
-from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.commitment import Commitment, signer
 from daisee_node.ledger.keys import load_account
 from daisee_node.ledger.outbox import ChainHead, Outbox, Sealer, rules_hash
 from daisee_node.ledger.settings import ChainSection
-from daisee_node.ledger.submitter import ChainThread, Submitter
+from daisee_node.ledger.submitter import ChainThread
 from daisee_node.logs import get_logger
 from daisee_node.store import Store
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.submitter import Submitter
+
+# The chain client (web3) is imported by the functions that talk to the chain, which run after
+# the node is up: describing or starting a node does not pay for it.
 
 EMBEDDED_FUNDS_WEI = 10**20
 
@@ -94,6 +99,8 @@ class LedgerService:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(self.settings.retry_max_s, delay * 2)
         assert self.ledger is not None
+        from daisee_node.ledger.submitter import Submitter
+
         self.submitter = Submitter(
             self.store,
             self.outbox,
@@ -107,6 +114,10 @@ class LedgerService:
         self._connected.set()
 
     def _connect(self) -> None:
+        from eth_account import Account
+
+        from daisee_node.ledger import chain as chainlib
+
         w3 = chainlib.connect(self.settings.rpc_url, self.settings.rpc_timeout_s)
         if self.settings.rpc_url == chainlib.EMBEDDED:
             gov = Account.from_key(chainlib.TESTER_KEYS[0])
@@ -204,6 +215,8 @@ class LedgerService:
         if self.submitter is None:
             await self.connect()
         assert self.submitter is not None
+        from daisee_node.ledger import chain as chainlib
+
         if self.settings.rpc_url == chainlib.EMBEDDED:
             self.submitter.after_round = self._mine_embedded
         await self.submitter.run()

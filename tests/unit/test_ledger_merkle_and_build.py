@@ -15,6 +15,7 @@ def test_every_leaf_has_a_proof_and_only_its_own(n):
     leaves = [keccak(bytes([i])) for i in range(n)]
     tree = merkle.levels(leaves)
     root = tree[-1][0]
+    assert merkle.root(leaves) == root
     for i, leaf in enumerate(leaves):
         path = merkle.proof(tree, i)
         assert merkle.verify(path, root, leaf)
