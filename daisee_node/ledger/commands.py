@@ -10,14 +10,14 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from eth_utils import to_checksum_address
+from typing import TYPE_CHECKING, Any
 
 from daisee_node import safejson
-from daisee_node.config import Config, load_config
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
+
+if TYPE_CHECKING:
+    from daisee_node.config import Config
 
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -125,6 +125,8 @@ def add_parsers(sub: Any, default_config: Path) -> None:
 
 
 def _key_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    from daisee_node.config import load_config
+
     config_path = args.config
     if config_path is None and args.keystore is None:
         from daisee_node.config import DEFAULT_CONFIG_PATH
@@ -174,6 +176,8 @@ def _account(args: argparse.Namespace) -> Any:
 
 @_chain_errors
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from eth_utils import to_checksum_address
+
     from daisee_node.ledger import chain
 
     w3 = chain.connect(args.rpc)
@@ -193,6 +197,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 @_chain_errors
 def cmd_register(args: argparse.Namespace) -> int:
+    from eth_utils import to_checksum_address
+
     from daisee_node.ledger import chain
 
     w3 = chain.connect(args.rpc)
@@ -241,6 +247,8 @@ def _parse_at(text: str) -> int:
 
 @_chain_errors
 def cmd_prove(args: argparse.Namespace) -> int:
+    from daisee_node.config import load_config
+
     config = load_config(args.config)
     proof = asyncio.run(build_proof(config, args.channel, _parse_at(args.at)))
     text = json.dumps(proof, indent=2)
@@ -320,6 +328,9 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
 
 @_chain_errors
 def cmd_verify(args: argparse.Namespace) -> int:
+    from eth_utils import to_checksum_address
+
+    from daisee_node.config import load_config
     from daisee_node.ledger import chain as chainlib
     from daisee_node.ledger.commitment import Commitment
 
@@ -372,6 +383,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_chain_spec(args: argparse.Namespace) -> int:
+    from eth_utils import to_checksum_address
+
     from daisee_node.ledger import chainspec
 
     validators = [v.strip() for v in args.validators.split(",") if v.strip()]

@@ -14,7 +14,7 @@ from daisee_node.ledger.commitment import Commitment, signer
 from daisee_node.ledger.keys import load_account
 from daisee_node.ledger.outbox import ChainHead, Outbox, Sealer, rules_hash
 from daisee_node.ledger.settings import ChainSection
-from daisee_node.ledger.submitter import ChainThread
+from daisee_node.ledger.worker import ChainThread
 from daisee_node.logs import get_logger
 from daisee_node.store import Store
 

@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 import json
 import random
-import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
@@ -40,6 +38,7 @@ from daisee_node.ledger.outbox import (
     Outbox,
 )
 from daisee_node.ledger.settings import ChainSection
+from daisee_node.ledger.worker import ChainThread
 from daisee_node.logs import get_logger
 from daisee_node.store import Store
 
@@ -47,39 +46,6 @@ T = TypeVar("T")
 # Upper bounds for a batch when the client cannot estimate (measured: ~31k per commitment).
 BATCH_GAS_BASE = 100_000
 BATCH_GAS_EACH = 60_000
-
-
-class ChainThread:
-    """Runs blocking web3 calls one at a time on a daemon thread.
-
-    A daemon thread, so a chain that does not answer never holds up the process's exit.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="chain", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs:
-                    self._cv.wait()
-                fn, fut = self._jobs.pop(0)
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        fut: Future[T] = Future()
-        with self._cv:
-            self._jobs.append((lambda: fn(*args, **kwargs), fut))
-            self._cv.notify()
-        return await asyncio.wrap_future(fut)
 
 
 class Submitter:
