@@ -247,7 +247,8 @@ class Node:
     def _flag_late(self, readings: Sequence[Reading]) -> Sequence[Reading]:
         """Mark readings stamped inside a period that is already sealed (after a backward clock
         step): they are kept and counted, and a sealed period is never reopened."""
-        sealed = getattr(self.ledger, "sealed_until_ms", None)
+        assert self.ledger is not None
+        sealed = self.ledger.sealed_until_ms
         if not sealed:
             return readings
         out: list[Reading] | None = None

@@ -214,7 +214,7 @@ class NodeMqtt:
             async with asyncio.timeout(timeout_s * 0.6):  # the rest is for disconnecting
                 if self.link.connected.is_set():
                     await self.publish_state(quick=True)
-                    unsafe = getattr(self.node, "safe_state_error", None)
+                    unsafe = self.node.safe_state_error
                     if unsafe:
                         # The house must hear it: relays that could not be made safe.
                         await self.link.publish_now(
