@@ -37,6 +37,7 @@ from daisee_node.readings import Quality, Reading
 from daisee_node.rules.engine import Decision, RuleEngine
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
+from daisee_node.sensors.simulated import SITE as SIMULATED_SITE
 from daisee_node.store import Store, db_path, ensure_private_dir
 from daisee_node.systemd import Notifier
 
@@ -730,7 +731,7 @@ class Node:
         site_changed = new.simulation != old.simulation
         if site_changed:
             self.ctx.simulation = new.simulation
-            self.ctx._site = None
+            self.ctx.resources.pop(SIMULATED_SITE, None)
         if new.rules != old.rules or new.derived != old.derived:
             if self.rules is not None:
                 self._sinks.remove(self.rules.on_readings)

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
-from daisee_node.sensors.base import NAME_PATTERN, StrictModel
+from daisee_node.models import NAME_PATTERN, StrictModel
 
 OnOff = Literal["on", "off"]
 

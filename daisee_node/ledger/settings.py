@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from daisee_node.sensors.base import StrictModel
+from daisee_node.models import StrictModel
 
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from daisee_node.logs import get_logger
+from daisee_node.models import StrictModel
 from daisee_node.readings import Reading
 from daisee_node.rules.expressions import EvaluationError, Expression
-from daisee_node.sensors.base import StrictModel
 
 RULE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 

@@ -32,8 +32,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from daisee_node.errors import DaiseeError
+from daisee_node.models import StrictModel
 from daisee_node.readings import CHANNEL_RE, Channel, Quality, Reading
-from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext, StrictModel
+from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext
 from daisee_node.sensors.energy import EnergyCounter
 from daisee_node.sensors.transducers import CUSTOM, MODELS, Transfer
 

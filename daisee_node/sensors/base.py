@@ -10,25 +10,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from daisee_node.clock import Clock
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
+from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.readings import Channel, Reading
-
-if TYPE_CHECKING:
-    from daisee_node.sensors.simulated import SimulatedSite, SimulationConfig
-
-NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
-
-
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, so a typo is never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SourceUnavailable(DaiseeError):
@@ -55,33 +45,17 @@ class SensorContext:
 
     clock: Clock
     data_dir: Path
-    simulation: SimulationConfig | None = None
+    #: the node's [simulation] section, read by simulated sensors only
+    simulation: BaseModel | None = None
     latest: Mapping[str, Reading] = field(default_factory=dict)
     resources: dict[Hashable, Any] = field(default_factory=dict)
     #: whether a relay is closed (the simulation's view of the physical world)
     relay_on: Callable[[str], bool] | None = None
-    _site: SimulatedSite | None = field(default=None, repr=False)
 
     def restore(self, channel: str) -> float | None:
         """The last good value of a channel, if the node has one."""
         r = self.latest.get(channel)
         return r.value if r is not None and r.good else None
-
-    def site(self) -> SimulatedSite:
-        """The one simulated site all simulated sensors of this node share."""
-        if self._site is None:
-            from daisee_node.sensors.simulated import SimulatedSite, SimulationConfig
-
-            config = self.simulation or SimulationConfig()
-            relay, relay_on = config.external_supply_relay, self.relay_on
-            external = None
-            if relay is not None and relay_on is not None:
-
-                def external() -> bool:
-                    return relay_on(relay)
-
-            self._site = SimulatedSite(config, start=self.clock.now(), external_supply=external)
-        return self._site
 
 
 class Sensor(ABC):

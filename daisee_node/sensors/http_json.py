@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from daisee_node import safejson
+from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.readings import Channel, Quality, Reading
-from daisee_node.sensors.base import NAME_PATTERN, Sensor, SensorConfig, SensorContext, StrictModel
+from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext
 
 if TYPE_CHECKING:
     import aiohttp

@@ -18,8 +18,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from daisee_node.models import StrictModel
 from daisee_node.readings import Channel, Reading
-from daisee_node.sensors.base import Sensor, SensorConfig, StrictModel
+from daisee_node.sensors.base import Sensor, SensorConfig, SensorContext
 
 _MASK = (1 << 64) - 1
 
@@ -237,20 +238,44 @@ class SimulatedFault(OSError):
     """A read that failed on purpose (`error_rate`)."""
 
 
+#: the key of the one site all simulated sensors of a node share, in `SensorContext.resources`
+SITE = "simulated-site"
+
+
+def shared_site(ctx: SensorContext) -> SimulatedSite:
+    """The one simulated site of this node, made on first use (dropped when the config changes)."""
+    site = ctx.resources.get(SITE)
+    if site is None:
+        config = ctx.simulation if isinstance(ctx.simulation, SimulationConfig) else None
+        config = config or SimulationConfig()
+        relay, relay_on = config.external_supply_relay, ctx.relay_on
+        external = None
+        if relay is not None and relay_on is not None:
+
+            def external() -> bool:
+                return relay_on(relay)
+
+        site = SimulatedSite(config, start=ctx.clock.now(), external_supply=external)
+        ctx.resources[SITE] = site
+    assert isinstance(site, SimulatedSite)
+    return site
+
+
 class SimulatedSensor(Sensor):
     """Reads one part (pv, load, battery or grid) of the node's simulated site."""
 
     kind = "simulated"
     config_model = SimulatedConfig
 
-    def __init__(self, config: SimulatedConfig, ctx: object) -> None:
-        super().__init__(config, ctx)  # type: ignore[arg-type]
+    def __init__(self, config: SimulatedConfig, ctx: SensorContext) -> None:
+        super().__init__(config, ctx)
         spec = _MODEL_CHANNELS[config.model]
         self._keys = [f"{config.model}.{q}" for q, _, _, _ in spec]
         self._names = [f"{config.name}.{q}" for q, _, _, _ in spec]
         self._noisy = [noisy for _, _, _, noisy in spec]
         self._streams = [zlib.crc32(n.encode()) for n in self._names]
-        simulation = getattr(ctx, "simulation", None) or SimulationConfig()
+        simulation = ctx.simulation if isinstance(ctx.simulation, SimulationConfig) else None
+        simulation = simulation or SimulationConfig()
         # Counters are integrated on whole seconds: one second of full power may show at once.
         rate = simulation.max_power_w() / 3600.0
         self._channels = [
@@ -266,7 +291,7 @@ class SimulatedSensor(Sensor):
 
     async def read(self) -> Sequence[Reading]:
         t_ms = self.ctx.clock.now_ms()
-        site = self.ctx.site()
+        site = shared_site(self.ctx)
         seed = site.config.seed
         cfg = self.config
         if cfg.error_rate and uniform(seed, _FAULT + self._streams[0], t_ms) < cfg.error_rate:
