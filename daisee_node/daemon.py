@@ -17,7 +17,6 @@ import fcntl
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from daisee_node import logs
 from daisee_node.actuators.relays import RelayController, RelayState
+from daisee_node.backoff import Backoff
 from daisee_node.checks import ChannelChecks
 from daisee_node.clock import Clock, ScaledClock
 from daisee_node.config import Config, load_config
@@ -440,7 +440,7 @@ class Node:
 
     async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         """Run a task; when it crashes, log it by name and start it again after a capped backoff."""
-        failures = 0
+        backoff = Backoff(RESTART_BASE_S, RESTART_CAP_S)
         while True:
             started = time.monotonic()
             try:
@@ -455,10 +455,9 @@ class Node:
                     self.log.exception("task failed while stopping", task=name)
                     raise asyncio.CancelledError from exc
                 if time.monotonic() - started > RESTART_RESET_S:
-                    failures = 0
-                failures += 1
-                delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** (failures - 1))
-                delay *= random.uniform(0.5, 1.0)
+                    backoff.reset()
+                delay = backoff.next_delay()
+                failures = backoff.failures
                 log = self.log.bind(task=name, attempt=failures, restart_in_s=round(delay, 2))
                 if failures == 1:
                     log.exception("task crashed; restarting")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daisee_node.backoff import Backoff
 from daisee_node.clock import Clock
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger.commitment import Commitment, signer
@@ -84,20 +84,19 @@ class LedgerService:
 
     async def connect(self) -> None:
         """Reach the chain (retrying forever); an embedded chain is created and set up here."""
-        delay, attempts = 1.0, 0
+        backoff = Backoff(1.0, self.settings.retry_max_s)
         while True:
             try:
                 await self.worker.call(self._connect)
                 await self._sync_head()
                 break
             except Exception as exc:  # retried until the chain answers
-                attempts += 1
+                delay = backoff.next_delay()
                 self.store.add_counter("ledger.submit_errors", 1)
                 # loud once, then quiet: sealing goes on meanwhile
-                log = self.log.warning if attempts == 1 else self.log.debug
+                log = self.log.warning if backoff.failures == 1 else self.log.debug
                 log("chain not reachable yet; periods are sealed and kept", error=str(exc)[:200])
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(self.settings.retry_max_s, delay * 2)
+                await asyncio.sleep(delay)
         assert self.ledger is not None
         from daisee_node.ledger.submitter import Submitter
 

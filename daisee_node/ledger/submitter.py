@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
 from web3.exceptions import BlockNotFound, TransactionNotFound, Web3RPCError
 
+from daisee_node.backoff import Backoff
 from daisee_node.clock import Clock
 from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.chain import ChainError, Head, Ledger
@@ -83,15 +83,15 @@ class Submitter:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        failures = 0
+        backoff = Backoff(1.0, self.settings.retry_max_s)
         while True:
             try:
                 busy = await self.round()
                 if self.after_round is not None:
                     await self.after_round()
-                if failures:
-                    self.log.info("chain reachable again", after_failures=failures)
-                failures = 0
+                if backoff.failures:
+                    self.log.info("chain reachable again", after_failures=backoff.failures)
+                backoff.reset()
                 self.last_error = None
                 delay = (
                     min(self.settings.submit_interval_s, 1.0)
@@ -101,12 +101,10 @@ class Submitter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
+                delay = backoff.next_delay()
                 self.last_error = str(exc)[:300]
                 self.store.add_counter("ledger.submit_errors", 1)
-                delay = min(self.settings.retry_max_s, 0.5 * 2**failures)
-                delay *= random.uniform(0.5, 1.0)
-                if failures == 1:
+                if backoff.failures == 1:
                     self.log.warning(
                         "chain unavailable; commitments wait in the outbox",
                         error=self.last_error,

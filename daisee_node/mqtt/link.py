@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 import aiomqtt
 
+from daisee_node.backoff import Backoff
 from daisee_node.logs import get_logger
 from daisee_node.mqtt.settings import MqttSection
 
@@ -293,7 +293,7 @@ class MqttLink:
             self._finished.set()
 
     async def _reconnect_loop(self) -> None:
-        failures = 0
+        backoff = Backoff(1.0, self.settings.reconnect_max_s)
         while not self._stop.is_set():
             session = asyncio.create_task(self._session(), name="mqtt.session")
             session.add_done_callback(_retrieve)
@@ -318,10 +318,10 @@ class MqttLink:
             if self._stop.is_set():
                 return
             if self._session_connected:
-                failures = 0  # it was up: this outage starts the backoff (and the warning) afresh
-            failures += 1
-            delay = min(self.settings.reconnect_max_s, 0.5 * 2 ** min(failures, 10))
-            delay *= random.uniform(0.5, 1.0)
+                # it was up: this outage starts the backoff (and the warning) afresh
+                backoff.reset()
+            delay = backoff.next_delay()
+            failures = backoff.failures
             log = self.log.bind(
                 broker=f"{self.settings.host}:{self.settings.port}",
                 retry_in_s=round(delay, 2),
