@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
-#: the config every command reads unless told otherwise (here, so that the command line can
-#: describe itself without loading the config models)
-DEFAULT_CONFIG_PATH = Path("/etc/daisee-node/config.toml")
+from daisee_node.paths import DEFAULT_CONFIG_PATH
+
+__all__ = ["DEFAULT_CONFIG_PATH", "main"]
 
 
 def main() -> int:

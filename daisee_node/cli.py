@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from daisee_node import __version__
-from daisee_node._entry import DEFAULT_CONFIG_PATH
 from daisee_node.errors import ConfigError, DaiseeError
+from daisee_node.paths import DEFAULT_CONFIG_PATH
 
 if TYPE_CHECKING:
     from daisee_node.config import Config
+    from daisee_node.daemon import Node
 
 # The config models (pydantic, every sensor kind) and logging are imported by the commands that
 # use them: `--help` and argument errors answer without them.
@@ -172,13 +172,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_node(
-    config: Config, *, config_path: Path | None = None, demo: DemoOptions | None = None
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    body: Callable[[Node], Awaitable[int]] | None = None,
 ) -> int:
+    """Run a node until it stops; `body` (the demo) runs it and reports meanwhile."""
     from daisee_node.daemon import Node
 
     async def main() -> int:
         node = Node(config, config_path=config_path)
-        code = await node.run() if demo is None else await _demo(node, demo)
+        code = await node.run() if body is None else await body(node)
         # asyncio.run joins the default executor's threads before returning: a source blocked
         # in a thread (a hung serial port, say) must not keep a stopped node alive.
         _exit_soon(code, EXIT_GRACE_S)
@@ -205,8 +209,9 @@ def _exit_soon(code: int, delay_s: float) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from daisee_node import logs
+    from daisee_node.clock import make_clock
     from daisee_node.config import load_config
-    from daisee_node.daemon import make_clock, make_private_dir, running_pid
+    from daisee_node.datadir import make_private_dir, running_pid
     from daisee_node.sensors.ads1115 import Ads1115Sensor
     from daisee_node.sensors.base import SensorContext
 
@@ -232,7 +237,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     make_private_dir(data_dir)
 
     async def run() -> None:
-        ctx = SensorContext(make_clock(config), data_dir, config.simulation)
+        ctx = SensorContext(
+            make_clock(config.node.time_speed, config.node.time_start), data_dir, config.simulation
+        )
         for sensor_config in chosen:
             if sensor_config.mode == "ac":
                 print(
@@ -266,7 +273,7 @@ def cmd_safe_state(args: argparse.Namespace) -> int:
     if not config.relays:
         print("no relays configured")
         return EXIT_OK
-    from daisee_node.daemon import running_pid
+    from daisee_node.datadir import running_pid
 
     data_dir = config.node.data_dir
     pid = running_pid(data_dir) if data_dir.exists() else None
@@ -290,141 +297,20 @@ def cmd_safe_state(args: argparse.Namespace) -> int:
 # -- demo -----------------------------------------------------------------------------------------
 
 
-class DemoOptions:
-    """How the demo runs and reports."""
-
-    def __init__(self, duration: float | None, summary_every_s: float = 1.0) -> None:
-        self.duration = duration
-        self.summary_every_s = summary_every_s
-
-
-def demo_config(
-    data_dir: Path, *, speed: float = 60.0, start: datetime | None = None, seed: int = 1
-) -> Config:
-    """The demo node: one simulated home (PV roof, household load, battery, grid meter)."""
-    from daisee_node.config import config_from_dict
-
-    if start is None:
-        today = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
-        start = today
-    sensors: list[dict[str, Any]] = [
-        {"name": model, "kind": "simulated", "model": model, "interval_s": 1.0}
-        for model in ("pv", "load", "battery", "grid")
-    ]
-    # A CT clamp on the PV line, read through the real ADS1115 driver on the fake I2C bus: its
-    # current follows the simulated PV output.
-    sensors.append(
-        {
-            "name": "pv_line",
-            "kind": "ads1115",
-            "bus": "fake",
-            "channel": 0,
-            "current_sensor": "sct013-030",
-            "mode": "ac",
-            "voltage_v": 230.0,
-            "direction": "export",
-            "interval_s": 5.0,
-            "fake": {"ac_rms_a": 10.0, "noise_a": 0.02, "follow_channel": "pv.power_w"},
-        }
-    )
-    return config_from_dict(
-        {
-            "node": {
-                "id": "demo",
-                "data_dir": str(data_dir.resolve()),
-                "time_speed": speed,
-                "time_start": start,
-            },
-            "simulation": {"seed": seed},
-            "sensors": sensors,
-            # An in-process chain: 15-minute periods are sealed and committed every 15 s at x60.
-            "chain": {
-                "rpc_url": "embedded",
-                "period_s": 900,
-                "seal_delay_s": 10,
-                "submit_interval_s": 2,
-                "confirmations": 1,
-                "import_channel": "grid.import_wh",
-                "export_channel": "grid.export_wh",
-            },
-        },
-        source="demo",
-    )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.speed < 1:
         raise DaiseeError("--speed must be at least 1")
-    from daisee_node import logs
-    from daisee_node.status import newest_reading_ms
+    from daisee_node import demo, logs
 
-    start = args.start
-    newest = newest_reading_ms(args.data_dir)
-    if start is None and newest is not None:
-        # Go on from where the last demo run stopped rather than re-sampling the same times.
-        start = datetime.fromtimestamp(newest / 1000 + 1, UTC)
-    config = demo_config(args.data_dir, speed=args.speed, start=start, seed=args.seed)
-    assert config.chain is not None
-    keystore = config.chain.keystore_path(config.data_dir)
-    if not keystore.exists():
-        from daisee_node.ledger.keys import new_keystore
-
-        new_keystore(keystore, config.chain.password_path(config.data_dir))
+    config = demo.prepare(args.data_dir, speed=args.speed, start=args.start, seed=args.seed)
     logs.configure("warning", "auto")
     print(
         f"daisee-node demo: a simulated home (PV roof, household load, battery, grid meter), "
         f"time x{args.speed:g}; readings stored in {config.node.data_dir}. Ctrl-C stops.",
         flush=True,
     )
-    return _run_node(config, demo=DemoOptions(args.duration))
-
-
-async def _demo(node: Any, options: DemoOptions) -> int:
-    runner = asyncio.create_task(node.run(), name="node")
-    await asyncio.wait(
-        [runner, asyncio.create_task(node.started.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
-    loop = asyncio.get_running_loop()
-    ends = None if options.duration is None else loop.time() + options.duration
-    while not runner.done():
-        if ends is not None and loop.time() >= ends:
-            node.request_stop()
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(runner), timeout=options.summary_every_s)
-        if not runner.done():
-            ledger = await node.ledger.state() if node.ledger and node.started.is_set() else None
-            print(_summary_line(node, ledger), flush=True)
-    code = await runner
-    print(
-        f"stopped; {node.store.stats.written} readings stored. "
-        f"See them with: daisee-node status --data-dir {node.config.node.data_dir}",
-        flush=True,
-    )
-    return int(code)
-
-
-def _summary_line(node: Any, ledger: dict[str, Any] | None = None) -> str:
-    latest = node.latest
-
-    def v(channel: str) -> float:
-        r = latest.get(channel)
-        return float("nan") if r is None else r.value
-
-    t = datetime.fromtimestamp(node.clock.now(), UTC).strftime("%Y-%m-%d %H:%M")
-    battery = v("battery.power_w")
-    line = v("pv_line.current_a")
-    return (
-        f"{t} UTC  pv {v('pv.power_w'):6.0f} W  load {v('load.power_w'):6.0f} W  "
-        f"battery {v('battery.soc_pct'):5.1f} % ({battery:+6.0f} W)  "
-        f"grid {v('grid.power_w'):+6.0f} W  PV line {line:5.2f} A (ADS1115)  "
-        f"| stored {node.store.stats.written}"
-        + (
-            f" | periods sealed {ledger['sealed_seq']}, on chain {ledger['confirmed_seq']}"
-            if ledger
-            else ""
-        )
-    )
+    options = demo.DemoOptions(args.duration)
+    return _run_node(config, body=lambda node: demo.watch(node, options))
 
 
 # -- status ---------------------------------------------------------------------------------------

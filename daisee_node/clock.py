@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 
 
 class Clock:
@@ -49,3 +50,14 @@ class ScaledClock(Clock):
 
     def now_ms(self) -> int:
         return int(self.now() * 1000)
+
+
+def make_clock(speed: float = 1.0, start: datetime | None = None) -> Clock:
+    """The node's clock from `[node] time_speed` and `time_start`: wall-clock unless either is set
+    (a naive `start` is UTC)."""
+    if speed == 1.0 and start is None:
+        return Clock()
+    origin = None
+    if start is not None:
+        origin = (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
+    return ScaledClock(start=origin, speed=speed)

@@ -19,12 +19,12 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
-from daisee_node._entry import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
 from daisee_node.ledger.settings import ChainSection
 from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.mqtt.settings import MqttSection
+from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
 from daisee_node.rules.expressions import TIME_NAMES, Expression, ExpressionError, check

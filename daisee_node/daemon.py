@@ -1,47 +1,48 @@
-"""The supervisor: one TaskGroup of named tasks, signals, restarts with backoff, ordered shutdown.
+"""The node: its rooms put together, started in a safe order and stopped within a deadline.
 
-Tasks: `store.writer`, one `sampler.<sensor>` per sensor, `systemd.watchdog`, `config.reload`.
-Readings flow from each sampler through `Node.publish` to the store and to every subscriber (rules,
-MQTT and the ledger plug in there).
+    sensors ──(sampling)──▶ reading bus ──▶ store ──▶ ledger
+                                 │
+                                 └──▶ rules ──(control)──▶ relays
+    MQTT observes through a narrow view (`mqtt.service.NodeView`) and sends relay commands back.
 
-Shutdown (SIGTERM/SIGINT) is ordered and bounded to `SHUTDOWN_S`: stop sampling, commit what the
-store holds, checkpoint and close. SIGHUP re-reads the config file; a config with errors is
-rejected, its problems logged, and the running one kept.
+Every long-running part is a named task under the supervisor (`store.writer`, one
+`sampler.<sensor>` per sensor, `relays.worker`, `rules.tick`, `ledger.*`, `mqtt`,
+`systemd.watchdog`, `clock.watch`, `config.reload`), restarted with backoff when it crashes.
+
+Start: relays to their safe state first, then the store, then everything else, then READY.
+Stop (SIGTERM/SIGINT) is ordered and bounded to `SHUTDOWN_S`: stop sampling, relays safe, commit
+what the store holds, close; a backstop ends the process if a stop still hangs. SIGHUP re-reads
+the config file; a config with errors is rejected, its problems logged, and the running one kept.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import json
-import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daisee_node import logs
-from daisee_node.actuators.relays import RelayController, RelayState
-from daisee_node.backoff import Backoff
-from daisee_node.checks import ChannelChecks
-from daisee_node.clock import Clock, ScaledClock
+from daisee_node.actuators.relays import RelayController
+from daisee_node.clock import Clock, make_clock
 from daisee_node.config import Config, load_config
-from daisee_node.errors import ConfigError, DaiseeError, NodeLockedError
-from daisee_node.readings import Quality, Reading
-from daisee_node.rules.engine import Decision, RuleEngine
-from daisee_node.sensors import Sensor, SensorContext, build_sensor
-from daisee_node.sensors.base import SourceUnavailable
+from daisee_node.control import Control
+from daisee_node.datadir import DataDirLock, make_private_dir
+from daisee_node.errors import ConfigError
+from daisee_node.readings import Channel, Reading, ReadingBus, ReadingSink, mark_late
+from daisee_node.sensors import Sensor, SensorContext
+from daisee_node.sensors.sampler import Sampling, SensorStats, screen
 from daisee_node.sensors.simulated import SITE as SIMULATED_SITE
-from daisee_node.store import Store, db_path, ensure_private_dir
+from daisee_node.store import Store, db_path
+from daisee_node.supervisor import Supervisor
 from daisee_node.systemd import Notifier
 
 if TYPE_CHECKING:
+    from daisee_node.ledger.commitment import Commitment
     from daisee_node.ledger.service import LedgerService
     from daisee_node.mqtt.service import NodeMqtt
 
@@ -55,98 +56,8 @@ CLOCK_WATCH_S = 1.0
 CLOCK_STEP_S = 2.0
 EXIT_UNSAFE = 3
 EXIT_OVERRUN = 4
-RESTART_BASE_S = 0.5
-RESTART_CAP_S = 30.0
-#: a task that ran this long before crashing starts its backoff from the beginning again
-RESTART_RESET_S = 60.0
-LOCK_NAME = "daisee-node.pid"
 
-ReadingSink = Callable[[Sequence[Reading]], None]
-
-
-def make_clock(config: Config) -> Clock:
-    node = config.node
-    if node.time_speed == 1.0 and node.time_start is None:
-        return Clock()
-    start = None
-    if node.time_start is not None:
-        ts = node.time_start
-        start = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
-    return ScaledClock(start=start, speed=node.time_speed)
-
-
-@dataclass
-class SensorStats:
-    """Per-sensor counts, also persisted as store counters `sensor.<name>.*`."""
-
-    reads: int = 0
-    errors: int = 0
-    bad: int = 0
-    overruns: int = 0
-    errors_in_row: int = 0
-
-
-class DataDirLock:
-    """An exclusive lock on the data dir: two daemons must never share one database."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise DaiseeError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise NodeLockedError(
-                f"another daisee-node (pid {other}) is running on {self.path.parent}"
-            ) from None
-        self._fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError as exc:
-            # The lock is the flock, not the text: a full disk must not keep the relays unsafe.
-            logs.get_logger("daemon").warning(
-                "cannot write the pid into the lock file; running without it",
-                path=str(self.path),
-                error=exc.strerror,
-            )
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def make_private_dir(path: Path) -> None:
-    """The data dir, private to the node's user (see `ensure_private_dir`), or a clear error."""
-    try:
-        ensure_private_dir(path)
-    except OSError as exc:
-        raise DaiseeError(f"cannot create the data dir {path}: {exc.strerror}") from None
-
-
-def running_pid(data_dir: Path) -> int | None:
-    """The pid of the daemon holding `data_dir`, or None when no daemon runs there."""
-    path = data_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
-    return None
+__all__ = ["EXIT_OVERRUN", "EXIT_UNSAFE", "SHUTDOWN_S", "Node", "SensorStats"]
 
 
 class Node:
@@ -162,7 +73,7 @@ class Node:
     ) -> None:
         self.config = config
         self.config_path = config_path
-        self.clock = clock or make_clock(config)
+        self.clock = clock or make_clock(config.node.time_speed, config.node.time_start)
         self.notifier = notifier or Notifier()
         self.log = logs.get_logger("daemon")
         data_dir = config.node.data_dir
@@ -174,23 +85,18 @@ class Node:
         )
         #: the newest reading of every channel, as published (and, at start, as stored)
         self.latest: dict[str, Reading] = {}
+        self.bus = ReadingBus(self.log, self.store.add_counter)
+        self.bus.subscribe(self.store.put_many)
+        self.bus.subscribe(self._remember)
         self.ctx = SensorContext(self.clock, data_dir, config.simulation, latest=self.latest)
-        self.sensors: dict[str, Sensor] = {}
-        self.sensor_stats: dict[str, SensorStats] = {}
-        self._checks: dict[str, ChannelChecks] = {}
-        self._sinks: list[ReadingSink] = [self.store.put_many, self._remember]
-        self.relays: RelayController | None = None
-        if config.relays:
-            self.relays = RelayController(
-                config.relays, config.gpio, data_dir, on_change=self._relay_changed
-            )
-        if self.relays is not None:
-            relays = self.relays
+        self.sampling = Sampling(
+            self.ctx, self.latest, self.publish, self.store.add_counter, self.store.declare
+        )
+        relays = RelayController(config.relays, config.gpio, data_dir) if config.relays else None
+        if relays is not None:
             self.ctx.relay_on = lambda name: name in relays.relays and relays.relays[name].on
-        self.rules: RuleEngine | None = None
-        if config.rules:
-            self.rules = self._build_rules(config)
-            self._sinks.append(self.rules.on_readings)
+        self.control = Control(config, self.clock, self.latest, self.store, relays)
+        self.bus.subscribe(self.control.on_readings)
         self.ledger: LedgerService | None = None
         if config.chain is not None:
             from daisee_node.ledger.service import LedgerService
@@ -198,13 +104,15 @@ class Node:
             self.ledger = LedgerService(
                 config.chain, self.store, self.clock, data_dir, config.rules, config.derived
             )
+        self.bus.filters.append(self._flag_late)
         self.mqtt: NodeMqtt | None = None
         if config.mqtt is not None:
             from daisee_node.mqtt.service import NodeMqtt
 
-            self.mqtt = NodeMqtt(self, config.mqtt)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._tg: asyncio.TaskGroup | None = None
+            self.mqtt = NodeMqtt(MqttView(self), config.mqtt)
+        self.supervisor = Supervisor(
+            self.log, on_crash=lambda name: self.store.add_counter(f"task.{name}.crashes", 1)
+        )
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._lock = DataDirLock(data_dir)
@@ -214,65 +122,62 @@ class Node:
         self.safe_state_error: str | None = None
         self._safe_done = False
         self._backstop: threading.Timer | None = None
-        self._sink_failures: dict[str, int] = {}
-        self._rule_errors: dict[str, int] = {}
         self.clock_steps = 0
+
+    # -- the rooms, by name --------------------------------------------------------------------
+
+    @property
+    def relays(self) -> RelayController | None:
+        return self.control.relays
+
+    @property
+    def rules(self) -> Any:
+        """The rules engine, or None when the config has no rules."""
+        return self.control.rules
+
+    @property
+    def sensors(self) -> dict[str, Sensor]:
+        return self.sampling.sensors
+
+    @property
+    def sensor_stats(self) -> dict[str, SensorStats]:
+        return self.sampling.stats
 
     # -- the reading bus ---------------------------------------------------------------------
 
     def subscribe(self, sink: ReadingSink) -> None:
         """Call `sink` with every batch of readings any source publishes."""
-        self._sinks.append(sink)
+        self.bus.subscribe(sink)
 
     def publish(self, readings: Sequence[Reading]) -> None:
         """Hand readings to every sink. A failing sink is logged and counted; the others, and
         the sampler that published, carry on."""
-        if self.ledger is not None:
-            readings = self._flag_late(readings)
-        for sink in self._sinks:
-            try:
-                sink(readings)
-            except Exception as exc:
-                self._sink_failed(sink, exc)
-
-    def _sink_failed(self, sink: ReadingSink, exc: Exception) -> None:
-        name = getattr(sink, "__qualname__", repr(sink))
-        count = self._sink_failures.get(name, 0) + 1
-        self._sink_failures[name] = count
-        with contextlib.suppress(Exception):
-            self.store.add_counter("bus.sink_errors", 1)
-        # A bug: loud the first time, then once per hundred so the log stays readable.
-        if count == 1 or count % 100 == 0:
-            self.log.error("a reading consumer failed", consumer=name, failures=count, exc_info=exc)
+        self.bus.publish(readings)
 
     def _flag_late(self, readings: Sequence[Reading]) -> Sequence[Reading]:
         """Mark readings stamped inside a period that is already sealed (after a backward clock
         step): they are kept and counted, and a sealed period is never reopened."""
-        assert self.ledger is not None
-        sealed = self.ledger.sealed_until_ms
-        if not sealed:
+        if self.ledger is None:
             return readings
-        out: list[Reading] | None = None
-        for i, r in enumerate(readings):
-            if r.t_ms < sealed and r.quality != Quality.LATE:
-                if out is None:
-                    out = list(readings)
-                out[i] = r._replace(quality=Quality.LATE)
-        if out is None:
-            return readings
-        late = sum(1 for r in out if r.quality == Quality.LATE)
-        self.store.add_counter("readings.late", late)
-        return out
+        readings, late = mark_late(readings, self.ledger.sealed_until_ms)
+        if late:
+            self.store.add_counter("readings.late", late)
+        return readings
 
     def _remember(self, readings: Sequence[Reading]) -> None:
         latest = self.latest
         for r in readings:
             latest[r.channel] = r
 
+    @staticmethod
+    def _screen(readings: Sequence[Reading]) -> Sequence[Reading]:
+        return screen(readings)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
+        self.supervisor.stopping = True
         if self._backstop is None:
             # Whatever a source, the broker or the chain are doing, the process ends: a stop
             # that hangs ends in SIGKILL from systemd, which is worse than leaving now.
@@ -283,11 +188,10 @@ class Node:
     def _overrun(self) -> None:
         """The stop took too long: say what was still running, then leave."""
         try:
-            stuck = sorted(n for n, t in self._tasks.items() if not t.done())
             self.log.error(
                 "stop overran its deadline; exiting now",
                 deadline_s=SHUTDOWN_S + BACKSTOP_GRACE_S,
-                still_running=stuck,
+                still_running=self.supervisor.running(),
                 relays_safe=self.safe_state_error is None and self._safe_done,
             )
         finally:
@@ -313,23 +217,8 @@ class Node:
             self.latest.update(await self.store.load_latest())
             try:
                 async with asyncio.TaskGroup() as tg:
-                    self._tg = tg
-                    self._spawn("store.writer", self.store.run)
-                    if self.relays is not None:
-                        self._spawn("relays.worker", self.relays.run)
-                    if self.rules is not None or self.relays is not None:
-                        self._spawn("rules.tick", self._rules_tick)
-                    for sensor_config in self.config.sensors:
-                        if sensor_config.enabled:
-                            self._start_sensor(sensor_config)
-                    if self.ledger is not None:
-                        self._spawn("ledger.sealer", self.ledger.seal_loop)
-                        self._spawn("ledger.submitter", self.ledger.submit_loop)
-                    if self.mqtt is not None:
-                        self._spawn("mqtt", self.mqtt.run)
-                    self._spawn("systemd.watchdog", self._watchdog, supervise=False)
-                    self._spawn("clock.watch", self._watch_clock)
-                    self._spawn("config.reload", self._reload_loop)
+                    self.supervisor.attach(tg)
+                    self._start_tasks()
                     self.store.set_counter("node.started_ms", self.clock.now_ms())
                     self.notifier.ready(self._status_text())
                     self.log.info(
@@ -355,6 +244,33 @@ class Node:
                 self._backstop.cancel()
         self.log.info("node stopped")
         return self.exit_code
+
+    def _start_tasks(self) -> None:
+        spawn = self.supervisor.spawn
+        spawn("store.writer", self.store.run)
+        if self.relays is not None:
+            spawn("relays.worker", self.relays.run)
+        if self.control.active:
+            spawn("rules.tick", self.control.tick_loop)
+        for sensor_config in self.config.sensors:
+            if sensor_config.enabled:
+                self._start_sensor(sensor_config)
+        if self.ledger is not None:
+            spawn("ledger.sealer", self.ledger.seal_loop)
+            spawn("ledger.submitter", self.ledger.submit_loop)
+        if self.mqtt is not None:
+            spawn("mqtt", self.mqtt.run)
+        spawn("systemd.watchdog", self._watchdog, supervise=False)
+        spawn("clock.watch", self._watch_clock)
+        spawn("config.reload", self._reload_loop)
+
+    def _start_sensor(self, sensor_config: Any) -> None:
+        sensor = self.sampling.add(sensor_config)
+        self.supervisor.spawn(f"sampler.{sensor.name}", lambda: self.sampling.sample(sensor))
+
+    async def _stop_sensor(self, name: str) -> None:
+        self.sampling.remove(name)
+        await self.supervisor.cancel(self.supervisor.named([f"sampler.{name}"]), wait_s=SHUTDOWN_S)
 
     async def _relays_safe(self) -> bool:
         """Every relay to its safe state; a failure is an error everyone can see, never silent."""
@@ -390,21 +306,11 @@ class Node:
         self.notifier.stopping()
         self.log.info("stopping")
         deadline = time.monotonic() + SHUTDOWN_S
-        samplers = [t for name, t in self._tasks.items() if name.startswith("sampler.")]
-        for task in samplers:
-            task.cancel()
-        if samplers:
-            await asyncio.wait(samplers, timeout=max(0.1, (deadline - time.monotonic()) / 2))
-        stopping = [
-            t
-            for name in ("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter")
-            if (t := self._tasks.get(name)) is not None
-        ]
-        for task in stopping:
-            task.cancel()
-        if stopping:
-            # A task that ignores its cancellation must not hold the relays or the store back.
-            await asyncio.wait(stopping, timeout=max(0.1, (deadline - time.monotonic()) / 3))
+        tasks = self.supervisor
+        samplers = [t for name, t in tasks.tasks.items() if name.startswith("sampler.")]
+        await tasks.cancel(samplers, wait_s=(deadline - time.monotonic()) / 2)
+        stopping = tasks.named(("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter"))
+        await tasks.cancel(stopping, wait_s=(deadline - time.monotonic()) / 3)
         if self.relays is not None:
             self._safe_done = await self._relays_safe()
         if self.mqtt is not None:
@@ -414,155 +320,15 @@ class Node:
             except Exception as exc:
                 self.log.warning("MQTT goodbye not sent", error=repr(exc))
         self.store.stop()
-        writer = self._tasks.get("store.writer")
-        if writer is not None:
+        writer = tasks.named(["store.writer"])
+        if writer:
             left = max(0.1, deadline - time.monotonic())
-            _, not_done = await asyncio.wait([writer], timeout=left)
+            _, not_done = await asyncio.wait(writer, timeout=left)
             if not_done:
                 self.log.error("store did not drain in time", pending=self.store.pending)
-        for task in self._tasks.values():
-            task.cancel()
+        tasks.cancel_all()
 
-    # -- tasks -------------------------------------------------------------------------------
-
-    def _spawn(
-        self, name: str, factory: Callable[[], Awaitable[None]], *, supervise: bool = True
-    ) -> None:
-        assert self._tg is not None
-        coro = self._supervise(name, factory) if supervise else factory()
-        task = self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks[name] = task
-        task.add_done_callback(lambda t, n=name: self._forget(n, t))
-
-    def _forget(self, name: str, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(name) is task:
-            del self._tasks[name]
-
-    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        """Run a task; when it crashes, log it by name and start it again after a capped backoff."""
-        backoff = Backoff(RESTART_BASE_S, RESTART_CAP_S)
-        while True:
-            started = time.monotonic()
-            try:
-                await factory()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if self._stop.is_set():
-                    # Stopping: a TaskGroup inside the task may raise its children's errors
-                    # instead of the cancellation (Python 3.11). Never restart on the way out.
-                    self.log.exception("task failed while stopping", task=name)
-                    raise asyncio.CancelledError from exc
-                if time.monotonic() - started > RESTART_RESET_S:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                failures = backoff.failures
-                log = self.log.bind(task=name, attempt=failures, restart_in_s=round(delay, 2))
-                if failures == 1:
-                    log.exception("task crashed; restarting")
-                else:
-                    log.error("task crashed again; restarting", error=repr(exc))
-                self.store.add_counter(f"task.{name}.crashes", 1)
-                await asyncio.sleep(delay)
-
-    def _start_sensor(self, sensor_config: Any) -> None:
-        sensor = build_sensor(sensor_config, self.ctx)
-        self.sensors[sensor.name] = sensor
-        self._checks[sensor.name] = ChannelChecks(sensor.channels)
-        self.sensor_stats.setdefault(sensor.name, SensorStats())
-        self.store.declare(sensor.channels)
-        self._spawn(f"sampler.{sensor.name}", lambda s=sensor: self._sample(s))
-
-    async def _stop_sensor(self, name: str) -> None:
-        task = self._tasks.get(f"sampler.{name}")
-        self.sensors.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _sample(self, sensor: Sensor) -> None:
-        """Read one sensor every `interval_s` until cancelled. A failed read never ends the loop."""
-        stats = self.sensor_stats[sensor.name]
-        checks = self._checks[sensor.name]
-        prefix = f"sensor.{sensor.name}"
-        try:
-            await sensor.setup()
-        except Exception:
-            self._publish_failure(sensor, Quality.UNAVAILABLE)
-            raise
-        try:
-            interval = float(sensor.config.interval_s)
-            clock = self.clock
-            # Scheduled on the steady clock: a wall-clock step changes stamps, never the pace.
-            next_t = clock.monotonic()
-            while True:
-                try:
-                    readings = await sensor.read()
-                except Exception as exc:
-                    stats.errors += 1
-                    stats.errors_in_row += 1
-                    self.store.add_counter(f"{prefix}.errors", 1)
-                    if stats.errors_in_row == 1:
-                        self.log.warning("sensor read failed", sensor=sensor.name, error=repr(exc))
-                    unavailable = isinstance(exc, SourceUnavailable)
-                    quality = Quality.UNAVAILABLE if unavailable else Quality.SOURCE_ERROR
-                    readings = self._publish_failure(sensor, quality)
-                else:
-                    if stats.errors_in_row:
-                        self.log.info(
-                            "sensor recovered", sensor=sensor.name, failed_reads=stats.errors_in_row
-                        )
-                    stats.errors_in_row = 0
-                    readings = checks.apply(self._screen(readings), self.latest)
-                    if readings:
-                        self.publish(readings)
-                stats.reads += 1
-                bad = sum(1 for r in readings if r.quality != Quality.GOOD)
-                if bad:
-                    stats.bad += bad
-                    self.store.add_counter(f"{prefix}.bad", bad)
-                self.store.add_counter(f"{prefix}.reads", 1)
-                next_t += interval
-                now = clock.monotonic()
-                if next_t < now:
-                    # Too slow for the interval: skip the missed ticks instead of bursting.
-                    stats.overruns += 1
-                    next_t = now
-                await clock.sleep(next_t - now)
-        finally:
-            with contextlib.suppress(Exception):
-                await sensor.close()
-
-    def _publish_failure(self, sensor: Sensor, quality: Quality) -> list[Reading]:
-        t_ms = self.clock.now_ms()
-        readings = [Reading(ch.name, t_ms, math.nan, quality) for ch in sensor.channels]
-        self.publish(readings)
-        return readings
-
-    @staticmethod
-    def _screen(readings: Sequence[Reading]) -> Sequence[Reading]:
-        """Mark a value no source could mean (NaN, ±inf, not a number) instead of trusting it."""
-        out: list[Reading] | None = None
-        for i, r in enumerate(readings):
-            value = r.value
-            if type(value) is float and math.isfinite(value):
-                continue
-            try:
-                fixed = float(value)
-            except (TypeError, ValueError):
-                fixed = math.nan
-            if not math.isfinite(fixed):
-                fixed_reading = Reading(
-                    r.channel, r.t_ms, math.nan, r.quality or Quality.OUT_OF_RANGE
-                )
-            else:
-                fixed_reading = Reading(r.channel, r.t_ms, fixed, r.quality)
-            if out is None:
-                out = list(readings)
-            out[i] = fixed_reading
-        return readings if out is None else out
+    # -- health ------------------------------------------------------------------------------
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog while the loop turns and the store makes progress."""
@@ -610,73 +376,11 @@ class Node:
                 )
             offset = new_offset
 
-    # -- rules and relays ----------------------------------------------------------------------
-
-    def _build_rules(self, config: Config) -> RuleEngine:
-        safe = {r.name: r.safe_state for r in config.relays}
-        clock = self.clock
-        return RuleEngine(
-            config.rules,
-            config.derived,
-            self.latest,
-            safe,
-            now_ms=clock.now_ms,
-            request=self._rule_request,
-            record=self._record_decision,
-        )
-
-    def _rule_request(self, relay: str, on: bool | None, reason: str) -> None:
-        if self.relays is not None:
-            self.relays.request(relay, on, reason)
-
-    def _record_decision(self, d: Decision) -> None:
-        self.store.put_event(
-            d.t_ms, "rule", d.rule, d.relay, d.state, d.reason, json.dumps(d.inputs, sort_keys=True)
-        )
-        self.store.set_counter(f"rule.{d.rule}.active", int(d.active))
-
-    def _relay_changed(self, r: RelayState, reason: str) -> None:
-        name = r.config.name
-        self.store.put_event(
-            self.clock.now_ms(), "relay", name, None, "on" if r.on else "off", reason
-        )
-        self.store.add_counter(f"relay.{name}.switches", 1)
-        self.store.set_counter(f"relay.{name}.state", int(r.on))
-        self.store.set_counter(f"relay.{name}.since_ms", self.clock.now_ms())
-
-    async def _rules_tick(self) -> None:
-        """Timers (hold, minimum on/off, override expiry) and staleness, four times a second."""
-        while True:
-            if self.relays is not None:
-                self.relays.expire_overrides()
-                if self.rules is not None:
-                    for name, r in self.relays.relays.items():
-                        self.rules.set_suspended(name, r.override is not None)
-            if self.rules is not None:
-                self.rules.tick()
-                for r in self.rules.rules:
-                    if r.errors != self._rule_errors.get(r.config.name):
-                        self._rule_errors[r.config.name] = r.errors
-                        self.store.set_counter(f"rule.{r.config.name}.errors", r.errors)
-            await asyncio.sleep(0.25)
-
     def override(
         self, relay: str, mode: str, expires_s: float | None = None, reason: str = "manual"
     ) -> None:
         """Manual ON / OFF / AUTO of a relay (the API the MQTT commands use)."""
-        if self.relays is None:
-            raise DaiseeError("this node has no relays")
-        self.relays.override(relay, mode, expires_s, reason)  # type: ignore[arg-type]
-        if self.rules is not None:
-            self.rules.set_suspended(relay, mode != "auto")
-        self.store.put_event(
-            self.clock.now_ms(),
-            "override",
-            relay,
-            relay,
-            mode,
-            f"{reason}" + (f" for {expires_s:g} s" if expires_s else ""),
-        )
+        self.control.override(relay, mode, expires_s, reason)
 
     # -- SIGHUP ------------------------------------------------------------------------------
 
@@ -732,23 +436,7 @@ class Node:
             self.ctx.simulation = new.simulation
             self.ctx.resources.pop(SIMULATED_SITE, None)
         if new.rules != old.rules or new.derived != old.derived:
-            if self.rules is not None:
-                self._sinks.remove(self.rules.on_readings)
-            self.rules = self._build_rules(new) if new.rules else None
-            if self.rules is not None:
-                self._sinks.append(self.rules.on_readings)
-            if self.relays is not None:
-                # Wishes of removed rules must not outlive them (a relay held on by a rule
-                # that is gone would stay on).
-                named = {relay for rule in new.rules for relay in rule.relays()}
-                for name, relay in self.relays.relays.items():
-                    if name not in named:
-                        safe = relay.config.safe_state == "on"
-                        self.relays.request(name, safe, "no rule drives it: safe state")
-                if self.rules is not None:
-                    for name, r in self.relays.relays.items():
-                        self.rules.set_suspended(name, r.override is not None)
-                    self.rules.tick()
+            self.control.replace_rules(new)
         old_by_name = {s.name: s for s in old.sensors if s.enabled}
         new_by_name = {s.name: s for s in new.sensors if s.enabled}
         for name, cfg in old_by_name.items():
@@ -757,3 +445,64 @@ class Node:
         for name, cfg in new_by_name.items():
             if name not in self.sensors:
                 self._start_sensor(cfg)
+
+
+class MqttView:
+    """The node as MQTT sees it (`mqtt.service.NodeView`): what it may read and ask, no more."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.node_id = node.config.node.id
+        self.latest: Mapping[str, Reading] = node.latest
+        self.ledger = LedgerFace(node.ledger) if node.ledger is not None else None
+
+    @property
+    def started(self) -> bool:
+        return self._node.started.is_set()
+
+    @property
+    def safe_state_error(self) -> str | None:
+        return self._node.safe_state_error
+
+    def channels(self) -> list[Channel]:
+        return [c for sensor in self._node.sensors.values() for c in sensor.channels]
+
+    def relay_names(self) -> tuple[str, ...]:
+        relays = self._node.relays
+        return tuple(relays.relays) if relays is not None else ()
+
+    def relay_states(self) -> dict[str, dict[str, Any]]:
+        relays = self._node.relays
+        return relays.snapshot() if relays is not None else {}
+
+    def rule_states(self) -> dict[str, dict[str, Any]] | None:
+        return self._node.control.rule_states()
+
+    def override(self, relay: str, mode: str, expires_s: float | None, reason: str) -> None:
+        self._node.override(relay, mode, expires_s, reason)
+
+    def add_counter(self, name: str, delta: int) -> None:
+        self._node.store.add_counter(name, delta)
+
+    def get_meta(self, key: str) -> Awaitable[str | None]:
+        return self._node.store.get_meta(key)
+
+    def set_meta(self, key: str, value: str) -> Awaitable[None]:
+        return self._node.store.set_meta(key, value)
+
+
+class LedgerFace:
+    """The ledger as MQTT sees it (`mqtt.service.LedgerView`)."""
+
+    def __init__(self, ledger: LedgerService) -> None:
+        self._ledger = ledger
+        self.relays_peers = bool(ledger.settings.relay_peers)
+
+    async def state(self) -> dict[str, Any]:
+        return await self._ledger.state()
+
+    def on_sealed(self, callback: Callable[[Commitment, bytes], None]) -> None:
+        self._ledger.on_sealed.append(callback)
+
+    async def accept_peer(self, commitment: Commitment, signature: bytes) -> bool:
+        return await self._ledger.accept_peer(commitment, signature)

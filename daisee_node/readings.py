@@ -1,11 +1,14 @@
-"""Reading and channel types shared by every source, the store, the rules and the ledger."""
+"""Readings: the types every source, the store, the rules and the ledger share, and the bus that
+carries each batch from a source to every consumer."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 #: `<source>.<quantity>` with the unit as the last part of the quantity, e.g. `grid.power_w`.
 CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
@@ -67,3 +70,64 @@ class Channel:
             raise ValueError(f"{self.name}: max_rate_per_s must be > 0")
         if not self.resolution >= 0:
             raise ValueError(f"{self.name}: resolution must be ≥ 0")
+
+
+ReadingSink = Callable[[Sequence["Reading"]], None]
+ReadingFilter = Callable[[Sequence["Reading"]], Sequence["Reading"]]
+
+
+class ReadingBus:
+    """Hands each batch of readings to every sink, in order of subscription.
+
+    Filters run first and may mark readings (never drop them). A failing sink is logged and
+    counted; the other sinks, and the source that published, carry on.
+    """
+
+    def __init__(self, log: Any, count: Callable[[str, int], None]) -> None:
+        self.log = log
+        self.count = count
+        self.sinks: list[ReadingSink] = []
+        self.filters: list[ReadingFilter] = []
+        #: sink name → failures so far
+        self.failures: dict[str, int] = {}
+
+    def subscribe(self, sink: ReadingSink) -> None:
+        self.sinks.append(sink)
+
+    def unsubscribe(self, sink: ReadingSink) -> None:
+        self.sinks.remove(sink)
+
+    def publish(self, readings: Sequence[Reading]) -> None:
+        for screen in self.filters:
+            readings = screen(readings)
+        for sink in self.sinks:
+            try:
+                sink(readings)
+            except Exception as exc:
+                self._sink_failed(sink, exc)
+
+    def _sink_failed(self, sink: ReadingSink, exc: Exception) -> None:
+        name = getattr(sink, "__qualname__", repr(sink))
+        count = self.failures.get(name, 0) + 1
+        self.failures[name] = count
+        with contextlib.suppress(Exception):
+            self.count("bus.sink_errors", 1)
+        # A bug: loud the first time, then once per hundred so the log stays readable.
+        if count == 1 or count % 100 == 0:
+            self.log.error("a reading consumer failed", consumer=name, failures=count, exc_info=exc)
+
+
+def mark_late(readings: Sequence[Reading], horizon_ms: int | None) -> tuple[Sequence[Reading], int]:
+    """Readings stamped before `horizon_ms` marked LATE (kept, never dropped), and how many were
+    newly marked."""
+    if not horizon_ms:
+        return readings, 0
+    out: list[Reading] | None = None
+    marked = 0
+    for i, r in enumerate(readings):
+        if r.t_ms < horizon_ms and r.quality != Quality.LATE:
+            if out is None:
+                out = list(readings)
+            out[i] = r._replace(quality=Quality.LATE)
+            marked += 1
+    return (readings, 0) if out is None else (out, marked)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daisee_node.daemon import running_pid
+from daisee_node.datadir import running_pid
 from daisee_node.errors import DaiseeError
 from daisee_node.readings import Quality
 from daisee_node.store import (

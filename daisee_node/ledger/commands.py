@@ -12,12 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daisee_node import safejson
 from daisee_node.errors import DaiseeError
-from daisee_node.ledger import merkle
 
 if TYPE_CHECKING:
-    from daisee_node.config import Config
+    pass
 
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -250,6 +248,8 @@ def cmd_prove(args: argparse.Namespace) -> int:
     from daisee_node.config import load_config
 
     config = load_config(args.config)
+    from daisee_node.ledger.proofs import build_proof
+
     proof = asyncio.run(build_proof(config, args.channel, _parse_at(args.at)))
     text = json.dumps(proof, indent=2)
     if args.output:
@@ -259,124 +259,25 @@ def cmd_prove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any]:
-    """The reading of `channel` at or before `at_ms`, its Merkle proof and its batch proof."""
-    from daisee_node.ledger import chain as chainlib
-    from daisee_node.ledger.keys import keystore_address
-    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox, period_leaves
-    from daisee_node.store import Store, db_path
-
-    if config.chain is None:
-        raise DaiseeError("the config has no [chain] section")
-    node = keystore_address(config.chain.keystore_path(config.data_dir))
-    # Read-only: a live node may be writing beside it; nothing here may change its file.
-    store = Store(db_path(config.data_dir), read_only=True)
-    await store.open()
-    try:
-        rows = await store.query(
-            "SELECT r.t_ms, r.value, r.quality FROM readings r JOIN channels c "
-            "ON c.id = r.channel_id WHERE c.name = ? AND r.t_ms <= ? ORDER BY r.t_ms DESC LIMIT 1",
-            (channel, at_ms),
-        )
-        if not rows:
-            raise DaiseeError(f"no reading of {channel!r} at or before {at_ms} in the buffer")
-        t_ms, value, quality = rows[0]
-        entry = await Outbox(store).covering(node, t_ms)
-        if entry is None:
-            raise DaiseeError("that reading's period is not sealed yet")
-        if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
-            raise DaiseeError(
-                f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
-            )
-        c = entry.commitment
-        period = await store.query(
-            "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
-            "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
-            (c.t0, c.t1),
-        )
-    finally:
-        await store.close()
-    node_bytes = bytes.fromhex(node[2:])
-    leaves = period_leaves(node_bytes, period)
-    tree = merkle.levels(leaves)  # built once: it gives both the root and the proof
-    if tree[-1][0] != c.root:
-        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
-    cid = merkle.channel_id(channel)
-    micro = merkle.value_micro(value)
-    leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
-    index = leaves.index(leaf)
-    assert config.chain is not None
-    w3 = chainlib.connect(config.chain.rpc_url)
-    ledger = chainlib.Ledger(w3, config.chain.ledger_address or "")
-    batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
-    return {
-        "node": node,
-        "channel": channel,
-        "channel_id": "0x" + cid.hex(),
-        "t_ms": t_ms,
-        "value": value,
-        "value_micro": micro,
-        "quality": quality,
-        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
-        "commitment": c.to_json(),
-        "tx": "0x" + entry.tx_hash.hex(),
-        "batch_proof": ["0x" + p.hex() for p in batch_proof],
-        "ledger": ledger.address,
-        "chain_id": ledger.chain_id,
-    }
-
-
 @_chain_errors
 def cmd_verify(args: argparse.Namespace) -> int:
-    from eth_utils import to_checksum_address
-
     from daisee_node.config import load_config
-    from daisee_node.ledger import chain as chainlib
-    from daisee_node.ledger.commitment import Commitment
+    from daisee_node.ledger.proofs import check_proof, parse_proof
 
     text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
     try:
-        data = safejson.loads(text)
-        commitment = Commitment.from_json(data["commitment"])
-        reading = (
-            bytes.fromhex(data["channel_id"].removeprefix("0x")),
-            int(data["t_ms"]),
-            int(data["value_micro"]),
-            int(data["quality"]),
-        )
-        proof = [bytes.fromhex(p.removeprefix("0x")) for p in data["proof"]]
-        batch_proof = [bytes.fromhex(p.removeprefix("0x")) for p in data["batch_proof"]]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DaiseeError(f"{args.proof}: not a proof written by `prove` ({exc})") from exc
+        proof = parse_proof(text)
+    except DaiseeError as exc:
+        raise DaiseeError(f"{args.proof}: {exc}") from exc
     rpc = args.rpc
     if rpc is None and args.config is not None:
         config = load_config(args.config)
         rpc = config.chain.rpc_url if config.chain else None
     if rpc is None:
         raise DaiseeError("give --rpc URL (or -c CONFIG) to say which chain to check against")
-    # The readable fields must say what the proven ones say.
-    problems = []
-    if merkle.channel_id(str(data["channel"])) != reading[0]:
-        problems.append("channel name does not match channel_id")
-    if data.get("value") is not None and merkle.value_micro(float(data["value"])) != reading[2]:
-        problems.append("value does not match value_micro")
-    if to_checksum_address(data["node"]) != commitment.node:
-        problems.append("node is not the commitment's node")
-    ledger = chainlib.Ledger(chainlib.connect(rpc), data["ledger"])
-    ledger.check_deployed()
-    on_chain = ledger.verify_reading(commitment, batch_proof, reading, proof)
-    if not on_chain:
-        problems.append("the ledger does not accept this reading and proof")
-    result = {
-        "valid": not problems,
-        "problems": problems,
-        "node": commitment.node,
-        "seq": commitment.seq,
-        "channel": data["channel"],
-        "t_ms": reading[1],
-    }
+    result = check_proof(proof, rpc)
     print(json.dumps(result))
-    return EXIT_OK if not problems else EXIT_INVALID
+    return EXIT_OK if result["valid"] else EXIT_INVALID
 
 
 # -- chain spec -------------------------------------------------------------------------------

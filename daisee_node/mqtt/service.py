@@ -13,8 +13,8 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daisee_node import safejson
 from daisee_node.errors import DaiseeError
@@ -22,11 +22,10 @@ from daisee_node.logs import get_logger
 from daisee_node.mqtt import discovery
 from daisee_node.mqtt.link import OUTAGES, MqttLink
 from daisee_node.mqtt.settings import MqttSection
-from daisee_node.readings import Channel
+from daisee_node.readings import Channel, Reading
 from daisee_node.secretfiles import read_secret
 
 if TYPE_CHECKING:
-    from daisee_node.daemon import Node
     from daisee_node.ledger.commitment import Commitment
 
 DISCOVERY_META_KEY = "mqtt_discovery_topics"
@@ -40,7 +39,6 @@ JSON_KEYS = frozenset({"state", "expires_s"})
 GOODBYE_S = 0.9
 #: at most one warning line per kind this often; the lines between are counted in the next one
 QUIET_S = 10.0
-RULE_ERROR_MAX = 300
 
 
 class CommandError(DaiseeError):
@@ -153,17 +151,60 @@ class QuietLog:
         self._next = now + self.every_s
 
 
+class LedgerView(Protocol):
+    """What MQTT uses of the ledger: its state, and commitments out (own) and in (peers')."""
+
+    relays_peers: bool
+
+    async def state(self) -> dict[str, Any]: ...
+
+    def on_sealed(self, callback: Callable[[Commitment, bytes], None]) -> None: ...
+
+    async def accept_peer(self, commitment: Commitment, signature: bytes) -> bool: ...
+
+
+class NodeView(Protocol):
+    """Everything the MQTT face may read of the node or ask of it, and nothing more."""
+
+    node_id: str
+    latest: Mapping[str, Reading]
+    ledger: LedgerView | None
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def safe_state_error(self) -> str | None: ...
+
+    def channels(self) -> Sequence[Channel]: ...
+
+    def relay_names(self) -> Sequence[str]: ...
+
+    def relay_states(self) -> dict[str, dict[str, Any]]: ...
+
+    def rule_states(self) -> dict[str, dict[str, Any]] | None:
+        """Each rule's snapshot with the reason it last failed; None when the node has none."""
+
+    def override(self, relay: str, mode: str, expires_s: float | None, reason: str) -> None: ...
+
+    def add_counter(self, name: str, delta: int) -> None: ...
+
+    def get_meta(self, key: str) -> Awaitable[str | None]: ...
+
+    def set_meta(self, key: str, value: str) -> Awaitable[None]: ...
+
+
 class NodeMqtt:
     """The node's MQTT face: state out, commands in, discovery kept in step with the config."""
 
-    def __init__(self, node: Node, settings: MqttSection) -> None:
+    def __init__(self, node: NodeView, settings: MqttSection) -> None:
         self.node = node
         self.settings = settings
         password = None
         if settings.password_file is not None:
             password = read_secret(settings.password_file, "mqtt.password_file").strip()
-        self.node_id = node.config.node.id
-        self.link = MqttLink(settings, self.node_id, password, counter=node.store.add_counter)
+        self.node_id = node.node_id
+        self.link = MqttLink(settings, self.node_id, password, counter=node.add_counter)
         self.base = self.link.base
         self.log = get_logger("mqtt")
         self._sent_readings: dict[str, tuple[int, float]] = {}  # channel → (t_ms, monotonic)
@@ -181,8 +222,8 @@ class NodeMqtt:
         ledger = node.ledger
         if ledger is not None:
             if settings.share_commitments:
-                ledger.on_sealed.append(self._share_commitment)
-            if ledger.settings.relay_peers:
+                ledger.on_sealed(self._share_commitment)
+            if ledger.relays_peers:
                 self.link.subscribe(f"{settings.base_topic}/+/commitment", self._on_peer_commitment)
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -271,16 +312,14 @@ class NodeMqtt:
             value = "" if reading.quality != 0 else f"{reading.value:.6g}"
             self.link.publish(f"{self.base}/reading/{name}", value, retain=True)
             self._sent_readings[name] = (reading.t_ms, now)
-        if self.node.relays is not None:
-            for name, snap in self.node.relays.snapshot().items():
-                self._publish_if_changed(f"relay/{name}", snap["state"].upper())
-                self._publish_if_changed(f"relay/{name}/attributes", json.dumps(snap))
-        if self.node.rules is not None:
-            for name, snap in self._rule_states().items():
-                self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
+        for name, snap in self.node.relay_states().items():
+            self._publish_if_changed(f"relay/{name}", snap["state"].upper())
+            self._publish_if_changed(f"relay/{name}/attributes", json.dumps(snap))
+        for name, snap in (self.node.rule_states() or {}).items():
+            self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
         if quick:
             return
-        if self.node.ledger is not None and self.node.started.is_set() and now >= self._ledger_due:
+        if self.node.ledger is not None and self.node.started and now >= self._ledger_due:
             # A database query: a few seconds' delay is fine for a 15-minute ledger.
             self._ledger_due = now + LEDGER_EVERY_S
             state = await self.node.ledger.state()
@@ -291,21 +330,6 @@ class NodeMqtt:
                 await self._discovery()
                 self._announced = entities
 
-    def _rule_states(self) -> dict[str, dict[str, Any]]:
-        """Each rule's snapshot, with the engine's `error` (why it last failed) when it has one."""
-        engine = self.node.rules
-        assert engine is not None
-        states = engine.snapshot()
-        by_name = {
-            getattr(getattr(r, "config", None), "name", None): r
-            for r in getattr(engine, "rules", ())
-        }
-        for name, snap in states.items():
-            error = snap.get("error", getattr(by_name.get(name), "error", None))
-            if error:
-                snap["error"] = str(error)[:RULE_ERROR_MAX]
-        return states
-
     def _publish_if_changed(self, suffix: str, payload: str) -> None:
         if self._sent_json.get(suffix) == payload:
             return
@@ -315,28 +339,24 @@ class NodeMqtt:
     # -- Home Assistant discovery ----------------------------------------------------------------
 
     def _entity_key(self) -> tuple[Any, ...]:
-        relays = tuple(self.node.relays.relays) if self.node.relays is not None else ()
-        return tuple((c.name, c.unit, c.state_class) for c in self._channels()), relays
-
-    def _channels(self) -> list[Channel]:
-        return [c for sensor in self.node.sensors.values() for c in sensor.channels]
+        relays = tuple(self.node.relay_names())
+        return tuple((c.name, c.unit, c.state_class) for c in self.node.channels()), relays
 
     def discovery_messages(self) -> dict[str, str]:
         """Every discovery config topic the node should have, with its payload."""
         prefix = self.settings.discovery_prefix
         out = {}
-        for channel in self._channels():
+        for channel in self.node.channels():
             topic = discovery.config_topic(prefix, "sensor", self.node_id, channel.name)
             out[topic] = json.dumps(discovery.sensor_config(self.node_id, self.base, channel))
-        relays = self.node.relays.relays if self.node.relays is not None else {}
-        for relay in relays:
+        for relay in self.node.relay_names():
             topic = discovery.config_topic(prefix, "switch", self.node_id, relay)
             out[topic] = json.dumps(discovery.switch_config(self.node_id, self.base, relay))
         return out
 
     async def _discovery(self) -> None:
         wanted = self.discovery_messages()
-        announced = set(json.loads(await self.node.store.get_meta(DISCOVERY_META_KEY) or "[]"))
+        announced = set(json.loads(await self.node.get_meta(DISCOVERY_META_KEY) or "[]"))
         for topic, payload in wanted.items():
             if self._sent_json.get(topic) != payload:
                 self._sent_json[topic] = payload
@@ -347,7 +367,7 @@ class NodeMqtt:
             self.link.publish(topic, b"", qos=1, retain=True)
             self._sent_json.pop(topic, None)
         if gone or set(wanted) - announced:
-            await self.node.store.set_meta(DISCOVERY_META_KEY, json.dumps(sorted(wanted)))
+            await self.node.set_meta(DISCOVERY_META_KEY, json.dumps(sorted(wanted)))
             if gone:
                 self.log.info("Home Assistant entities removed", topics=sorted(gone))
 
@@ -359,9 +379,8 @@ class NodeMqtt:
         Every command ends counted: `mqtt.commands_applied`, `_refused` (malformed, unknown relay,
         or refused by the node) or `_dropped` (over the relay's rate)."""
         relay = topic[len(self.base) + len("/relay/") : -len("/set")]
-        relays = self.node.relays.relays if self.node.relays is not None else {}
         try:
-            if relay not in relays:
+            if relay not in self.node.relay_names():
                 raise CommandError(f"no relay named {relay[:40]!r}")
             mode, expires = parse_command(payload)
         except CommandError as exc:
@@ -373,7 +392,7 @@ class NodeMqtt:
             self._buckets[relay] = bucket
         if not bucket.take():
             self.commands_dropped += 1
-            self.node.store.add_counter("mqtt.commands_dropped", 1)
+            self.node.add_counter("mqtt.commands_dropped", 1)
             self._warn_dropped(relay=relay, per_s=self.settings.commands_per_s)
             return
         try:
@@ -382,12 +401,12 @@ class NodeMqtt:
             self._refuse(topic, exc)
             return
         self.commands_applied += 1
-        self.node.store.add_counter("mqtt.commands_applied", 1)
+        self.node.add_counter("mqtt.commands_applied", 1)
         self.log.info("MQTT command", relay=relay, mode=mode, expires_s=expires)
 
     def _refuse(self, topic: str, exc: Exception) -> None:
         self.commands_refused += 1
-        self.node.store.add_counter("mqtt.commands_refused", 1)
+        self.node.add_counter("mqtt.commands_refused", 1)
         self._warn_refused(topic=topic[:200], error=str(exc))
 
     # -- commitments -----------------------------------------------------------------------------
@@ -408,4 +427,4 @@ class NodeMqtt:
             self.log.warning("malformed peer commitment", topic=topic, error=str(exc))
             return
         if await self.node.ledger.accept_peer(commitment, signature):
-            self.node.store.add_counter("ledger.peer_commitments", 1)
+            self.node.add_counter("ledger.peer_commitments", 1)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daisee_node.daemon import DataDirLock
+from daisee_node.datadir import DataDirLock
 from daisee_node.readings import Reading
 from daisee_node.store import HEALTH_NAME, MIGRATIONS, Retention, Store, StoreError
 from tests.conftest import db_rows, run_cli, wait_for, write_config

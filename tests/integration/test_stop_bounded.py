@@ -84,7 +84,7 @@ async def main() -> int:
     node = Node(load_config(Path(sys.argv[1])), config_path=Path(sys.argv[1]))
     async def add() -> None:
         await node.started.wait()
-        node._spawn("stubborn", stubborn, supervise=False)
+        node.supervisor.spawn("stubborn", stubborn, supervise=False)
         print("STUBBORN STARTED", flush=True)
     asyncio.get_running_loop().create_task(add())
     return await node.run()

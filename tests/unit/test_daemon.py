@@ -118,7 +118,7 @@ async def test_a_crashing_task_is_restarted_and_the_node_stays_up(
     tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setitem(SENSOR_KINDS, "broken", BrokenSensor)
-    monkeypatch.setattr("daisee_node.daemon.RESTART_BASE_S", 0.01)
+    monkeypatch.setattr("daisee_node.supervisor.RESTART_BASE_S", 0.01)
     BrokenSensor.setups = 0
     node, task = await start(node_config(tmp_path, sim_sensors(0.5)[:1]))
     node._start_sensor(BrokenConfig(name="broken", interval_s=0.1))

@@ -15,7 +15,8 @@ import pytest
 import structlog
 
 from daisee_node.config import load_config
-from daisee_node.daemon import EXIT_UNSAFE, DataDirLock, Node, make_private_dir
+from daisee_node.daemon import EXIT_UNSAFE, Node
+from daisee_node.datadir import DataDirLock, make_private_dir
 from daisee_node.readings import Quality, Reading
 from tests.conftest import write_config
 
@@ -85,7 +86,7 @@ async def test_a_failing_consumer_never_stops_the_sampler(tmp_path: Path) -> Non
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
     assert node.sensor_stats["load"].reads >= 20
-    assert node._sink_failures and next(iter(node._sink_failures.values())) >= 20
+    assert node.bus.failures and next(iter(node.bus.failures.values())) >= 20
 
 
 async def test_readings_before_the_sealed_horizon_are_marked_late(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ async def test_readings_before_the_sealed_horizon_are_marked_late(tmp_path: Path
 
     node.ledger = Sealed()  # type: ignore[assignment]
     got: list[Reading] = []
-    node._sinks = [got.extend]
+    node.bus.sinks = [got.extend]
     node.store.add_counter = lambda name, delta: None  # type: ignore[method-assign]
     node.publish([Reading("load.power_w", 999_999, 1.0), Reading("load.power_w", 1_000_000, 2.0)])
     assert [r.quality for r in got] == [Quality.LATE, Quality.GOOD]

@@ -1,0 +1,149 @@
+"""Proofs of single readings: from the node's buffer to a commitment on chain, and back.
+
+`build_proof` finds a stored reading, rebuilds its period's Merkle tree, checks it against the
+commitment the node signed, and adds the batch proof of that commitment's transaction; anyone
+holding the result can `check_proof` it against the chain, with no node and no database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from daisee_node import safejson
+from daisee_node.errors import DaiseeError
+from daisee_node.ledger import merkle
+
+if TYPE_CHECKING:
+    from daisee_node.config import Config
+    from daisee_node.ledger.commitment import Commitment
+
+
+async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any]:
+    """The reading of `channel` at or before `at_ms`, its Merkle proof and its batch proof."""
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.keys import keystore_address
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox, period_leaves
+    from daisee_node.store import Store, db_path
+
+    if config.chain is None:
+        raise DaiseeError("the config has no [chain] section")
+    node = keystore_address(config.chain.keystore_path(config.data_dir))
+    # Read-only: a live node may be writing beside it; nothing here may change its file.
+    store = Store(db_path(config.data_dir), read_only=True)
+    await store.open()
+    try:
+        rows = await store.query(
+            "SELECT r.t_ms, r.value, r.quality FROM readings r JOIN channels c "
+            "ON c.id = r.channel_id WHERE c.name = ? AND r.t_ms <= ? ORDER BY r.t_ms DESC LIMIT 1",
+            (channel, at_ms),
+        )
+        if not rows:
+            raise DaiseeError(f"no reading of {channel!r} at or before {at_ms} in the buffer")
+        t_ms, value, quality = rows[0]
+        entry = await Outbox(store).covering(node, t_ms)
+        if entry is None:
+            raise DaiseeError("that reading's period is not sealed yet")
+        if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
+            raise DaiseeError(
+                f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
+            )
+        c = entry.commitment
+        period = await store.query(
+            "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
+            "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
+            (c.t0, c.t1),
+        )
+    finally:
+        await store.close()
+    node_bytes = bytes.fromhex(node[2:])
+    leaves = period_leaves(node_bytes, period)
+    tree = merkle.levels(leaves)  # built once: it gives both the root and the proof
+    if tree[-1][0] != c.root:
+        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
+    cid = merkle.channel_id(channel)
+    micro = merkle.value_micro(value)
+    leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
+    index = leaves.index(leaf)
+    assert config.chain is not None
+    w3 = chainlib.connect(config.chain.rpc_url)
+    ledger = chainlib.Ledger(w3, config.chain.ledger_address or "")
+    batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
+    return {
+        "node": node,
+        "channel": channel,
+        "channel_id": "0x" + cid.hex(),
+        "t_ms": t_ms,
+        "value": value,
+        "value_micro": micro,
+        "quality": quality,
+        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
+        "commitment": c.to_json(),
+        "tx": "0x" + entry.tx_hash.hex(),
+        "batch_proof": ["0x" + p.hex() for p in batch_proof],
+        "ledger": ledger.address,
+        "chain_id": ledger.chain_id,
+    }
+
+
+@dataclass(frozen=True)
+class ReadingProof:
+    """A proof as `build_proof` writes it, parsed: the proven fields and the readable ones."""
+
+    data: dict[str, Any]
+    commitment: Commitment
+    #: (channel id, t_ms, value in micro-units, quality): what the leaf is made of
+    reading: tuple[bytes, int, int, int]
+    proof: list[bytes]
+    batch_proof: list[bytes]
+
+
+def parse_proof(text: str) -> ReadingProof:
+    """A proof file's text, parsed; a clear error for anything `build_proof` would not write."""
+    from daisee_node.ledger.commitment import Commitment
+
+    try:
+        data = safejson.loads(text)
+        return ReadingProof(
+            data=data,
+            commitment=Commitment.from_json(data["commitment"]),
+            reading=(
+                bytes.fromhex(data["channel_id"].removeprefix("0x")),
+                int(data["t_ms"]),
+                int(data["value_micro"]),
+                int(data["quality"]),
+            ),
+            proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["proof"]],
+            batch_proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["batch_proof"]],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DaiseeError(f"not a proof written by `prove` ({exc})") from exc
+
+
+def check_proof(p: ReadingProof, rpc_url: str) -> dict[str, Any]:
+    """Check a proof against the chain at `rpc_url`: `valid`, and the `problems` found."""
+    from eth_utils import to_checksum_address
+
+    from daisee_node.ledger import chain as chainlib
+
+    data, commitment, reading = p.data, p.commitment, p.reading
+    # The readable fields must say what the proven ones say.
+    problems = []
+    if merkle.channel_id(str(data["channel"])) != reading[0]:
+        problems.append("channel name does not match channel_id")
+    if data.get("value") is not None and merkle.value_micro(float(data["value"])) != reading[2]:
+        problems.append("value does not match value_micro")
+    if to_checksum_address(data["node"]) != commitment.node:
+        problems.append("node is not the commitment's node")
+    ledger = chainlib.Ledger(chainlib.connect(rpc_url), data["ledger"])
+    ledger.check_deployed()
+    if not ledger.verify_reading(commitment, p.batch_proof, reading, p.proof):
+        problems.append("the ledger does not accept this reading and proof")
+    return {
+        "valid": not problems,
+        "problems": problems,
+        "node": commitment.node,
+        "seq": commitment.seq,
+        "channel": data["channel"],
+        "t_ms": reading[1],
+    }
