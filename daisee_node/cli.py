@@ -212,7 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from daisee_node.clock import make_clock
     from daisee_node.config import load_config
     from daisee_node.datadir import make_private_dir, running_pid
-    from daisee_node.sensors.ads1115 import Ads1115Sensor
+    from daisee_node.sensors.ads1115 import Ads1115Config, Ads1115Sensor
     from daisee_node.sensors.base import SensorContext
 
     config = load_config(args.config)
@@ -227,7 +227,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     chosen = [
         s
         for s in config.sensors
-        if s.kind == "ads1115" and (args.sensor is None or s.name in args.sensor)
+        if isinstance(s, Ads1115Config) and (args.sensor is None or s.name in args.sensor)
     ]
     unknown = set(args.sensor or ()) - {s.name for s in chosen}
     if unknown:

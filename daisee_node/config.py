@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,17 +28,21 @@ from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-e
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
 from daisee_node.rules.expressions import TIME_NAMES, Expression, ExpressionError, check
-from daisee_node.sensors import SENSOR_KINDS
+from daisee_node.sensors import SENSOR_KINDS, SensorConfig
 from daisee_node.sensors.simulated import SimulationConfig
 from daisee_node.store import Retention
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 KEY_FILES = ("keystore", "password_file")
 
-SensorEntry = Annotated[
-    Union[tuple(cls.config_model for cls in SENSOR_KINDS.values())],  # noqa: UP007
-    Field(discriminator="kind"),
-]
+if TYPE_CHECKING:
+    # Statically, every entry is a SensorConfig; at run time, the model of its `kind`.
+    SensorEntry = SensorConfig
+else:
+    SensorEntry = Annotated[
+        Union[tuple(cls.config_model for cls in SENSOR_KINDS.values())],  # noqa: UP007
+        Field(discriminator="kind"),
+    ]
 
 
 class NodeSection(StrictModel):
@@ -109,7 +113,7 @@ class Config(StrictModel):
     store: StoreSection = StoreSection()
     log: LogSection = LogSection()
     simulation: SimulationConfig | None = None
-    sensors: list[SensorEntry] = Field(default_factory=list)  # type: ignore[valid-type]
+    sensors: list[SensorEntry] = Field(default_factory=list)
     gpio: GpioSection = GpioSection()
     relays: list[RelayConfig] = Field(default_factory=list)
     derived: dict[str, str] = Field(

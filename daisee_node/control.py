@@ -134,10 +134,10 @@ class Control:
                     self.rules.set_suspended(name, r.override is not None)
         if self.rules is not None:
             self.rules.tick()
-            for r in self.rules.rules:
-                if r.errors != self._rule_errors.get(r.config.name):
-                    self._rule_errors[r.config.name] = r.errors
-                    self.events.set_counter(f"rule.{r.config.name}.errors", r.errors)
+            for rule in self.rules.rules:
+                if rule.errors != self._rule_errors.get(rule.config.name):
+                    self._rule_errors[rule.config.name] = rule.errors
+                    self.events.set_counter(f"rule.{rule.config.name}.errors", rule.errors)
 
     def rule_states(self) -> dict[str, dict[str, Any]] | None:
         """Each rule's snapshot, with `error` (why it last failed) when it has one."""

@@ -286,8 +286,8 @@ class Node:
             return False
         return True
 
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        installed = []
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
+        installed: list[signal.Signals] = []
         handlers = {
             signal.SIGTERM: self.request_stop,
             signal.SIGINT: self.request_stop,

@@ -6,6 +6,7 @@ import json
 import math
 import sqlite3
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -332,7 +333,7 @@ def render_status(report: dict[str, Any]) -> str:
             f"  newest        {_when(db['newest_ms'])}",
         ]
     lines += [*_store_lines(report.get("store")), ""]
-    rows = [("CHANNEL", "VALUE", "UNIT", "QUALITY", "AT (UTC)")]
+    rows: list[tuple[str, ...]] = [("CHANNEL", "VALUE", "UNIT", "QUALITY", "AT (UTC)")]
     for r in report["latest"]:
         value = "unavailable" if r["value"] is None else f"{r['value']:.6g}"
         at = datetime.fromtimestamp(r["t_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -398,6 +399,6 @@ def _store_lines(store: dict[str, Any] | None) -> list[str]:
     return []
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

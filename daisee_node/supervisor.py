@@ -7,8 +7,9 @@ callback to count crashes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from daisee_node.backoff import Backoff
@@ -18,7 +19,7 @@ RESTART_CAP_S = 30.0
 #: a task that ran this long before crashing starts its backoff from the beginning again
 RESTART_RESET_S = 60.0
 
-TaskFactory = Callable[[], Awaitable[None]]
+TaskFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Supervisor:
@@ -40,9 +41,9 @@ class Supervisor:
         """Start `factory()` as task `name`; `supervise`: start it again when it crashes."""
         assert self._tg is not None, "attach a TaskGroup first"
         coro = self._supervise(name, factory) if supervise else factory()
-        task = self._tg.create_task(coro, name=name)  # type: ignore[arg-type]
+        task: asyncio.Task[None] = self._tg.create_task(coro, name=name)
         self.tasks[name] = task
-        task.add_done_callback(lambda t, n=name: self._forget(n, t))
+        task.add_done_callback(functools.partial(self._forget, name))
 
     def _forget(self, name: str, task: asyncio.Task[None]) -> None:
         if self.tasks.get(name) is task:

@@ -11,6 +11,7 @@ Every one activates forks up to London/Paris-era opcodes only: the ledger's byte
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _addr_bytes(address: str) -> bytes:
     return bytes.fromhex(to_checksum_address(address)[2:])
 
 
-def _alloc(funds: dict[str, int]) -> dict[str, dict[str, str]]:
+def _alloc(funds: Mapping[str, int]) -> dict[str, dict[str, str]]:
     return {to_checksum_address(a)[2:].lower(): {"balance": hex(w)} for a, w in funds.items()}
 
 
@@ -46,7 +47,7 @@ def clique_extra_data(signers: list[str]) -> str:
 
 
 def besu_qbft(
-    validators: list[str], chain_id: int, block_period_s: int, funds: dict[str, int]
+    validators: list[str], chain_id: int, block_period_s: int, funds: Mapping[str, int]
 ) -> dict[str, Any]:
     return {
         "config": {
@@ -72,7 +73,7 @@ def besu_qbft(
 
 
 def clique(
-    signers: list[str], chain_id: int, block_period_s: int, funds: dict[str, int]
+    signers: list[str], chain_id: int, block_period_s: int, funds: Mapping[str, int]
 ) -> dict[str, Any]:
     forks = [
         "homesteadBlock",
@@ -109,7 +110,7 @@ def _builtin(name: str, pricing: dict[str, Any], activate: int = 0) -> dict[str,
 
 
 def nethermind_aura(
-    validators: list[str], chain_id: int, step_s: int, funds: dict[str, int]
+    validators: list[str], chain_id: int, step_s: int, funds: Mapping[str, int]
 ) -> dict[str, Any]:
     transitions = [
         "eip140",
@@ -212,7 +213,7 @@ def write_specs(
     *,
     chain_id: int = DEFAULT_CHAIN_ID,
     block_period_s: int = 5,
-    funds: dict[str, int] | None = None,
+    funds: Mapping[str, int] | None = None,
     engines: tuple[str, ...] = ("qbft", "aura", "clique"),
 ) -> list[Path]:
     """Write one file per engine into `out_dir`; return their paths."""

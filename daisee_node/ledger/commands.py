@@ -289,7 +289,7 @@ def cmd_chain_spec(args: argparse.Namespace) -> int:
     from daisee_node.ledger import chainspec
 
     validators = [v.strip() for v in args.validators.split(",") if v.strip()]
-    funds = {}
+    funds: dict[str, int] = {}
     for item in args.fund:
         address, _, eth = item.partition("=")
         try:

@@ -154,7 +154,9 @@ class QuietLog:
 class LedgerView(Protocol):
     """What MQTT uses of the ledger: its state, and commitments out (own) and in (peers')."""
 
-    relays_peers: bool
+    @property
+    def relays_peers(self) -> bool:
+        """Whether peers' commitments heard over MQTT are relayed to the chain."""
 
     async def state(self) -> dict[str, Any]: ...
 
@@ -166,9 +168,14 @@ class LedgerView(Protocol):
 class NodeView(Protocol):
     """Everything the MQTT face may read of the node or ask of it, and nothing more."""
 
-    node_id: str
-    latest: Mapping[str, Reading]
-    ledger: LedgerView | None
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def latest(self) -> Mapping[str, Reading]: ...
+
+    @property
+    def ledger(self) -> LedgerView | None: ...
 
     @property
     def started(self) -> bool: ...
