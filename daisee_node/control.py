@@ -81,7 +81,7 @@ class Control:
             config.derived,
             self.latest,
             self._safe,
-            now_ms=self.clock.now_ms,
+            clock=self.clock,
             request=self._rule_request,
             record=self._record_decision,
         )

@@ -48,7 +48,7 @@ class PersistentMockPin(MockPin):
 
     state_dir: Path = Path(".")
     #: the time stamped on each recorded change (wall clock: shared by every process)
-    clock: Callable[[], float] = staticmethod(time.time)  # type: ignore[assignment]
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def __init__(self, factory: Any, info: Any) -> None:
         super().__init__(factory, info)

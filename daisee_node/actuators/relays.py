@@ -15,8 +15,9 @@
   group returns to its safe state (a member explicitly asked off stays open).
 - On stop every relay returns to its safe state; `daisee-node safe-state` does the same from a
   fresh process, for systemd to call after any stop, including a crash or `kill -9`.
-- Time comes from the `monotonic` and `sleep` given to the controller (the real ones by
-  default), so tests run it on a fake clock.
+- Time comes from the node's `clock` given to the controller (its `monotonic` and `sleep`),
+  or from the `monotonic` and `sleep` given (the real ones by default), so tests run it on a
+  fake clock.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
 from daisee_node.models import NAME_PATTERN, StrictModel
+
+if TYPE_CHECKING:
+    from daisee_node.clock import Clock
 
 OnOff = Literal["on", "off"]
 
@@ -93,7 +97,7 @@ class RelayState:
     config: RelayConfig
     device: Any
     on: bool
-    since: float = field(default_factory=time.monotonic)
+    since: float = 0.0  # on the controller's monotonic clock, set when the pin is claimed
     switches: int = 0
     #: what the rules want (None: no rule has an opinion; keep the current state, or in a
     #: group that nobody asks for, go to the group's safe state)
@@ -118,7 +122,11 @@ class RelayState:
 
 
 class RelayController:
-    """The only code that touches relay pins."""
+    """The only code that touches relay pins.
+
+    Dead times and override expiries run on `clock` (the node's steady time) when one is
+    given, else on `monotonic` and `sleep`.
+    """
 
     def __init__(
         self,
@@ -127,10 +135,13 @@ class RelayController:
         data_dir: Path,
         *,
         on_change: Callable[[RelayState, str], None] | None = None,
+        clock: Clock | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         pin_factory: Any = None,
     ) -> None:
+        if clock is not None:
+            monotonic, sleep = clock.monotonic, clock.sleep
         self.configs = list(configs)
         self.gpio = gpio
         self.data_dir = data_dir
@@ -309,17 +320,13 @@ class RelayController:
             on, reason = targets[name]
             if r.on or not on:
                 continue
-            group = r.config.group
-            if group is not None:
-                others = [
-                    p for n, p in self.relays.items() if n != name and p.config.group == group
-                ]
+            own = r.config.group
+            if own is not None:
+                others = [p for n, p in self.relays.items() if n != name and p.config.group == own]
                 if any(p.on for p in others):  # cannot happen: the openings came first
                     self.log.error("interlock: a relay of the group is still closed", relay=name)
                     continue
-                left = (
-                    self._group_opened.get(group, -math.inf) + self.dead_time_s[group] - self._now()
-                )
+                left = self._group_opened.get(own, -math.inf) + self.dead_time_s[own] - self._now()
                 if left > 0:
                     wait = max(wait, left)
                     continue

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -29,6 +29,9 @@ from daisee_node.logs import get_logger
 from daisee_node.models import StrictModel
 from daisee_node.readings import Reading
 from daisee_node.rules.expressions import EvaluationError, Expression
+
+if TYPE_CHECKING:
+    from daisee_node.clock import Clock
 
 RULE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
@@ -109,7 +112,12 @@ class RuleState:
 
 
 class RuleEngine:
-    """Evaluates every rule whose inputs changed, and on a tick for timers and staleness."""
+    """Evaluates every rule whose inputs changed, and on a tick for timers and staleness.
+
+    Time comes from `clock` (the node's), read once per evaluation: staleness, hold and
+    minimum times, and the `time.*` inputs all use that one instant. `now_ms` (milliseconds
+    since the epoch) may be given instead of a clock; with neither, the wall clock is used.
+    """
 
     def __init__(
         self,
@@ -118,14 +126,22 @@ class RuleEngine:
         latest: Mapping[str, Reading],
         safe_states: Mapping[str, str],
         *,
-        now_ms: Callable[[], int],
+        clock: Clock | None = None,
+        now_ms: Callable[[], int] | None = None,
         local_time: Callable[[int], datetime] | None = None,
         request: Callable[[str, bool | None, str], None],
         record: Callable[[Decision], None] | None = None,
     ) -> None:
+        if clock is not None and now_ms is not None:
+            raise ValueError("give the engine a clock or a now_ms, not both")
+        if clock is None:
+            from daisee_node.clock import Clock as WallClock
+
+            clock = WallClock()
+        self.clock = clock
         self.latest = latest
         self.safe_states = dict(safe_states)
-        self.now_ms = now_ms
+        self.now_ms: Callable[[], int] = now_ms if now_ms is not None else self.clock.now_ms
         self.local_time = local_time or (lambda t: datetime.fromtimestamp(t / 1000))
         self.request = request
         self.record = record

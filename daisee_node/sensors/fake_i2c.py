@@ -35,6 +35,8 @@ MUX = {
 }
 
 REG_CONVERSION, REG_CONFIG, REG_LO_THRESH, REG_HI_THRESH = 0, 1, 2, 3
+#: noise values drawn at once by `current_waveform`
+NOISE_BLOCK = 256
 CONFIG_DEFAULT = 0x8583  # from the datasheet: single-shot, AIN0-AIN1, ±2.048 V, 128 SPS
 
 
@@ -62,17 +64,34 @@ class FakeADS1115:
 
     def set_input(self, pin: int, signal: Signal | float) -> None:
         """Drive analog input AIN<pin> with a constant or a function of time (volts)."""
-        self.inputs[pin] = signal if callable(signal) else (lambda _t, v=float(signal): v)
+        if callable(signal):
+            self.inputs[pin] = signal
+        else:
+            level = float(signal)
+            self.inputs[pin] = lambda _t: level
 
     def _volts(self, pin: int, t: float) -> float:
         signal = self.inputs.get(pin)
         return 0.0 if signal is None else signal(t)
 
+    @property
+    def config(self) -> int:
+        """The config register (without the OS bit, which reads as the conversion status)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: int) -> None:
+        # Decoded once here, not at every read: the chip is read hundreds of times a second.
+        self._config = config
+        self._pins = MUX[(config >> 12) & 0x7]
+        self._fsr = FULL_SCALE_V[(config >> 9) & 0x7]
+        self._period = 1.0 / DATA_RATES[(config >> 5) & 0x7]
+        self._continuous = not config & 0x0100
+
     def _convert(self, t: float) -> int:
-        positive, negative = MUX[(self.config >> 12) & 0x7]
+        positive, negative = self._pins
         v = self._volts(positive, t) - (0.0 if negative is None else self._volts(negative, t))
-        fsr = FULL_SCALE_V[(self.config >> 9) & 0x7]
-        code = round(v / fsr * 32768)
+        code = round(v / self._fsr * 32768)
         self.conversions += 1
         return max(-32768, min(32767, code))
 
@@ -84,13 +103,13 @@ class FakeADS1115:
 
     @property
     def continuous(self) -> bool:
-        return not self.config & 0x0100
+        return self._continuous
 
     def _update(self) -> None:
         """Bring the conversion register up to date with the passage of time."""
         now = self.clock()
-        period = 1.0 / self.rate
-        if self.continuous:
+        period = self._period
+        if self._continuous:
             done = math.floor((now - self._started) / period)
             if done >= 1 and done != self._done:
                 # A new result only when a conversion has completed since the last look.
@@ -127,6 +146,8 @@ class FakeADS1115:
         self._update()
         if self.pointer == REG_CONVERSION:
             value = self._conversion & 0xFFFF
+            if n == 2:  # what every driver reads: one register
+                return value.to_bytes(2, "big")
         elif self.pointer == REG_CONFIG:
             # OS bit reads 1 when no conversion is in progress.
             busy = self._converting or self.continuous
@@ -229,16 +250,24 @@ def current_waveform(
     `amplitude`, when given, scales the AC part at each conversion (the demo uses it to follow
     the simulated PV output).
     """
-    rng = random.Random(seed)
+    gauss = random.Random(seed).gauss
+    sin = math.sin
     w = 2 * math.pi * frequency_hz
     peak = ac_rms_a * math.sqrt(2)
     h3 = harmonic3_pct / 100.0
+    # The same draws in the same order, taken a block at a time: one pass through the random
+    # module per block instead of one per conversion (its code is most of a conversion's cost).
+    noise: list[float] = []
 
     def current(t: float) -> float:
         scale = amplitude() if amplitude is not None else 1.0
-        value = dc_a + scale * peak * (math.sin(w * t) + h3 * math.sin(3 * w * t))
+        wave = sin(w * t) + h3 * sin(3 * w * t) if h3 else sin(w * t)
+        value = dc_a + scale * peak * wave
         if noise_a:
-            value += rng.gauss(0.0, noise_a)
+            if not noise:
+                noise.extend(gauss(0.0, noise_a) for _ in range(NOISE_BLOCK))
+                noise.reverse()
+            value += noise.pop()
         return value
 
     return current

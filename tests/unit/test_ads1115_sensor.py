@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,28 @@ async def test_i2c_errors_fail_the_read(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await s.read()
     assert by_channel(await s.read())["current_a"].good
+
+
+async def test_sensors_set_up_together_share_one_bus_and_chip(tmp_path: Path) -> None:
+    """The node sets its sensors up at once, each on a worker thread: they must still find
+    the one chip they are wired to (its lock keeps their windows apart)."""
+    ctx = SensorContext(Clock(), tmp_path)
+    amps = [-3.0, -1.0, 1.0, 3.0]
+    sensors = [
+        Ads1115Sensor(
+            config(name=f"in{i}", channel=i, window_s=0.02, fake={"dc_a": a}),
+            ctx,
+        )
+        for i, a in enumerate(amps)
+    ]
+    await asyncio.gather(*(s.setup() for s in sensors))
+    chip = ctx.resources[("i2c", "fake")].devices[0x48]
+    before = chip.conversions
+    readings = await asyncio.gather(*(s.read() for s in sensors))
+    for got, a in zip(readings, amps, strict=True):
+        assert got[0].value == pytest.approx(a, abs=0.05)
+    # Every code read came from that one chip (each conversion is counted once, when read).
+    assert chip.conversions - before >= sum(s.samples_taken for s in sensors) - len(sensors)
 
 
 async def test_two_sensors_share_one_chip(tmp_path: Path) -> None:

@@ -83,3 +83,30 @@ def test_config_register_round_trips_through_the_driver() -> None:
     assert (ads.gain, ads.data_rate, ads.mode) == (4, 475, Mode.CONTINUOUS)
     assert chip.rate == 475 and chip.continuous
     assert not math.isnan(chip.read(2)[0])
+
+
+def test_the_status_bit_stays_busy_for_one_conversion_time() -> None:
+    """As a real chip: after a single-shot start, 'ready' and the result come only once the
+    conversion time at the data rate has passed (the clock here moves only when told)."""
+    now = [100.0]
+    bus = FakeI2C()
+    chip = bus.attach(0x48, FakeADS1115(clock=lambda: now[0]))
+    chip.set_input(0, 1.0)
+    # OS=1 (start), AIN0 against GND, ±2.048 V, single-shot, 860 SPS, comparator off
+    word = 0x8000 | 0b100 << 12 | 0b010 << 9 | 0x0100 | 0b111 << 5 | 0x0003
+    bus.writeto(0x48, bytes([1, word >> 8, word & 0xFF]))
+
+    def register(pointer: int) -> int:
+        out = bytearray(2)
+        bus.writeto_then_readfrom(0x48, bytes([pointer]), out)
+        return out[0] << 8 | out[1]
+
+    period = 1 / 860
+    assert not register(1) & 0x8000  # converting
+    now[0] += period * 0.99
+    assert not register(1) & 0x8000
+    assert register(0) == 0  # no result yet
+    now[0] += period * 0.02
+    assert register(1) & 0x8000  # ready
+    assert register(0) == round(1.0 / 2.048 * 32768)
+    assert chip.conversions == 1

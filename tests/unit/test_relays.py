@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -26,67 +25,10 @@ from daisee_node.actuators.mockpins import (
 )
 from daisee_node.actuators.relays import GpioSection, RelayConfig, RelayController
 from daisee_node.errors import DaiseeError
+from tests.support.clocks import SteppedClock as FakeClock
 
-T = TypeVar("T")
 DEAD = 0.2
 OWN, NEIGHBOUR = 5, 6
-
-
-class FakeClock:
-    """Monotonic time that moves only when told to; `sleep` waits until it has moved enough."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.t + seconds, future))
-        await future
-
-    @staticmethod
-    async def _settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
-
-    def _wake_due(self) -> None:
-        for due, future in self._sleepers:
-            if due <= self.t and not future.done():
-                future.set_result(None)
-        self._sleepers = [(d, f) for d, f in self._sleepers if not f.done()]
-
-    async def advance(self, seconds: float) -> None:
-        """Move time forward, waking each sleeper at its own time, in order."""
-        end = self.t + seconds
-        await self._settle()
-        while True:
-            due = [d for d, f in self._sleepers if not f.done() and d <= end]
-            if not due:
-                break
-            self.t = max(self.t, min(due))
-            self._wake_due()
-            await self._settle()
-        self.t = end
-        await self._settle()
-
-    async def drive(self, awaitable: Awaitable[T], limit_s: float = 60.0) -> T:
-        """Run `awaitable` to its end, moving time on to each sleeper it leaves waiting."""
-        task = asyncio.ensure_future(awaitable)
-        start = self.t
-        while True:
-            await self._settle()
-            if task.done():
-                return task.result()
-            pending = [d for d, f in self._sleepers if not f.done()]
-            assert pending, "the task waits on something other than the clock"
-            self.t = max(self.t, min(pending))
-            assert self.t - start <= limit_s, "the task does not finish"
-            self._wake_due()
 
 
 def relay(name: str, pin: int, **extra: Any) -> dict[str, Any]:
@@ -103,14 +45,13 @@ def make(
     tmp_path: Path, clock: FakeClock, *relays: dict[str, Any], known: bool = True
 ) -> RelayController:
     """A controller on mock pins stamped by `clock`; `known=False`: lines like a real Pi's."""
-    factory = persistent_mock_factory(tmp_path / "mock-gpio", clock=clock.now)
+    factory = persistent_mock_factory(tmp_path / "mock-gpio", clock=clock.monotonic)
     factory.reports_levels = known
     return RelayController(
         [RelayConfig(**r) for r in relays],
         GpioSection(backend="mock"),
         tmp_path,
-        monotonic=clock.now,
-        sleep=clock.sleep,
+        clock=clock,
         pin_factory=factory,
     )
 
@@ -420,7 +361,7 @@ async def test_safe_state_after_a_crash_mid_switch(tmp_path: Path, crash_after: 
     c.request("neighbour", True, "rule")
     await clock.advance(crash_after)
     worker.cancel()  # kill -9: nothing more from this process
-    await clock._settle()
+    await clock.settle()
     c.close()  # (the mock lines keep their levels)
     fresh = make(tmp_path, clock, *SUPPLY)
     fresh.open(force_safe=True)

@@ -9,15 +9,16 @@ import pytest
 
 from daisee_node.readings import Quality, Reading
 from daisee_node.rules.engine import Decision, RuleConfig, RuleEngine
+from tests.support.clocks import FixedClock
 
 SAFE = {"neighbour": "off", "own": "on", "heater": "off"}
 
 
 class Harness:
-    """A rule engine, a clock the table moves, and the relay requests it made."""
+    """A rule engine on a clock the table moves, and the relay requests it made."""
 
     def __init__(self, rules: list[dict[str, Any]], derived: dict[str, str] | None = None):
-        self.t_ms = 0
+        self.clock = FixedClock(0)
         self.latest: dict[str, Reading] = {}
         self.asked: dict[str, bool | None] = {}
         self.decisions: list[Decision] = []
@@ -26,16 +27,20 @@ class Harness:
             derived or {},
             self.latest,
             SAFE,
-            now_ms=lambda: self.t_ms,
+            clock=self.clock,
             request=self._request,
             record=self.decisions.append,
         )
 
+    @property
+    def t_ms(self) -> int:
+        return self.clock.t_ms
+
     def _request(self, relay: str, on: bool | None, reason: str) -> None:
         self.asked[relay] = on
 
-    def at(self, t_s: float, quality: Quality = Quality.GOOD, **values: float) -> dict:
-        self.t_ms = int(t_s * 1000)
+    def at(self, t_s: float, *, quality: Quality = Quality.GOOD, **values: float) -> dict:
+        self.clock.t_ms = int(t_s * 1000)
         readings = [Reading(k.replace("__", "."), self.t_ms, v, quality) for k, v in values.items()]
         for r in readings:
             self.latest[r.channel] = r
@@ -268,3 +273,38 @@ def test_derived_values_may_use_each_other_in_any_order() -> None:
     assert h.at(0, pv__power_w=1000)["heater"] is ON  # (1000 - 500) / 100 = 5 > 2
     assert h.at(1, pv__power_w=600)["heater"] is OFF  # 1 < 2
     assert h.engine.snapshot()["ratio"]["errors"] == 0
+
+
+def test_time_inputs_and_staleness_come_from_the_clock_given() -> None:
+    # 2026-06-21 23:30 local time: the night rule holds, and nothing else reads the time.
+    night = int(datetime(2026, 6, 21, 23, 30).timestamp() * 1000)
+    h = Harness([{**low_battery(), "when": "time.hour >= 22 and battery.soc_pct < 20"}])
+    h.clock.t_ms = night
+    h.latest["battery.soc_pct"] = Reading("battery.soc_pct", night, 10.0)
+    h.engine.tick()
+    assert h.asked["neighbour"] is ON
+    assert h.decisions[-1].t_ms == night
+    h.clock.t_ms = night + 5_001  # only the clock moves: the reading is now stale
+    h.engine.tick()
+    assert h.asked["neighbour"] is OFF
+    assert "stale" in h.engine.snapshot()["buy-when-low"]["reason"]
+
+
+def test_a_now_ms_function_still_serves_as_the_clock() -> None:
+    t = {"ms": 7_000}
+    asked: dict[str, bool | None] = {}
+    engine = RuleEngine(
+        [RuleConfig(**low_battery())],
+        {},
+        {"battery.soc_pct": Reading("battery.soc_pct", 6_000, 10.0)},
+        SAFE,
+        now_ms=lambda: t["ms"],
+        request=lambda relay, on, reason: asked.__setitem__(relay, on),
+    )
+    engine.tick()
+    assert asked == {"neighbour": ON}
+    t["ms"] = 11_001
+    engine.tick()
+    assert asked == {"neighbour": OFF}
+    with pytest.raises(ValueError, match="not both"):
+        RuleEngine([], {}, {}, SAFE, clock=FixedClock(0), now_ms=lambda: 0, request=print)
