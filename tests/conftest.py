@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -121,6 +122,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float =
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
+    """Wait on the running loop until `predicate()` is truthy; fail the test otherwise."""
+
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"condition not met within {timeout} s") from None
 
 
 def db_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -81,14 +80,14 @@ def test_calibrate_command_stores_the_zero_and_the_node_uses_it(tmp_path: Path, 
     d = daemon(path)
     db = tmp_path / "data" / "node.db"
     wait_for(lambda: latest(db, "battery.current_a") is not None, timeout=30)
-    time.sleep(0.3)
     d.signal(signal.SIGTERM)
     d.wait()
     assert abs(latest(db, "battery.current_a")) < 0.02
 
     # While the node runs, calibrate refuses to touch the ADC.
     d = daemon(path)
-    wait_for(lambda: (tmp_path / "data" / "daisee-node.pid").read_text().strip().isdigit())
-    time.sleep(1.0)
+    # the lock is taken before the pid is written; the file still names the last daemon before
+    pid_file = tmp_path / "data" / "daisee-node.pid"
+    wait_for(lambda: pid_file.read_text().strip() == str(d.proc.pid))
     busy = run_cli("calibrate", "-c", str(path))
     assert busy.returncode == 1 and "stop it first" in busy.stderr

@@ -13,7 +13,7 @@ import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from daisee_node.datadir import DataDirLock
 from daisee_node.readings import Reading
 from daisee_node.store import HEALTH_NAME, MIGRATIONS, Retention, Store, StoreError
-from tests.conftest import db_rows, run_cli, wait_for, write_config
+from tests.conftest import db_rows, run_cli, until, wait_for, write_config
 
 T0 = 1_781_000_040_000
 FAST = Retention(flush_interval_s=0.01, retry_max_s=0.2)
@@ -73,14 +73,6 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
         yield d
     finally:
         d.unmount()
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def health_of(data: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import aiomqtt
 
 from daisee_node.config import load_config
 from daisee_node.daemon import Node
-from tests.conftest import sim_sensors, write_config
+from tests.conftest import sim_sensors, until, write_config
 
 
 def mqtt_config(
@@ -152,9 +152,13 @@ async def test_commands_need_the_right_to_command(tmp_path, broker):
     base = "daisee/m1"
     async with Watcher(broker) as w:
         await w.wait(f"{base}/status", lambda p: p == b"online")
-        # a read-only client: the broker's ACL drops its command
+        # a read-only client: the broker's ACL drops its command. Its PUBACK comes after the
+        # broker routed (or dropped) it, so a command sent after it reaches the node after it:
+        # once that one is counted, the first had its chance.
         await publish_as(broker, "viewer", f"{base}/relay/heater/set", "ON")
-        await asyncio.sleep(1.0)
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", "NOT-A-COMMAND")
+        assert node.mqtt is not None
+        await until(lambda: node.mqtt.commands_refused == 1)
         assert node.relays is not None and not node.relays.relays["heater"].on
         assert node.mqtt is not None and node.mqtt.commands_applied == 0
         # Home Assistant's user may
@@ -164,8 +168,9 @@ async def test_commands_need_the_right_to_command(tmp_path, broker):
         # nonsense is refused and counted, and changes nothing
         await publish_as(broker, "ha", f"{base}/relay/heater/set", "MAYBE")
         await publish_as(broker, "ha", f"{base}/relay/nosuch/set", "ON")
-        await asyncio.sleep(0.5)
-        assert node.mqtt.commands_refused == 2
+        await until(lambda: node.mqtt.commands_refused >= 3)
+        assert node.mqtt.commands_refused - 1 == 2
+        assert node.relays.relays["heater"].mode == "on"
         await publish_as(broker, "ha", f"{base}/relay/heater/set", '{"state": "AUTO"}')
         attrs = await w.wait(
             f"{base}/relay/heater/attributes", lambda p: json.loads(p)["mode"] == "auto"
@@ -181,9 +186,10 @@ async def test_broker_outage_loses_no_readings_and_state_comes_back(tmp_path, br
         await w.wait(f"{base}/status", lambda p: p == b"online")
     broker.stop()
     written = node.store.stats.written
-    await asyncio.sleep(3)
     # sampling and the buffer carried on without the broker
+    await until(lambda: node.store.stats.written > written + 20, timeout=10)
     assert node.store.stats.written > written + 20
+    assert not node.mqtt.link.connected.is_set()
     broker.start()  # same port, and no persistence: the retained state is gone
     async with Watcher(broker) as w:
         assert await w.wait(f"{base}/status", lambda p: p == b"online", timeout=40) == b"online"
@@ -207,9 +213,8 @@ async def test_discovery_entities_are_removed_when_their_channel_goes(tmp_path, 
     node, task = await start(mqtt_config(tmp_path, broker, sensors=without_pv))
     async with Watcher(broker) as w:
         await w.wait("homeassistant/sensor/daisee_m1/grid_power_w/config")
-        await asyncio.sleep(1.0)
         # the retained config is cleared, so Home Assistant drops the entity
-        assert topic not in w.seen or w.seen[topic] == b""
+        assert await w.wait(topic, lambda p: p == b"") == b""
     await stop(node, task)
 
 
@@ -240,7 +245,11 @@ async def test_tls_with_a_private_ca(tmp_path):
         path = mqtt_config(tmp_path, tls_broker, tls=True, name="no-ca.toml")
         node, task = await start(path)
         assert node.mqtt is not None
-        await asyncio.sleep(2)
+        # the broker sees the handshake fail (the node refused its certificate)
+        seen = tls_broker.log.read_text()
+        await until(
+            lambda: tls_broker.log.read_text().count("OpenSSL Error") > seen.count("OpenSSL Error")
+        )
         assert not node.mqtt.link.connected.is_set() and node.mqtt.link.connects == 0
         await stop(node, task)
     finally:

@@ -14,7 +14,7 @@ from daisee_node.daemon import Node
 from daisee_node.readings import Quality, Reading
 from daisee_node.sensors import SENSOR_KINDS
 from daisee_node.sensors.base import Sensor, SensorConfig
-from tests.conftest import sim_sensors, write_config
+from tests.conftest import sim_sensors, until, write_config
 
 
 def node_config(tmp_path: Path, sensors: list[dict[str, Any]] | None = None, **node: Any) -> Path:
@@ -33,14 +33,6 @@ async def start(path: Path) -> tuple[Node, asyncio.Task[int]]:
     task = asyncio.create_task(node.run())
     await asyncio.wait_for(node.started.wait(), 10)
     return node, task
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_node_samples_and_stores_until_stopped(tmp_path: Path) -> None:
@@ -156,7 +148,8 @@ async def test_reload_applies_a_good_config_and_keeps_the_old_on_errors(tmp_path
     assert set(node.sensors) == {"load", "battery"}
     await until(lambda: "battery.soc_pct" in node.latest)
     stamp = node.latest["pv.power_w"].t_ms
-    await asyncio.sleep(0.3)
+    # several of load's intervals after pv's last reading: pv would have read meanwhile
+    await until(lambda: node.latest["load.power_w"].t_ms > stamp + 4 * 500)
     assert node.latest["pv.power_w"].t_ms == stamp  # pv's sampler really stopped
 
     path.write_text(path.read_text().replace('model = "battery"', 'model = "fusion"'))
