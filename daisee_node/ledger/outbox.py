@@ -36,6 +36,8 @@ from daisee_node.store import Store, StoreError, connect_readonly
 T = TypeVar("T")
 ZERO32 = b"\x00" * 32
 SEALED_UNTIL_KEY = "ledger_sealed_until_ms"
+#: the ledger's numbered schema migrations (its tables), registered with the store
+MIGRATIONS_PACKAGE = "daisee_node.ledger.migrations"
 #: how far back the baseline of a period's counter totals is looked for
 BASELINE_LOOKBACK_MS = 86_400_000
 #: at most one log line about late readings per this many seconds of node time
@@ -104,6 +106,16 @@ class Outbox:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        store.register_migrations("ledger", MIGRATIONS_PACKAGE)
+
+    def keep_unsealed_readings(self) -> None:
+        """Have the store keep raw readings past retention until their period is sealed."""
+        self.store.add_retention_hold(self.sealed_until_ms)
+
+    async def sealed_until_ms(self) -> int:
+        """End (ms) of the newest own sealed period, 0 before the first."""
+        value = await self.store.get_meta(SEALED_UNTIL_KEY)
+        return int(value) if value else 0
 
     async def add(
         self, commitment: Commitment, signature: bytes, *, own: bool, sealed_ms: int
@@ -166,6 +178,10 @@ class Outbox:
 
     async def covering(self, node: str, t_ms: int) -> Entry | None:
         """The commitment whose period holds `t_ms`."""
+        if self.store.read_only and not await self.store.query(
+            "SELECT 1 FROM sqlite_master WHERE name = 'commitments'"
+        ):
+            return None  # read beside a node that never had a ledger: nothing was sealed
         rows = await self.store.query(
             f"SELECT {_COLUMNS} FROM commitments WHERE node = ? AND t0 <= ? AND t1 > ?",
             (node, t_ms, t_ms),

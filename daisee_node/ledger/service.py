@@ -71,7 +71,8 @@ class LedgerService:
         #: called with each newly sealed own commitment and its signature (MQTT publishes them)
         self.on_sealed: list[Callable[[Commitment, bytes], None]] = []
         self._connected = asyncio.Event()
-        store.keep_unsealed = True
+        # Readings of a period not yet sealed into a commitment are the ledger's to keep.
+        self.outbox.keep_unsealed_readings()
         store.on_commit.append(self.sealer.count_late)
 
     @property

@@ -6,12 +6,15 @@ import asyncio
 import math
 import sqlite3
 import statistics
+import threading
 from pathlib import Path
 
 import pytest
 
+from daisee_node.ledger.outbox import Outbox
 from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.store import DAY_MS, MIGRATIONS, MINUTE_MS, Retention, Store, StoreError
+from daisee_node.store import writer as writer_module
 from tests.support.clocks import FixedClock
 
 T0 = 1_781_000_000_000 // MINUTE_MS * MINUTE_MS  # a minute boundary in 2026
@@ -112,17 +115,17 @@ async def test_a_failed_write_loses_nothing(tmp_path: Path, monkeypatch) -> None
     s = Store(tmp_path / "node.db", retention=Retention(flush_interval_s=0.01))
     await s.open()
     s.put_many([Reading("a.x_w", T0 + i, float(i)) for i in range(100)])
-    assert s._db is not None
-    real = s._db.executemany
+    real = writer_module.commit_batch
     calls = {"n": 0}
 
-    async def failing_once(sql, params):
+    def failing_once(conn, *args):
+        # In the database thread, where a failing disk fails the batch.
         calls["n"] += 1
         if calls["n"] == 1:
             raise sqlite3.OperationalError("disk I/O error")
-        return await real(sql, params)
+        return real(conn, *args)
 
-    monkeypatch.setattr(s._db, "executemany", failing_once)
+    monkeypatch.setattr(writer_module, "commit_batch", failing_once)
     writer = asyncio.create_task(s.run())
     await s.flush()  # the writer retries the batch it failed to write
     assert s.stats.write_errors == 1 and s.healthy and s.last_error is None
@@ -264,26 +267,31 @@ async def test_raw_readings_are_never_dropped_before_they_are_summarised(tmp_pat
 async def test_counters_added_during_a_commit_are_kept(tmp_path: Path, monkeypatch) -> None:
     s = Store(tmp_path / "node.db", retention=Retention(flush_interval_s=0.01))
     await s.open()
-    assert s._db is not None
-    real = s._db.executemany
+    real = writer_module.commit_batch
+    loop = asyncio.get_running_loop()
+    counted = threading.Event()
 
-    async def slow(sql, params):
-        # While this batch is in flight, a sensor counts another read.
-        s.add_counter("sensor.x.reads", 1)
-        return await real(sql, params)
+    def slow(*args):
+        # While this batch is in flight (in the database thread), a sensor counts three reads
+        # on the event loop; the batch commits once they are counted.
+        for _ in range(3):
+            loop.call_soon_threadsafe(s.add_counter, "sensor.x.reads", 1)
+        loop.call_soon_threadsafe(counted.set)
+        counted.wait(5)
+        return real(*args)
 
-    monkeypatch.setattr(s._db, "executemany", slow)
+    monkeypatch.setattr(writer_module, "commit_batch", slow)
     s.add_counter("sensor.x.reads", 1)
     s.put(Reading("a.x_w", T0, 1.0))
     writer = asyncio.create_task(s.run())
     await s.flush()
-    monkeypatch.setattr(s._db, "executemany", real)
+    monkeypatch.setattr(writer_module, "commit_batch", real)
     s.put(Reading("a.x_w", T0 + 1, 1.0))
     await s.flush()
     s.stop()
     await writer
     await s.close()
-    # 1 before the batch + 1 per executemany of the first batch (readings, latest, counters).
+    # 1 before the batch + 3 counted while the first batch was in flight.
     assert rows(
         tmp_path / "node.db", "SELECT value FROM counters WHERE name = 'sensor.x.reads'"
     ) == [(4,)]
@@ -335,11 +343,42 @@ async def test_a_writer_cancelled_while_beginning_leaves_no_transaction_open(sto
     assert rows(store.path, "SELECT count(*) FROM readings") == [(1,)]
 
 
+async def test_a_retention_hold_keeps_raw_readings_until_it_lets_go(tmp_path: Path) -> None:
+    """Raw readings from a hold's answer on stay past raw_days; the hold is asked at each turn."""
+    s = Store(tmp_path / "node.db", retention=Retention(raw_days=1), clock=FixedClock(T0))
+    await s.open()
+    held = {"until": T0}
+    asked: list[int] = []
+
+    async def hold() -> int:
+        asked.append(held["until"])
+        return held["until"]
+
+    s.add_retention_hold(hold)
+    s.put_many([Reading("a.x_w", T0 + k * MINUTE_MS, 1.0) for k in range(3 * 24 * 60)])
+    s.stop()
+    await s.run()
+    now = T0 + 3 * DAY_MS
+    await s.maintain(now_ms=now)
+    (kept,) = (await s.query("SELECT count(*) FROM readings"))[0]
+    held["until"] = T0 + DAY_MS
+    await s.maintain(now_ms=now)
+    (oldest,) = (await s.query("SELECT min(t_ms) FROM readings"))[0]
+    held["until"] = now
+    await s.maintain(now_ms=now)
+    (oldest_free,) = (await s.query("SELECT min(t_ms) FROM readings"))[0]
+    await s.close()
+    assert kept == 3 * 24 * 60
+    assert oldest == T0 + DAY_MS
+    assert oldest_free == now - DAY_MS  # then raw_days rules again
+    assert asked == [T0, T0 + DAY_MS, now]
+
+
 async def test_with_a_ledger_unsealed_readings_outlive_retention(tmp_path: Path) -> None:
     """Readings of periods not yet sealed into a commitment are kept past raw_days."""
     s = Store(tmp_path / "node.db", retention=Retention(raw_days=1), clock=FixedClock(T0))
     await s.open()
-    s.keep_unsealed = True
+    Outbox(s).keep_unsealed_readings()  # what the ledger does when the node has one
     s.put_many([Reading("a.x_w", T0 + k * MINUTE_MS, 1.0) for k in range(3 * 24 * 60)])
     s.stop()
     await s.run()
