@@ -12,16 +12,18 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import Web3RPCError
 from web3.logs import DISCARD
 from web3.middleware import ExtraDataToPOAMiddleware
 from web3.middleware.base import Web3Middleware
+from web3.types import BlockIdentifier, TxParams
 
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import merkle
@@ -115,7 +117,11 @@ def estimate_gas(w3: Web3, tx: dict[str, Any], fallback: int) -> int:
     """
     try:
         return (
-            int(w3.eth.estimate_gas({k: v for k, v in tx.items() if k != "nonce"}) * 1.2) + 20_000
+            int(
+                w3.eth.estimate_gas(cast(TxParams, {k: v for k, v in tx.items() if k != "nonce"}))
+                * 1.2
+            )
+            + 20_000
         )
     except Web3RPCError as exc:
         if "revert" in str(exc).lower():
@@ -205,7 +211,7 @@ class Ledger:
         if not self.w3.eth.get_code(self.address):
             raise ChainError(f"no contract at {self.address} on chain {self.chain_id}")
 
-    def head(self, node: str, block: int | str = "latest") -> Head:
+    def head(self, node: str, block: BlockIdentifier = "latest") -> Head:
         registered, seq, t1, capacity_w, low = self.contract.functions.heads(
             to_checksum_address(node)
         ).call(block_identifier=block)
@@ -288,7 +294,7 @@ class Ledger:
 
     def batch_hashes(self, tx_hash: bytes) -> list[bytes]:
         """The accepted commitment hashes of one batch transaction, in order: its leaves."""
-        receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+        receipt = self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
         events = self.contract.events.Committed().process_receipt(receipt, errors=DISCARD)
         return [bytes(ev["args"]["commitmentHash"]) for ev in sorted(events, key=_log_index)]
 
@@ -298,6 +304,13 @@ class Ledger:
         if commitment_hash not in hashes:
             raise ChainError(f"commitment {commitment_hash.hex()} is not in tx {tx_hash.hex()}")
         return merkle.proof(merkle.levels(hashes), hashes.index(commitment_hash))
+
+    def verify_commitment(self, commitment: Commitment, batch_proof: list[bytes]) -> bool:
+        """True when the ledger recorded `commitment`, totals included (what a settlement
+        contract checks before it relies on them)."""
+        return bool(
+            self.contract.functions.verifyCommitment(commitment.as_tuple(), batch_proof).call()
+        )
 
     def verify_reading(
         self,

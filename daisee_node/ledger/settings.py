@@ -44,7 +44,17 @@ class ChainSection(StrictModel):
     )
     submit: bool = Field(True, description="false: sign and publish only, for a relay to submit")
     relay_peers: bool = Field(False, description="also submit peers' signed commitments")
-    submit_interval_s: float = Field(30.0, gt=0, le=86_400)
+    submit_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "own commitments wait until together they cover this long, or until the oldest "
+            "period ended this long ago, and then share one transaction (default: an hour, "
+            "four 15-minute periods a transaction, under 5 gas a reading); the first batch "
+            "after a start, and commitments sent before, go at once"
+        ),
+    )
     batch_max: int = Field(100, ge=1, le=2_000)
     confirmations: int = Field(2, ge=0, le=1_000)
     stuck_after_s: float = Field(120.0, gt=0, description="then resend with a fee bump")

@@ -11,6 +11,14 @@ error while looking is retried later and counted as such.
 The ledger accepts each node's commitments strictly in order, so a batch carries, per node, only
 the run of seqs that follows the chain's head; a relay that holds seq N+2 but not N+1 keeps N+2
 until N+1 arrives (or is committed by someone else).
+
+A transaction costs 21,000 gas and a new storage slot for its batch root (about 45,000 gas)
+whatever it carries, so the node lets its own commitments gather: a batch goes out once they
+cover `submit_interval_s` of periods (by default an hour: four 15-minute periods), or once the
+oldest period ended `submit_interval_s` ago, or when it is full (`batch_max`). Commitments that
+were sent before (a reorg, a dropped or refused transaction), and the first batch after a start
+or a reseal, go at once. Peers' commitments (with `relay_peers`) ride along, or go by the same
+age rule.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
 from web3.exceptions import BlockNotFound, TransactionNotFound, Web3RPCError
 
 from daisee_node.backoff import Backoff
@@ -43,9 +52,12 @@ from daisee_node.logs import get_logger
 from daisee_node.store import Store
 
 T = TypeVar("T")
-# Upper bounds for a batch when the client cannot estimate (measured: ~31k per commitment).
+# Upper bounds for a batch when the client cannot estimate (measured: ~65k for the transaction
+# and its first commitment, ~17k for each further one of the same node, ~31k of another node).
 BATCH_GAS_BASE = 100_000
 BATCH_GAS_EACH = 60_000
+#: with nothing in flight, the outbox and the chain are looked at least this often (s)
+IDLE_POLL_S = 30.0
 
 
 class Submitter:
@@ -79,6 +91,10 @@ class Submitter:
         self.last_error: str | None = None
         self._waiting = 0
         self._waiting_logged = False
+        # Send without waiting for a fuller batch until one of the node's own commitments is
+        # mined: after a start or a reseal, what is pending is late already (and an unusable
+        # setup, such as an unregistered node, shows at once).
+        self._prompt = True
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -93,11 +109,7 @@ class Submitter:
                     self.log.info("chain reachable again", after_failures=backoff.failures)
                 backoff.reset()
                 self.last_error = None
-                delay = (
-                    min(self.settings.submit_interval_s, 1.0)
-                    if busy
-                    else (self.settings.submit_interval_s)
-                )
+                delay = min(self.settings.submit_interval_s, 1.0 if busy else IDLE_POLL_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -167,19 +179,21 @@ class Submitter:
 
     def _receipt(self, tx_hash: bytes) -> Any:
         try:
-            return self.w3.eth.get_transaction_receipt(tx_hash)
+            return self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
         except TransactionNotFound:
             return None
 
     def _tx_known(self, tx_hash: bytes) -> bool:
         try:
-            self.w3.eth.get_transaction(tx_hash)
+            self.w3.eth.get_transaction(HexBytes(tx_hash))
         except TransactionNotFound:
             return False
         return True
 
     async def _mined(self, tx_id: int, receipt: Any, items: list[list[Any]]) -> None:
         included, rejected = self.ledger.outcome(receipt)
+        if any(inc.node == self.account.address for inc in included):
+            self._prompt = False
         async with self.store.transaction() as db:
             await db.execute(
                 "UPDATE ledger_txs SET state = CASE WHEN id = ? THEN 'mined' ELSE 'replaced' END "
@@ -211,8 +225,8 @@ class Submitter:
             await self.outbox.update([(node, seq)], REJECTED, note=reason)
             if own and reason in chainlib.RESEALABLE:
                 own_refused = True
-        leftover = [tuple(k) for k in items if tuple(k) not in done]
-        await self.outbox.update(leftover, PENDING)  # type: ignore[arg-type]
+        leftover = [(str(n), int(q)) for n, q in items if (n, q) not in done]
+        await self.outbox.update(leftover, PENDING)
         self.store.add_counter("ledger.txs_mined", 1)
         self.log.info(
             "batch mined",
@@ -223,7 +237,9 @@ class Submitter:
             rejected=len(rejected),
         )
         if own_refused and self.reseal is not None:
-            # Nothing after a refused seq can ever be accepted: seal again from the chain.
+            # Nothing after a refused seq can ever be accepted: seal again from the chain,
+            # and send the new commitments as soon as they are signed.
+            self._prompt = True
             await self.reseal()
 
     async def _set_tx_state(self, ids: list[int], state: str) -> None:
@@ -348,11 +364,22 @@ class Submitter:
         if not self.settings.submit:
             return False
         batch = await self._batch(heads)
-        if not batch:
+        if not batch or not self._due(batch):
             return False
         nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address, "pending")
         await self._sign_and_send(batch, nonce, bump=1.0)
         return True
+
+    def _due(self, batch: list[Entry]) -> bool:
+        """Whether the batch is worth its transaction now (see the module's docstring)."""
+        if self._prompt or len(batch) >= self.settings.batch_max:
+            return True
+        if any(e.tx_hash is not None for e in batch):
+            return True  # sent before: it waited its turn already
+        interval_ms = self.settings.submit_interval_s * 1000
+        own_span = sum(e.commitment.t1 - e.commitment.t0 for e in batch if e.own)
+        oldest_end = min(e.commitment.t1 for e in batch)
+        return own_span >= interval_ms or self.clock.now_ms() - oldest_end >= interval_ms
 
     async def _replace(self, nonce: int, items: list[list[Any]], old_fee: int) -> None:
         entries = [await self.outbox.get(node, seq) for node, seq in items]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 from eth_account import Account
 from eth_hash.auto import keccak
 from web3 import Web3
+from web3.logs import DISCARD
 
-from daisee_node.ledger import chain, merkle
+from daisee_node.ledger import build, chain, merkle
 from daisee_node.ledger.commitment import Commitment, sign
+from daisee_node.ledger.keys import new_keystore
+from daisee_node.ledger.service import LedgerService
+from daisee_node.ledger.settings import ChainSection
+from daisee_node.readings import Reading
+from daisee_node.store import Retention, Store
+from tests.support.clocks import FixedClock
 
 WH_PER_CREDIT = 1000
 
@@ -190,3 +200,156 @@ def test_any_account_may_relay_a_signed_commitment(env):
     ok, _ = submit(w3, relayer, ledger, [(c1, sign(c1, node.key, ledger.chain_id, ledger.address))])
     assert [i.node for i in ok] == [node.address]
     assert Web3.is_checksum_address(ok[0].node)
+
+
+def test_credits_are_minted_once_per_run_of_one_nodes_commitments(env):
+    w3, gov, ledger, node = env
+    cid, addr = ledger.chain_id, ledger.address
+    other = Account.create()
+    ledger.set_node(gov, other.address)
+    c1, _ = make(node, 1, 0, 900_000, [], export_wh=300)
+    c2, _ = make(node, 2, 900_000, 1_800_000, [], prev=c1.struct_hash(), export_wh=450)
+    o1, _ = make(other, 1, 0, 900_000, [], export_wh=70)
+    items = [(c1, sign(c1, node.key, cid, addr)), (c2, sign(c2, node.key, cid, addr))]
+    items.append((o1, sign(o1, other.key, cid, addr)))
+    receipt = chain.send(w3, gov, {"to": ledger.address, "data": ledger.batch_data(items)})
+    assert [i.seq for i in ledger.outcome(receipt)[0]] == [1, 2, 1]
+    credit = ledger.credit()
+    mints = credit.events.Transfer().process_receipt(receipt, errors=DISCARD)
+    # one mint for the node's two periods (their sum), one for the other node
+    assert [(m["args"]["to"], m["args"]["value"]) for m in mints] == [
+        (node.address, 750 * 10**15),
+        (other.address, 70 * 10**15),
+    ]
+    assert credit.functions.totalSupply().call() == 820 * 10**15
+
+
+PROBE = """
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.28;
+
+interface ILedger {
+    struct Commitment {
+        address node; uint64 seq; uint64 t0; uint64 t1; bytes32 root; uint32 count;
+        uint64 importWh; uint64 exportWh; bytes32 prevHash; bytes32 rulesHash;
+    }
+    function verifyCommitment(Commitment calldata c, bytes32[] calldata batchProof)
+        external view returns (bool);
+}
+
+/// What a settlement contract does: rely on a commitment's totals once the ledger vouches.
+contract SettlementProbe {
+    ILedger public immutable ledger;
+
+    constructor(ILedger ledger_) {
+        ledger = ledger_;
+    }
+
+    function committedExport(ILedger.Commitment calldata c, bytes32[] calldata batchProof)
+        external view returns (uint64)
+    {
+        require(ledger.verifyCommitment(c, batchProof), "not recorded");
+        return c.exportWh;
+    }
+}
+"""
+
+
+def test_a_contract_verifies_any_commitments_totals_against_the_stored_batch_root(env):
+    w3, gov, ledger, node = env
+    cid, addr = ledger.chain_id, ledger.address
+    other = Account.create()
+    ledger.set_node(gov, other.address)
+    c1, _ = make(node, 1, 0, 900_000, readings(node.address, 0, 3), export_wh=12)
+    c2, _ = make(node, 2, 900_000, 1_800_000, [], prev=c1.struct_hash(), export_wh=34)
+    o1, _ = make(other, 1, 0, 900_000, [], export_wh=56)
+    signed = [(c, sign(c, k, cid, addr)) for c, k in ((c1, node.key), (c2, node.key))]
+    signed.append((o1, sign(o1, other.key, cid, addr)))
+    ok, _ = submit(w3, gov, ledger, signed)
+    assert len(ok) == 3
+
+    probe_art = build.compile_contracts({"SettlementProbe": PROBE})["SettlementProbe"]
+    args = w3.codec.encode(["address"], [ledger.address]).hex()
+    receipt = chain.send(w3, gov, {"data": probe_art["bytecode"] + args})
+    probe = w3.eth.contract(address=receipt["contractAddress"], abi=probe_art["abi"]).functions
+
+    for c in (c1, c2, o1):
+        proof = ledger.batch_proof(ok[0].tx_hash, c.struct_hash())
+        assert ledger.verify_commitment(c, proof)
+        assert probe.committedExport(c.as_tuple(), proof).call() == c.export_wh
+        # a claimed total the node never committed is refused
+        inflated = c.with_(export_wh=c.export_wh + 1)
+        assert not ledger.verify_commitment(inflated, proof)
+        with pytest.raises(Exception, match="not recorded"):
+            probe.committedExport(inflated.as_tuple(), proof).call()
+    # a proof of another commitment does not vouch for this one
+    wrong = ledger.batch_proof(ok[0].tx_hash, o1.struct_hash())
+    assert not ledger.verify_commitment(c1, wrong)
+
+
+# -- the submitter's batching with default settings --------------------------------------------
+
+PERIOD_MS = 900_000
+T0 = 1_781_000_000_000 // 3_600_000 * 3_600_000  # a whole hour in 2026
+
+
+async def test_a_default_node_sends_its_first_period_at_once_then_an_hour_of_periods_a_tx(
+    tmp_path: Path,
+) -> None:
+    """Defaults: 15-minute periods, `submit_interval_s` an hour. After the start-up batch, four
+    periods share each transaction; a lone period goes once it ended an hour ago."""
+    data = tmp_path / "data"
+    new_keystore(data / "node-key.json", data / "node-key.pass")
+    settings = ChainSection(rpc_url="embedded", export_channel="grid.export_wh")
+    assert (settings.period_s, settings.submit_interval_s) == (900, 3600)
+    clock = FixedClock(T0)
+    store = Store(tmp_path / "node.db", clock=clock, retention=Retention(flush_interval_s=0.01))
+    await store.open()
+    writer = asyncio.create_task(store.run())
+    svc = LedgerService(settings, store, clock, data, [], {})
+    await svc.connect()
+    assert svc.ledger is not None and svc.submitter is not None
+    ledger, submitter = svc.ledger, svc.submitter
+
+    async def period(k: int, *, seal: bool = True) -> None:
+        """Period k from T0 is stored; the clock moves past its seal time; a submit round."""
+        t0 = T0 + (k - 1) * PERIOD_MS
+        store.put_many(
+            [Reading("grid.export_wh", t0 + s * 60_000, 10.0 * k + s) for s in range(15)]
+        )
+        await store.flush()
+        clock.t_ms = t0 + PERIOD_MS + 11_000
+        if seal:
+            assert len(await svc.sealer.seal_due(ledger.chain_id, ledger.address)) == 1
+        for _ in range(4):  # sent, mined, confirmed
+            await submitter.round()
+            await svc._mine_embedded()
+
+    def batches() -> list[list[int]]:
+        logs = ledger.contract.events.Committed().get_logs(from_block=0)
+        by_tx: dict[bytes, list[int]] = {}
+        for ev in logs:
+            by_tx.setdefault(bytes(ev["transactionHash"]), []).append(ev["args"]["seq"])
+        return list(by_tx.values())
+
+    await period(1)
+    assert batches() == [[1]]  # the first batch after a start goes at once
+    for k in (2, 3, 4):
+        await period(k)
+        assert batches() == [[1]]  # waiting: three periods cover 45 minutes
+        assert (await svc.outbox.get(svc.address, k)).state == "pending"  # type: ignore[union-attr]
+    await period(5)
+    assert batches() == [[1], [2, 3, 4, 5]]
+    await period(6)
+    assert batches() == [[1], [2, 3, 4, 5]]
+    # no further period sealed (the node lost its meter, say): seq 6 goes an hour after its end
+    clock.t_ms = T0 + 6 * PERIOD_MS + 3_600_000 - 1_000
+    await submitter.round()
+    assert batches() == [[1], [2, 3, 4, 5]]
+    clock.t_ms += 1_000
+    await submitter.round()
+    await svc._mine_embedded()
+    assert batches() == [[1], [2, 3, 4, 5], [6]]
+    store.stop()
+    await writer
+    await store.close()

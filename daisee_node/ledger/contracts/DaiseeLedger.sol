@@ -10,13 +10,16 @@ import {EnergyCredit} from "./EnergyCredit.sol";
 /// @notice Nodes keep their readings; each period they sign a commitment (a Merkle root of the
 /// period's readings plus its energy totals). Anyone may submit a batch of signed commitments.
 /// Accepted commitments of a batch are hashed into one batch root, so a batch costs one storage
-/// slot however many commitments it carries; any reading can be proven against it later. Each
-/// commitment, with its period totals, is also in the `Committed` event for anyone to read.
+/// slot however many commitments it carries; any commitment (and so its period totals) and any
+/// reading can be proven against it later (`verifyCommitment`, `verifyReading`). The
+/// `Committed` event names each accepted commitment by its hash; the commitment itself is in
+/// the transaction's input, where anyone can read it.
 /// Each node's commitments are accepted strictly in order (seq = head + 1, prevHash chaining
 /// the previous one), and no period total may exceed what the node's connection can carry:
 /// governance sets each node's capacity in watts, and a commitment claiming more than
 /// capacity × (t1 − t0) imported or exported is refused, so neither a broken meter nor a
-/// stolen key can mint without bound.
+/// stolen key can mint without bound. Energy credits are minted once for each run of one
+/// node's commitments in a batch (the sum of their exports).
 contract DaiseeLedger is EIP712 {
     struct Commitment {
         address node;
@@ -77,9 +80,7 @@ contract DaiseeLedger is EIP712 {
     event CapacitySet(address indexed node, uint32 capacityW);
     event NodeRemoved(address indexed node);
     event GovernanceTransferred(address indexed previous, address indexed next);
-    event Committed(
-        address indexed node, uint64 indexed seq, bytes32 commitmentHash, Commitment commitment
-    );
+    event Committed(address indexed node, uint64 indexed seq, bytes32 commitmentHash);
     event Rejected(address indexed node, uint64 indexed seq, uint8 reason);
     event BatchRecorded(bytes32 indexed root, uint256 accepted);
 
@@ -129,8 +130,18 @@ contract DaiseeLedger is EIP712 {
 
     // -- commitments -----------------------------------------------------------------------
 
-    function commitmentHash(Commitment calldata c) public pure returns (bytes32) {
-        return keccak256(abi.encode(COMMITMENT_TYPEHASH, c));
+    /// @notice EIP-712 `hashStruct(c)`, also what the next commitment's `prevHash` names.
+    function commitmentHash(Commitment calldata c) public pure returns (bytes32 h) {
+        bytes32 typehash = COMMITMENT_TYPEHASH;
+        // The struct is ten static words in calldata, laid out as EIP-712 encodes them: hash
+        // them in place. Words with dirty high bits give a hash no node signed, so such a
+        // commitment only ever fails its signature check.
+        assembly ("memory-safe") {
+            let m := mload(0x40)
+            mstore(m, typehash)
+            calldatacopy(add(m, 0x20), c, 0x140)
+            h := keccak256(m, 0x160)
+        }
     }
 
     /// @notice The EIP-712 digest a node signs for commitment `c`.
@@ -150,22 +161,28 @@ contract DaiseeLedger is EIP712 {
     {
         if (cs.length != signatures.length) revert LengthMismatch();
         bytes32[] memory hashes = new bytes32[](cs.length);
+        // Credits are minted once per run of one node's commitments, not once per commitment.
+        address minting;
+        uint256 exportWh;
         for (uint256 i = 0; i < cs.length; ++i) {
             Commitment calldata c = cs[i];
             bytes32 h = commitmentHash(c);
-            uint8 reason = _check(c, h, signatures[i]);
+            (uint8 reason, uint32 capacityW) = _check(c, h, signatures[i]);
             if (reason != 0) {
                 emit Rejected(c.node, c.seq, reason);
                 continue;
             }
-            Head storage head = heads[c.node];
-            head.seq = c.seq;
-            head.t1 = c.t1;
-            head.hashLow = uint88(uint256(h));
+            heads[c.node] = Head(true, c.seq, c.t1, capacityW, uint88(uint256(h)));
             hashes[accepted++] = h;
-            emit Committed(c.node, c.seq, h, c);
-            if (c.exportWh > 0) credit.mintFor(c.node, c.exportWh);
+            emit Committed(c.node, c.seq, h);
+            if (c.node != minting) {
+                if (exportWh > 0) credit.mintFor(minting, exportWh);
+                minting = c.node;
+                exportWh = 0;
+            }
+            exportWh += c.exportWh;
         }
+        if (exportWh > 0) credit.mintFor(minting, exportWh);
         if (accepted > 0) {
             root = _root(hashes, accepted);
             batchBlock[root] = block.number;
@@ -176,28 +193,44 @@ contract DaiseeLedger is EIP712 {
     function _check(Commitment calldata c, bytes32 h, bytes calldata signature)
         internal
         view
-        returns (uint8)
+        returns (uint8 reason, uint32 capacityW)
     {
-        (address signer, ECDSA.RecoverError err,) =
-            ECDSA.tryRecover(_hashTypedDataV4(h), signature);
-        if (err != ECDSA.RecoverError.NoError || signer != c.node) return BAD_SIGNATURE;
+        if (signature.length != 65) return (BAD_SIGNATURE, 0);
+        (address signer, ECDSA.RecoverError err,) = ECDSA.tryRecover(
+            _hashTypedDataV4(h),
+            uint8(signature[64]),
+            bytes32(signature[0:32]),
+            bytes32(signature[32:64])
+        );
+        if (err != ECDSA.RecoverError.NoError || signer != c.node) return (BAD_SIGNATURE, 0);
         Head memory head = heads[c.node];
-        if (!head.registered) return NOT_REGISTERED;
-        if (c.seq <= head.seq) return STALE_SEQ;
-        if (c.seq != head.seq + 1) return NOT_NEXT;
-        if (c.t1 <= c.t0 || c.t0 < head.t1) return BAD_PERIOD;
-        if (uint88(uint256(c.prevHash)) != head.hashLow) return BAD_PREV_HASH;
+        if (!head.registered) return (NOT_REGISTERED, 0);
+        if (c.seq <= head.seq) return (STALE_SEQ, 0);
+        if (c.seq != head.seq + 1) return (NOT_NEXT, 0);
+        if (c.t1 <= c.t0 || c.t0 < head.t1) return (BAD_PERIOD, 0);
+        if (uint88(uint256(c.prevHash)) != head.hashLow) return (BAD_PREV_HASH, 0);
         // Wh × 3.6e6 against W × ms: exact, no rounding, no overflow in 256 bits.
         uint256 limit = uint256(head.capacityW) * (c.t1 - c.t0);
-        if (uint256(c.importWh) * MS_PER_HOUR > limit) return OVER_CAPACITY;
-        if (uint256(c.exportWh) * MS_PER_HOUR > limit) return OVER_CAPACITY;
-        return 0;
+        if (uint256(c.importWh) * MS_PER_HOUR > limit) return (OVER_CAPACITY, 0);
+        if (uint256(c.exportWh) * MS_PER_HOUR > limit) return (OVER_CAPACITY, 0);
+        return (0, head.capacityW);
     }
 
     // -- proofs ----------------------------------------------------------------------------
 
     function readingLeaf(address node, Reading calldata r) public pure returns (bytes32) {
         return keccak256(abi.encode(node, r.channel, r.tMs, r.valueMicro, r.quality));
+    }
+
+    /// @notice True when commitment `c`, totals included, was recorded: `batchProof` leads
+    /// from its hash to a batch root the ledger stored. A settlement contract calls this with
+    /// a commitment and its proof to rely on the commitment's period totals.
+    function verifyCommitment(Commitment calldata c, bytes32[] calldata batchProof)
+        public
+        view
+        returns (bool)
+    {
+        return batchBlock[MerkleProof.processProofCalldata(batchProof, commitmentHash(c))] != 0;
     }
 
     /// @notice True when `c` was recorded (in the batch `batchProof` leads to) and reading `r`
@@ -208,8 +241,7 @@ contract DaiseeLedger is EIP712 {
         Reading calldata r,
         bytes32[] calldata proof
     ) external view returns (bool) {
-        bytes32 batchRoot = MerkleProof.processProofCalldata(batchProof, commitmentHash(c));
-        if (batchBlock[batchRoot] == 0) return false;
+        if (!verifyCommitment(c, batchProof)) return false;
         if (r.tMs < c.t0 || r.tMs >= c.t1) return false;
         return MerkleProof.verifyCalldata(proof, c.root, readingLeaf(c.node, r));
     }
