@@ -6,9 +6,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from eth_account import Account
 from eth_hash.auto import keccak
-from eth_keys import keys as eth_keys
 
 from daisee_node import safejson
 from daisee_node.errors import DaiseeError
@@ -133,6 +131,9 @@ def domain_separator(chain_id: int, contract: str) -> bytes:
 
 def sign(commitment: Commitment, private_key: bytes, chain_id: int, contract: str) -> bytes:
     """A 65-byte (r, s, v) signature of the commitment's EIP-712 digest."""
+    # eth-account is imported when the node first signs, not when it starts: hundreds of ms
+    from eth_account import Account
+
     signed = Account.unsafe_sign_hash(commitment.digest(chain_id, contract), private_key)
     return bytes(signed.signature)
 
@@ -141,6 +142,8 @@ def signer(commitment: Commitment, signature: bytes, chain_id: int, contract: st
     """The address that signed, or None when the signature is not a valid one."""
     if len(signature) != 65:
         return None
+    from eth_keys import keys as eth_keys
+
     v = signature[64]
     v = v - 27 if v >= 27 else v
     try:

@@ -21,9 +21,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
 
 from daisee_node.clock import Clock
@@ -32,6 +31,9 @@ from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment, capaci
 from daisee_node.logs import get_logger
 from daisee_node.readings import Quality, Reading
 from daisee_node.store import Store, StoreError, connect_readonly
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 T = TypeVar("T")
 ZERO32 = b"\x00" * 32
@@ -264,8 +266,9 @@ class Sealer:
         self,
         store: Store,
         outbox: Outbox,
-        account: LocalAccount,
+        account: LocalAccount | None = None,
         *,
+        node: str | None = None,
         period_s: int,
         delay_s: float,
         import_channel: str | None,
@@ -276,9 +279,14 @@ class Sealer:
     ) -> None:
         self.store = store
         self.outbox = outbox
+        #: the key commitments are signed with; the ledger may set it after the node is up
+        #: (decrypting it loads eth-account: slow, and not needed to start sampling)
         self.account = account
-        self.node = account.address
-        self._node_bytes = bytes.fromhex(account.address[2:])
+        address = account.address if account is not None else node
+        if address is None:
+            raise ValueError("a Sealer needs the node's account or its address")
+        self.node = address
+        self._node_bytes = bytes.fromhex(address[2:])
         self.period_ms = period_s * 1000
         self.delay_ms = int(delay_s * 1000)
         self.import_channel = import_channel
@@ -378,6 +386,7 @@ class Sealer:
             self._sealing_until_ms = t1
             try:
                 commitment = await self._commitment(seq + 1, t0, t1, prev_hash)
+                assert self.account is not None, "the node key is not unlocked yet"
                 signature = await asyncio.to_thread(
                     sign, commitment, self.account.key, chain_id, contract
                 )

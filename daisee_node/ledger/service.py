@@ -11,7 +11,7 @@ from daisee_node.backoff import Backoff
 from daisee_node.clock import Clock
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger.commitment import Commitment, signer
-from daisee_node.ledger.keys import load_account
+from daisee_node.ledger.keys import KeyStoreError, keystore_address, load_account, read_password
 from daisee_node.ledger.outbox import ChainHead, Outbox, Sealer, rules_hash
 from daisee_node.ledger.settings import ChainSection
 from daisee_node.ledger.worker import ChainThread
@@ -46,10 +46,17 @@ class LedgerService:
         self.store = store
         self.clock = clock
         self.log = get_logger("ledger")
-        self.account: LocalAccount = load_account(
-            settings.keystore_path(data_dir), settings.password_path(data_dir)
-        )
-        self.address = self.account.address
+        self._keystore = settings.keystore_path(data_dir)
+        self._password_file = settings.password_path(data_dir)
+        # What can be checked without decrypting is checked now, so a missing key or a password
+        # file others can read stops the start; decrypting (eth-account's imports, PBKDF2) waits
+        # until the node runs: see `unlock`.
+        self.address = keystore_address(self._keystore)
+        read_password(self._password_file)
+        self._account: LocalAccount | None = None
+        self._unlocking: asyncio.Task[LocalAccount] | None = None
+        #: why the key could not be decrypted, if it could not
+        self.key_error: str | None = None
         self.outbox = Outbox(store)
         self.worker = ChainThread()
         self.chain_id: int | None = settings.chain_id
@@ -59,7 +66,7 @@ class LedgerService:
         self.sealer = Sealer(
             store,
             self.outbox,
-            self.account,
+            node=self.address,
             period_s=settings.period_s,
             delay_s=settings.seal_delay_s,
             import_channel=settings.import_channel,
@@ -74,6 +81,37 @@ class LedgerService:
         # Readings of a period not yet sealed into a commitment are the ledger's to keep.
         self.outbox.keep_unsealed_readings()
         store.on_commit.append(self.sealer.count_late)
+
+    async def unlock(self) -> LocalAccount:
+        """The node's key, decrypted once on a worker thread. A key that cannot be decrypted
+        (a wrong password) is logged and counted once; the ledger then waits, and the rest of
+        the node runs on: readings are kept, to be sealed once the key is fixed."""
+        if self._account is not None:
+            return self._account
+        if self._unlocking is None:
+            self._unlocking = asyncio.create_task(
+                asyncio.to_thread(load_account, self._keystore, self._password_file)
+            )
+        try:
+            account = await asyncio.shield(self._unlocking)
+        except KeyStoreError as exc:
+            if self.key_error is None:
+                self.key_error = str(exc)
+                self.store.add_counter("ledger.key_errors", 1)
+                self.store.put_event(self.clock.now_ms(), "ledger", "key", None, None, str(exc))
+                self.log.error("the node key cannot be decrypted; nothing is signed", error=exc)
+            await asyncio.Event().wait()  # until the node stops: a restart reads the key again
+            raise
+        if account.address != self.address:
+            raise KeyStoreError(f"{self._keystore} holds {account.address}, not {self.address}")
+        self._account = self.sealer.account = account
+        return account
+
+    @property
+    def account(self) -> LocalAccount:
+        """The decrypted key (after `unlock`)."""
+        assert self._account is not None, "the node key is not unlocked yet"
+        return self._account
 
     @property
     def sealed_until_ms(self) -> int | None:
@@ -99,6 +137,7 @@ class LedgerService:
                 log("chain not reachable yet; periods are sealed and kept", error=str(exc)[:200])
                 await asyncio.sleep(delay)
         assert self.ledger is not None
+        await self.unlock()
         from daisee_node.ledger.submitter import Submitter
 
         self.submitter = Submitter(
@@ -191,6 +230,7 @@ class LedgerService:
 
     async def seal_loop(self) -> None:
         """Seal due periods. Needs the chain id and contract (from config or the chain)."""
+        await self.unlock()
         await self.sealer.load()
         if self.chain_id is None or self.contract is None:
             await self._connected.wait()

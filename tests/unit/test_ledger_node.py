@@ -154,3 +154,51 @@ async def test_a_batch_mined_between_receipt_and_nonce_lookups_counts_as_mined(
     assert set(states) <= {"mined", "sent"}
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
+
+
+async def test_a_key_that_cannot_be_decrypted_stops_the_ledger_not_the_node(
+    tmp_path: Path,
+) -> None:
+    path = ledger_config(tmp_path)
+    (tmp_path / "data" / "node-key.pass").write_text("not the password\n")
+    node = Node(load_config(path), config_path=path)
+    assert node.ledger is not None and node.ledger.key_error is None
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)  # the key is decrypted after READY
+    ledger = node.ledger
+
+    async def key_refused() -> bool:
+        return ledger.key_error is not None
+
+    await until(key_refused)
+    assert "cannot decrypt" in str(ledger.key_error)
+    written = node.store.stats.written
+
+    async def still_sampling() -> bool:
+        return node.store.stats.written > written + 20
+
+    await until(still_sampling)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
+    conn = sqlite3.connect(tmp_path / "data" / "node.db")
+    counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    events = conn.execute("SELECT reason FROM events WHERE kind = 'ledger'").fetchall()
+    conn.close()
+    assert counters.get("ledger.key_errors") == 1
+    assert counters.get("task.ledger.sealer.crashes") is None  # waited, never crash-looped
+    assert any("cannot decrypt" in reason for (reason,) in events)
+
+
+def test_a_missing_key_or_an_open_password_file_still_stops_the_start(tmp_path: Path) -> None:
+    import pytest
+
+    from daisee_node.ledger.keys import KeyStoreError
+
+    path = ledger_config(tmp_path)
+    (tmp_path / "data" / "node-key.pass").chmod(0o644)
+    with pytest.raises(KeyStoreError, match="open to others"):
+        Node(load_config(path), config_path=path)
+    (tmp_path / "data" / "node-key.pass").chmod(0o600)
+    (tmp_path / "data" / "node-key.json").unlink()
+    with pytest.raises(KeyStoreError, match="keys new"):
+        Node(load_config(path), config_path=path)
