@@ -150,3 +150,29 @@ async def test_a_reload_that_removes_a_rule_releases_what_it_held(tmp_path: Path
     await until(lambda: not boiler.on)
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
+
+
+async def test_relays_are_safe_before_the_store_is_opened(tmp_path: Path) -> None:
+    from daisee_node.actuators.mockpins import pin_level, set_pin_level
+
+    path = config_path(
+        tmp_path,
+        gpio={"backend": "mock"},
+        relays=[{"name": "heater", "pin": 22, "safe_state": "off"}],
+    )
+    pins = tmp_path / "data" / "mock-gpio"
+    set_pin_level(pins, 22, True)  # a crashed process left the heater on
+    node = Node(load_config(path), config_path=path)
+    seen_at_open: list[bool | None] = []
+    open_store = node.store.open
+
+    async def open_and_look() -> None:
+        seen_at_open.append(pin_level(pins, 22))
+        await open_store()
+
+    node.store.open = open_and_look  # type: ignore[method-assign]
+    task = asyncio.create_task(node.run())
+    await asyncio.wait_for(node.started.wait(), 10)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
+    assert seen_at_open == [False]
