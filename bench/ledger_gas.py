@@ -53,6 +53,7 @@ from daisee_node.ledger.settings import ChainSection  # noqa: E402
 from daisee_node.readings import Reading  # noqa: E402
 from daisee_node.store import Retention, Store  # noqa: E402
 from tests.support.chains import ANVIL_KEY, Anvil, rpc  # noqa: E402
+from tests.support.clocks import FixedClock as BenchClock  # noqa: E402
 
 CHANNELS = (
     "grid.power_w",
@@ -72,19 +73,6 @@ BLOCK_TIME_S = 5
 TARGET_GAS_PER_READING = 5.0
 TARGET_NODES = 100_000
 ZERO32 = b"\0" * 32
-
-
-class BenchClock(Clock):
-    """The nodes' wall clock, moved by the bench (scheduling stays real)."""
-
-    def __init__(self, now_ms: int) -> None:
-        self.t_ms = now_ms
-
-    def now_ms(self) -> int:
-        return self.t_ms
-
-    def now(self) -> float:
-        return self.t_ms / 1000
 
 
 def period_readings(k: int) -> list[Reading]:
