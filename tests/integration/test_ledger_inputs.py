@@ -13,7 +13,7 @@ from daisee_node.config import load_config
 from daisee_node.daemon import Node
 from daisee_node.ledger.commitment import Commitment, sign, signed_to_json
 from daisee_node.ledger.keys import new_keystore
-from tests.conftest import db_rows, run_cli, sim_sensors, write_config
+from tests.conftest import db_rows, run_cli, sim_sensors, until, write_config
 
 
 def test_verify_refuses_a_file_that_is_not_a_proof_and_an_unreachable_chain(tmp_path: Path):
@@ -107,11 +107,14 @@ async def test_a_relay_drops_garbage_and_forged_peer_commitments_and_keeps_good_
             await cl.publish("daisee/peer-1/commitment", payload, qos=1)
 
     db = data / "node.db"
-    for _ in range(100):
-        if db_rows(db, "SELECT count(*) FROM commitments WHERE own = 0") == [(1,)]:
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # anything else would have landed by now
+    # The four arrive in the order sent; once the last (genuine) one is kept and the forged
+    # one counted, each has been handled.
+    await until(
+        lambda: (
+            db_rows(db, "SELECT count(*) FROM commitments WHERE own = 0") == [(1,)]
+            and db_rows(db, "SELECT value FROM counters WHERE name = 'ledger.peer_bad_signatures'")
+        )
+    )
     assert not task.done()  # still running
     node.request_stop()
     assert await asyncio.wait_for(task, 10) == 0
