@@ -12,7 +12,7 @@ from daisee_node.clock import Clock
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger.commitment import Commitment, signer
 from daisee_node.ledger.keys import KeyStoreError, keystore_address, load_account, read_password
-from daisee_node.ledger.outbox import ChainHead, Outbox, Sealer, rules_hash
+from daisee_node.ledger.outbox import PENDING, ChainHead, Outbox, Sealer, rules_hash
 from daisee_node.ledger.settings import ChainSection
 from daisee_node.ledger.worker import ChainThread
 from daisee_node.logs import get_logger
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 # the node is up: describing or starting a node does not pay for it.
 
 EMBEDDED_FUNDS_WEI = 10**20
+#: a node that relies on relays shares again, with each new commitment, this many of its oldest
+#: ones the chain does not have yet: a relay that was not listening when they were first shared
+#: (starting, or cut off from the broker) gets them, and in-order acceptance is never stuck
+RESHARE_MAX = 4
 
 
 class LedgerService:
@@ -244,12 +248,24 @@ class LedgerService:
         poll_s = max(0.5, min(30.0, self.settings.period_s / 30))
         while True:
             sealed = await self.sealer.seal_due(self.chain_id, self.contract)
+            if sealed and not self.settings.submit:
+                sealed = await self._unconfirmed_first(sealed)
             for commitment, signature in sealed:
                 for callback in self.on_sealed:
                     callback(commitment, signature)
             if sealed and self.submitter is not None:
                 self.submitter.wake.set()
             await self.clock.sleep(poll_s)
+
+    async def _unconfirmed_first(
+        self, sealed: list[tuple[Commitment, bytes]]
+    ) -> list[tuple[Commitment, bytes]]:
+        """The oldest own commitments not on the chain yet (at most `RESHARE_MAX`), then the new
+        ones: what a relay needs next comes first, and peers drop what they already hold."""
+        new = {c.seq for c, _ in sealed}
+        waiting = [e for e in await self.outbox.in_state(PENDING, own=True) if e.key[1] not in new]
+        waiting.sort(key=lambda e: e.commitment.seq)
+        return [(e.commitment, e.signature) for e in waiting[:RESHARE_MAX]] + sealed
 
     async def submit_loop(self) -> None:
         if self.submitter is None:

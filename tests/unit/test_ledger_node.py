@@ -202,3 +202,25 @@ def test_a_missing_key_or_an_open_password_file_still_stops_the_start(tmp_path: 
     (tmp_path / "data" / "node-key.json").unlink()
     with pytest.raises(KeyStoreError, match="keys new"):
         Node(load_config(path), config_path=path)
+
+
+async def test_a_node_that_relies_on_relays_shares_its_oldest_unconfirmed_again(
+    tmp_path: Path,
+) -> None:
+    # A relay that was not listening when seq 1 was shared would otherwise wait for it forever:
+    # the ledger accepts a node's commitments only in order.
+    path = ledger_config(tmp_path, submit=False)
+    node = Node(load_config(path), config_path=path)
+    assert node.ledger is not None
+    shared: list[int] = []
+    node.ledger.on_sealed.append(lambda c, sig: shared.append(c.seq))
+    task = asyncio.create_task(node.run())
+
+    async def several_sealed() -> bool:
+        return max(shared, default=0) >= 8
+
+    await until(several_sealed, timeout=60)
+    node.request_stop()
+    assert await asyncio.wait_for(task, 8) == 0
+    assert shared.count(1) >= 2, shared  # shared when sealed, and again with the next ones
+    assert sorted(set(shared)) == list(range(1, max(shared) + 1))
