@@ -1,4 +1,8 @@
-"""The node's signing key: an encrypted keystore (JSON v3) readable only by its owner."""
+"""The node's signing key: an encrypted keystore (JSON v3) readable only by its owner.
+
+eth_account (and eth_utils under it: some 10 MB and a few hundred ms of imports) loads only when a
+key is created or decrypted, not when this module is imported.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,16 @@ import json
 import os
 import secrets
 from pathlib import Path
-
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
+from typing import TYPE_CHECKING, Final
 
 from daisee_node.errors import DaiseeError
 from daisee_node.secretfiles import read_secret
 
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
 # PBKDF2 rather than scrypt: scrypt's default needs 256 MB, half a Pi Zero 2 W's memory.
-KDF = "pbkdf2"
+KDF: Final = "pbkdf2"
 KDF_ITERATIONS = 262_144
 
 
@@ -51,6 +55,8 @@ def new_keystore(keystore: Path, password_file: Path) -> str:
     """Create a new key in `keystore` (never overwriting one); return its address."""
     if keystore.exists():
         raise KeyStoreError(f"{keystore} already exists; refusing to replace a node key")
+    from eth_account import Account
+
     password = ensure_password(password_file)
     account = Account.create()
     data = Account.encrypt(account.key, password, kdf=KDF, iterations=KDF_ITERATIONS)
@@ -60,6 +66,8 @@ def new_keystore(keystore: Path, password_file: Path) -> str:
 
 def keystore_address(keystore: Path) -> str:
     """The address a keystore holds (public: no password needed)."""
+    from eth_utils import to_checksum_address
+
     try:
         data = json.loads(keystore.read_text())
         return to_checksum_address("0x" + str(data["address"]).removeprefix("0x"))
@@ -73,6 +81,8 @@ def keystore_address(keystore: Path) -> str:
 
 def load_account(keystore: Path, password_file: Path) -> LocalAccount:
     """Decrypt the node key. Warns nothing, fails clearly: wrong password, bad file, bad mode."""
+    from eth_account import Account
+
     mode = keystore.stat().st_mode & 0o777 if keystore.exists() else 0
     if mode & 0o077:
         raise KeyStoreError(f"{keystore} is readable by others (mode {mode:o}); chmod 600 it")

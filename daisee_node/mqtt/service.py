@@ -20,7 +20,7 @@ from daisee_node import safejson
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
 from daisee_node.mqtt import discovery
-from daisee_node.mqtt.link import OUTAGES, MqttLink
+from daisee_node.mqtt.link import OUTAGES, TIMEOUT_OR_OUTAGE, MqttLink
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import Channel, Reading
 from daisee_node.secretfiles import read_secret
@@ -275,7 +275,7 @@ class NodeMqtt:
                     await self.link.publish_now(
                         self.link.status_topic, "offline", qos=1, retain=True
                     )
-        except (TimeoutError, *OUTAGES) as exc:
+        except TIMEOUT_OR_OUTAGE as exc:
             self.log.warning("MQTT goodbye not sent; the last will says offline", error=repr(exc))
         except Exception:
             self.log.exception("MQTT goodbye failed")

@@ -130,8 +130,9 @@ class ModbusConfig(SensorConfig):
             max_power = self.max_power_w or MAX_POWER_W.get(self.model)
             if rate is None and max_power is not None and spec.unit in _WH:
                 rate = max_power / 3600.0 / _WH[spec.unit]
-            resolution = spec.resolution
-            if resolution is None:
+            if spec.resolution is not None:
+                resolution = spec.resolution
+            else:
                 resolution = abs(spec.scale) if spec.type != "float32" else 0.0
         return Channel(
             f"{self.name}.{spec.quantity}",

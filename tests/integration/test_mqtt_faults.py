@@ -243,6 +243,7 @@ async def test_a_connection_lost_while_a_write_is_being_registered_leaves_the_lo
         await asyncio.wait_for(link.connected.wait(), 10)
         for _ in range(3):
             connects = link.connects
+            assert link._client is not None
             paho = link._client._client  # the live paho client under aiomqtt
             paho.publish(f"{BASE}/ping", b"x")  # asks for the socket to be watched for writing
             # as paho does on EOF: close the socket, then report the disconnection
@@ -288,6 +289,7 @@ async def test_a_cancel_as_the_connection_breaks_always_ends_the_link(broker):
         link = link_for(broker)
         task = asyncio.create_task(link.run())
         await asyncio.wait_for(link.connected.wait(), 10)
+        assert link._client is not None
         paho = link._client._client
         paho._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # the connection breaks …
         for _ in range(turns):
