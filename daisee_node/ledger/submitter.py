@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -405,11 +406,13 @@ class Submitter:
         fees = await self.call(chainlib.fee_fields, self.w3)
         key = "maxFeePerGas" if "maxFeePerGas" in fees else "gasPrice"
         if floor:
-            # A replacement must outbid the transaction it replaces, tip included.
-            fees[key] = max(fees[key], int(floor * bump))
+            # A replacement must outbid the transaction it replaces, tip included; rounded up,
+            # since a fee a fraction of a wei under the bump is refused as underpriced.
+            outbid = math.ceil(floor * bump)
+            fees[key] = max(fees[key], outbid)
             if "maxPriorityFeePerGas" in fees:
                 fees["maxPriorityFeePerGas"] = max(
-                    int(fees["maxPriorityFeePerGas"] * bump), int(floor * bump) // 2
+                    math.ceil(fees["maxPriorityFeePerGas"] * bump), outbid // 2
                 )
         tx.update(fees)
         signed = self.account.sign_transaction(tx)
