@@ -51,3 +51,9 @@ def test_a_password_file_open_to_others_is_refused(tmp_path: Path) -> None:
         load_account(keystore, password)
     password.chmod(0o640)  # the image's way: readable by the node's group only
     assert load_account(keystore, password).address
+
+
+def test_a_folder_made_for_a_new_key_is_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    new_keystore(data / "node-key.json", data / "node-key.pass")
+    assert data.stat().st_mode & 0o777 == 0o700
