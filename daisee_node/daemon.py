@@ -34,8 +34,9 @@ from daisee_node.control import Control
 from daisee_node.datadir import DataDirLock, make_private_dir
 from daisee_node.errors import ConfigError
 from daisee_node.readings import Channel, Reading, ReadingBus, ReadingSink, mark_late
+from daisee_node.rules.engine import RuleEngine
 from daisee_node.sensors import Sensor, SensorContext
-from daisee_node.sensors.sampler import Sampling, SensorStats, screen
+from daisee_node.sensors.sampler import Sampling, SensorStats
 from daisee_node.sensors.simulated import SITE as SIMULATED_SITE
 from daisee_node.store import Store, db_path
 from daisee_node.supervisor import Supervisor
@@ -131,7 +132,7 @@ class Node:
         return self.control.relays
 
     @property
-    def rules(self) -> Any:
+    def rules(self) -> RuleEngine | None:
         """The rules engine, or None when the config has no rules."""
         return self.control.rules
 
@@ -168,10 +169,6 @@ class Node:
         latest = self.latest
         for r in readings:
             latest[r.channel] = r
-
-    @staticmethod
-    def _screen(readings: Sequence[Reading]) -> Sequence[Reading]:
-        return screen(readings)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

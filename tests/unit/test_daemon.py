@@ -14,6 +14,7 @@ from daisee_node.daemon import Node
 from daisee_node.readings import Quality, Reading
 from daisee_node.sensors import SENSOR_KINDS
 from daisee_node.sensors.base import Sensor, SensorConfig
+from daisee_node.sensors.sampler import screen
 from tests.conftest import sim_sensors, until, write_config
 
 
@@ -183,7 +184,7 @@ def test_screen_marks_values_no_source_could_mean() -> None:
         Reading("a.x_w", 4, "12"),
         Reading("a.x_w", 5, None),
     ]  # type: ignore[arg-type]
-    out = Node._screen(readings)
+    out = screen(readings)
     assert [r.quality for r in out] == [
         Quality.GOOD,
         Quality.OUT_OF_RANGE,

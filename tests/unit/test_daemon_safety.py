@@ -18,7 +18,7 @@ from daisee_node.config import load_config
 from daisee_node.daemon import EXIT_UNSAFE, Node
 from daisee_node.datadir import DataDirLock, make_private_dir
 from daisee_node.readings import Quality, Reading
-from tests.conftest import write_config
+from tests.conftest import until, write_config
 
 
 def config_path(tmp_path: Path, **extra: Any) -> Path:
@@ -31,14 +31,6 @@ def config_path(tmp_path: Path, **extra: Any) -> Path:
             **extra,
         },
     )
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def test_the_data_dir_is_private(tmp_path: Path) -> None:

@@ -21,20 +21,12 @@ import daisee_node.status as status_module
 from daisee_node.readings import Quality, Reading
 from daisee_node.status import read_status, render_status
 from daisee_node.store import DAY_MS, MINUTE_MS, Retention, Store
+from tests.conftest import until
 from tests.support.clocks import FixedClock
 
 T0 = 1_781_000_000_000 // MINUTE_MS * MINUTE_MS
 #: tables whose size grows with the data: no status query may scan them
 GROWING = ("readings", "readings_1m", "events")
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 15.0) -> None:
-    """Yield to the loop until `predicate()` holds; fail after `timeout` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
