@@ -1,8 +1,10 @@
 """SQLite buffer of every reading on the node.
 
-One writer task owns every write (zigpy appdb style): sources call `put`/`put_many`, which never
-block and never await; the writer commits what has arrived at most every `flush_interval_s`, in one
-transaction. The database runs in WAL mode with `synchronous=FULL`, so a committed batch survives a
+One writer owns every write (zigpy appdb style): sources call `put`/`put_many`, which never block
+and never await; the writer commits what has arrived at most every `flush_interval_s`, in one
+transaction. A thread of its own commits a steady stream without a turn of the event loop; the
+writer task on the loop sees to everything else (failures, maintenance, migrations, the drain).
+The database runs in WAL mode with `synchronous=FULL`, so a committed batch survives a
 `kill -9` and a power cut; what can be lost is what had not been committed yet (under one second).
 
 The rooms of this package:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,9 +92,32 @@ class StoreBase:
         self._db: aiosqlite.Connection | None = None
         self._schema = Schema.of_store()
         self._pending: list[Reading] = []
-        # Set by whatever gives the writer work; `_waiter` is the writer waiting for it. (A bare
-        # future and a timer: `asyncio.wait_for` on an Event costs a task and several turns of
-        # the loop per commit.)
+        # What the producers and the writer's thread share (`_pending`, counters, events, the
+        # put and done counts) is guarded by `_lock`; `_cond` wakes the thread (writer.py).
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        # Held for every use of the connection that must not interleave with a commit: the
+        # writer's thread holds it while it commits, the loop's writers (`_turn`) otherwise.
+        self._conn_lock = threading.Lock()
+        # The loop wants the connection: the thread starts no commit meanwhile, and resolves
+        # `_conn_waiter` when it lets the connection go.
+        self._loop_turn = False
+        self._conn_waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The writer's thread (writer.py): it commits while `_fast`; `_idle` when it waits for
+        # work with no timer running (a put must wake it); a failure it met, for the task.
+        self._thread: threading.Thread | None = None
+        self._fast = False
+        self._idle = False
+        self._thread_stop = False
+        self._thread_failure: BaseException | None = None
+        self._commit_asked = False
+        # Commits the loop has not heard of yet: batches for `on_commit`, one notice for all.
+        self._delivered: list[list[Reading]] = []
+        self._notice_pending = False
+        # Set by whatever gives the writer task work; `_waiter` is the task waiting for it. (A
+        # bare future and a timer: `asyncio.wait_for` on an Event costs a task and several turns
+        # of the loop.)
         self._woken = False
         self._waiter: asyncio.Future[None] | None = None
         self._stopping = False
@@ -103,14 +127,13 @@ class StoreBase:
         self._counter_sets: dict[str, int] = {}
         self._events: list[tuple[Any, ...]] = []
         self._next_maintenance = 0.0
-        self._drained = asyncio.Event()
-        self._drained.set()
         self._tx_lock = asyncio.Lock()
         # Readings put and readings committed (or dropped) so far: `flush` waits on these, since
         # under a steady stream the queue itself is never empty.
         self._put_count = 0
         self._done_count = 0
-        self._committed = asyncio.Event()
+        #: `flush` callers: (put count to reach, future resolved once it is committed)
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: asked by retention before raw readings are dropped (see `add_retention_hold`)
         self._holds: list[RawReadingsHold] = []
         #: called after each commit with the readings just made durable
@@ -130,7 +153,8 @@ class StoreBase:
     # -- the connection ----------------------------------------------------------------------
 
     async def _connect(self, exclusive: bool = False) -> None:
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        # Shared with the writer's thread, which commits on it between the loop's turns.
+        self._db = await aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         # The busy timeout first: switching to WAL must also wait for another process's lock.
         busy_ms = int(min(5.0, self.lock_timeout_s) * 1000)
         await self._db.execute(f"PRAGMA busy_timeout={busy_ms}")
@@ -156,7 +180,7 @@ class StoreBase:
         assert self._db is not None
         if self.read_only:
             raise StoreError(f"{self.path} is open read-only")
-        async with self._tx_lock:
+        async with self._turn():
             if self._schema.pending:
                 await self._schema.migrate_pending(
                     self._db, self._transaction_held, self.path, self._log
@@ -165,8 +189,44 @@ class StoreBase:
                 yield db
 
     @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """The connection for a write on the loop: no other such write and no commit in flight."""
+        async with self._tx_lock:
+            await self._take_connection()
+            try:
+                yield
+            finally:
+                self._conn_lock.release()
+                with self._lock:
+                    self._loop_turn = False
+                    self._cond.notify_all()
+
+    async def _take_connection(self) -> None:
+        """Acquire `_conn_lock` without blocking the loop (the thread may be committing)."""
+        with self._lock:
+            self._loop_turn = True
+        while not self._conn_lock.acquire(blocking=False):
+            waiter = asyncio.get_running_loop().create_future()
+            with self._lock:
+                self._conn_waiter = waiter
+            # The thread looks for a waiter after each release: either this try succeeds or
+            # the waiter is resolved.
+            if self._conn_lock.acquire(blocking=False):
+                with self._lock:
+                    self._conn_waiter = None
+                return
+            try:
+                await waiter
+            except BaseException:
+                with self._lock:
+                    self._loop_turn = False
+                    self._conn_waiter = None
+                    self._cond.notify_all()
+                raise
+
+    @contextlib.asynccontextmanager
     async def _transaction_held(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction, for a caller that holds the turn (`_tx_lock`)."""
+        """A write transaction, for a caller that holds the turn (`_turn`)."""
         assert self._db is not None
         try:
             # BEGIN inside the try: a task cancelled while BEGIN is queued on the database
@@ -187,7 +247,7 @@ class StoreBase:
     async def _migrate_registered(self) -> None:
         """Run the migrations of owners registered since the file was opened."""
         if self._schema.pending and self._db is not None and not self.read_only:
-            async with self._tx_lock:
+            async with self._turn():
                 await self._schema.migrate_pending(
                     self._db, self._transaction_held, self.path, self._log
                 )
@@ -227,11 +287,13 @@ class StoreBase:
 
     def add_counter(self, name: str, delta: int) -> None:
         """Add to a persistent counter (written with the next batch)."""
-        self._counter_adds[name] = self._counter_adds.get(name, 0) + delta
+        with self._lock:
+            self._counter_adds[name] = self._counter_adds.get(name, 0) + delta
 
     def set_counter(self, name: str, value: int) -> None:
         """Set a persistent counter (written with the next batch)."""
-        self._counter_sets[name] = value
+        with self._lock:
+            self._counter_sets[name] = value
 
     async def _meta_int(self, key: str) -> int | None:
         assert self._db is not None
