@@ -248,6 +248,7 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
         [sensor.name for sensor in config.sensors],
         lambda v, j: f"{v!r} is already the name of sensors[{j}]; channel names would collide",
     )
+    problems += _check_energy(config)
     problems += _check_relays_and_rules(config)
     problems += _check_chain(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
@@ -260,6 +261,67 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
                         "simulated or on the fake bus: real hardware runs on real time",
                     )
                 )
+    return problems
+
+
+def _check_energy(config: Config) -> list[ConfigProblem]:
+    """Each `energy` entry names a power channel of its sensor, and new counter names."""
+    from daisee_node.clock import Clock
+    from daisee_node.sensors.base import SensorContext
+
+    problems: list[ConfigProblem] = []
+    ctx = SensorContext(Clock(), config.node.data_dir, config.simulation)
+    for i, sensor in enumerate(config.sensors):
+        if not sensor.energy:
+            continue
+        channels = {c.name: c for c in SENSOR_KINDS[sensor.kind](sensor, ctx).channels}
+        quantities = {name.partition(".")[2]: c for name, c in channels.items()}
+        taken = dict.fromkeys(quantities, "a channel of the sensor")
+        integrated: dict[str, str] = {}
+        for j, spec in enumerate(sensor.energy):
+            path = f"sensors[{i}].energy[{j}]"
+            channel = quantities.get(spec.power)
+            if spec.power in integrated:
+                problems.append(
+                    ConfigProblem(
+                        f"{path}.power",
+                        f"{spec.power} is already integrated by {integrated[spec.power]}; "
+                        "name both counters in one entry",
+                    )
+                )
+            integrated.setdefault(spec.power, path)
+            if channel is None:
+                watts = sorted(q for q, c in quantities.items() if c.unit == "W")
+                hint = difflib.get_close_matches(spec.power, watts, n=1)
+                more = f"; did you mean {hint[0]!r}?" if hint else ""
+                listed = f" (its power channels: {', '.join(watts)})" if watts and not hint else ""
+                problems.append(
+                    ConfigProblem(
+                        f"{path}.power",
+                        f"{sensor.name!r} has no channel {sensor.name}.{spec.power}{more}{listed}",
+                    )
+                )
+            elif channel.unit != "W":
+                problems.append(
+                    ConfigProblem(
+                        f"{path}.power",
+                        f"{channel.name} is in {channel.unit or 'no unit'}, not W: only power "
+                        "is integrated into energy",
+                    )
+                )
+            for key in ("positive", "negative"):
+                quantity = getattr(spec, key)
+                if quantity is None:
+                    continue
+                if quantity in taken:
+                    problems.append(
+                        ConfigProblem(
+                            f"{path}.{key}",
+                            f"{sensor.name}.{quantity} is already {taken[quantity]}",
+                        )
+                    )
+                else:
+                    taken[quantity] = f"a counter of {path}"
     return problems
 
 

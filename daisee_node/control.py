@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from daisee_node.actuators.relays import RelayController, RelayState
@@ -21,6 +22,9 @@ from daisee_node.rules.engine import Decision, RuleEngine
 
 #: how often timers and staleness are evaluated
 TICK_S = 0.25
+#: the event kind of a relay's mode (auto / on / off) and why, recorded when it changes: at start,
+#: at a command or an override's expiry, at the safe state of a stop (a switch is a "relay" event)
+MODE_EVENT = "relay_mode"
 #: a rule's last error is cut to this many characters where it is shown
 RULE_ERROR_MAX = 300
 
@@ -61,6 +65,9 @@ class Control:
         self.relays = relays
         if relays is not None:
             relays.on_change = self._relay_changed
+            relays.on_state = self._relay_state
+        #: relay → (mode, reason, on) last recorded as a MODE_EVENT
+        self._modes: dict[str, tuple[str, str, bool]] = {}
         self._safe = {r.name: r.safe_state for r in config.relays}
         self.rules: RuleEngine | None = self._build(config) if config.rules else None
         self._rule_errors: dict[str, int] = {}
@@ -120,6 +127,26 @@ class Control:
         self.events.set_counter(f"relay.{name}.state", int(r.on))
         self.events.set_counter(f"relay.{name}.since_ms", now_ms)
 
+    def _relay_state(self, r: RelayState, reason: str) -> None:
+        self._note_mode(r.config.name, r.mode, reason)
+
+    def _note_mode(self, name: str, mode: str, reason: str) -> None:
+        """Record a relay's mode and why, unless that is what was recorded last."""
+        assert self.relays is not None
+        on = self.relays.relays[name].on
+        if self._modes.get(name) == (mode, reason, on):
+            return
+        self._modes[name] = (mode, reason, on)
+        self.events.put_event(self.clock.now_ms(), MODE_EVENT, name, None, mode, reason)
+        # Also for a relay that never switches: `status` lists it with its state.
+        self.events.set_counter(f"relay.{name}.state", int(on))
+
+    def _automatic(self, name: str) -> str:
+        """What decides a relay in automatic mode now, in words."""
+        assert self.relays is not None
+        why = self.relays.targets()[name][1]
+        return "nothing asks for a change" if why == "keep" else why
+
     async def tick_loop(self) -> None:
         """Timers (hold, minimum on/off, override expiry) and staleness, four times a second."""
         while True:
@@ -127,8 +154,9 @@ class Control:
             await asyncio.sleep(TICK_S)
 
     def tick(self) -> None:
+        expired: list[str] = []
         if self.relays is not None:
-            self.relays.expire_overrides()
+            expired = self.relays.expire_overrides()
             if self.rules is not None:
                 for name, r in self.relays.relays.items():
                     self.rules.set_suspended(name, r.override is not None)
@@ -138,6 +166,8 @@ class Control:
                 if rule.errors != self._rule_errors.get(rule.config.name):
                     self._rule_errors[rule.config.name] = rule.errors
                     self.events.set_counter(f"rule.{rule.config.name}.errors", rule.errors)
+        for name in expired:  # after the rules had their say: the reason names what decides
+            self._note_mode(name, "auto", f"override ended; automatic: {self._automatic(name)}")
 
     def rule_states(self) -> dict[str, dict[str, Any]] | None:
         """Each rule's snapshot, with `error` (why it last failed) when it has one."""
@@ -160,11 +190,22 @@ class Control:
         self.relays.override(relay, mode, expires_s, reason)  # type: ignore[arg-type]
         if self.rules is not None:
             self.rules.set_suspended(relay, mode != "auto")
+            if mode == "auto":
+                self.rules.tick()  # the rules decide again now, and the reason can say how
+        now_ms = self.clock.now_ms()
         self.events.put_event(
-            self.clock.now_ms(),
+            now_ms,
             "override",
             relay,
             relay,
             mode,
             f"{reason}" + (f" for {expires_s:g} s" if expires_s else ""),
         )
+        if mode == "auto":
+            why = f"automatic again ({reason}): {self._automatic(relay)}"
+        else:
+            why = f"override ({reason})"
+            if expires_s:
+                until = datetime.fromtimestamp(now_ms / 1000 + expires_s, UTC)
+                why += f" until {until:%Y-%m-%d %H:%M:%S} UTC"
+        self._note_mode(relay, mode, why)

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ NEWEST_SQL = "SELECT max(t_ms) FROM readings"
 LAST_EVENTS_SQL = "SELECT value FROM meta WHERE key >= ? AND key < ?"
 LAST_EVENTS_KEPT_SQL = "SELECT 1 FROM meta WHERE key = 'last_events_kept'"
 STATUS_QUERIES = (OLDEST_SQL, NEWEST_SQL, LAST_EVENTS_SQL, LAST_EVENTS_KEPT_SQL)
+#: the event kind of a relay's mode and why (`control.MODE_EVENT`; not imported from there, so
+#: that `status` does not load the relay and rule machinery)
+MODE_EVENT = "relay_mode"
 
 
 def open_readonly(data_dir: Path) -> sqlite3.Connection:
@@ -179,16 +183,36 @@ def _report(
         elif name.startswith("rule."):
             rule, _, what = name[len("rule.") :].rpartition(".")
             rules.setdefault(rule, {})[what] = value
+    for (kind, key), _ in last_events.items():
+        if kind == MODE_EVENT:  # a relay recorded at start (also one that never switched)
+            relays.setdefault(key, {})
     for relay, info in relays.items():
         info["state"] = "on" if info.get("state") else "off"
-        event = last_events.get(("relay", relay))
-        info["reason"] = event[1] if event else ""
+        switched = last_events.get(("relay", relay))
+        noted = last_events.get((MODE_EVENT, relay))
+        if noted is not None:
+            info["mode"] = noted[0]
+        # Under a command, the command says why (with its end, if it has one). Otherwise the
+        # newer of the last switch and the last mode record does (on a tie, the record: it is
+        # written after the switch it follows).
+        newest = max(
+            (e for e in (switched, noted) if e is not None),
+            key=lambda e: (e[2], e is noted),
+            default=None,
+        )
+        if noted is not None and noted[0] != "auto":
+            newest = noted
+        info["reason"] = newest[1] if newest else ""
     for (kind, key), (state, reason, t_ms) in last_events.items():
         if kind == "rule":
             rule, _, target = key.partition(">")
             entry = rules.setdefault(rule, {})
             entry.setdefault("asks", {})[target] = state
             entry["reason"], entry["t_ms"] = reason, t_ms
+    if pid is None:
+        for entry in rules.values():
+            # What the rule last decided, while the node ran: it asks nothing of a stopped node.
+            entry["stopped"] = True
     sensors: dict[str, dict[str, int]] = {}
     for name, value in counters.items():
         if name.startswith("sensor."):
@@ -335,9 +359,11 @@ def render_status(report: dict[str, Any]) -> str:
     lines += [*_store_lines(report.get("store")), ""]
     rows: list[tuple[str, ...]] = [("CHANNEL", "VALUE", "UNIT", "QUALITY", "AT (UTC)")]
     for r in report["latest"]:
-        value = "unavailable" if r["value"] is None else f"{r['value']:.6g}"
+        value, unit = ("unavailable", r["unit"])
+        if r["value"] is not None:
+            value, unit = value_text(r["value"], r["unit"])
         at = datetime.fromtimestamp(r["t_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        rows.append((r["channel"], value, r["unit"], r["quality"], at))
+        rows.append((r["channel"], value, unit, r["quality"], at))
     lines += _table(rows)
     if report["sensors"]:
         lines.append("")
@@ -347,19 +373,28 @@ def render_status(report: dict[str, Any]) -> str:
                 (name, f"{c.get('reads', 0):,}", f"{c.get('errors', 0):,}", f"{c.get('bad', 0):,}")
             )
         lines += _table(rows)
-    if report.get("relays"):
+    running = report["running"]
+    relays = report.get("relays") or {}
+    if relays:
         lines.append("")
-        rows = [("RELAY", "STATE", "SWITCHES", "WHY")]
-        for name, r in sorted(report["relays"].items()):
-            rows.append((name, r["state"], f"{r.get('switches', 0):,}", r.get("reason", "")))
+        rows = [("RELAY", "STATE", "MODE", "SWITCHES", "WHY")]
+        for name, r in sorted(relays.items()):
+            mode = _MODE_WORDS.get(r.get("mode", ""), "-") if running else "-"
+            rows.append(
+                (name, r["state"], mode, f"{r.get('switches', 0):,}", _relay_why(r, running))
+            )
         lines += _table(rows)
     if report.get("rules"):
         lines.append("")
         rows = [("RULE", "ACTIVE", "ASKS", "ERRORS", "WHY")]
         for name, r in sorted(report["rules"].items()):
+            errors = f"{r.get('errors', 0):,}"
+            if r.get("stopped"):
+                rows.append((name, "-", "-", errors, _stopped_rule(r, relays)))
+                continue
             asks = ", ".join(f"{k} {v or '-'}" for k, v in sorted(r.get("asks", {}).items()))
             active = "yes" if r.get("active") else "no"
-            rows.append((name, active, asks, f"{r.get('errors', 0):,}", r.get("reason", "")))
+            rows.append((name, active, asks, errors, r.get("reason", "")))
         lines += _table(rows)
     ledger = report.get("ledger")
     if ledger:
@@ -378,6 +413,42 @@ def render_status(report: dict[str, Any]) -> str:
         if ledger["relayed_for_peers"]:
             lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
     return "\n".join(lines)
+
+
+def value_text(value: float, unit: str) -> tuple[str, str]:
+    """A reading as an operator reads it, with every digit it has and never an exponent: energy
+    in kWh from 1 kWh and in MWh from 1 MWh (1234567.8 Wh → `1.2345678`, `MWh`)."""
+    exact = Decimal(repr(float(value)))
+    if unit == "Wh" and abs(exact) >= 1_000_000:
+        exact, unit = exact.scaleb(-6), "MWh"
+    elif unit == "Wh" and abs(exact) >= 1_000:
+        exact, unit = exact.scaleb(-3), "kWh"
+    return format(exact.normalize(), "f"), unit
+
+
+_MODE_WORDS = {"auto": "auto", "on": "forced on", "off": "forced off"}
+
+
+def _relay_why(relay: dict[str, Any], running: bool) -> str:
+    """Why a relay is as it is; for a node that does not run, what that state is."""
+    reason = str(relay.get("reason", ""))
+    if running:
+        return reason
+    if reason == "safe state":
+        return "safe state (the node stopped)"
+    return f"node not running; last recorded: {reason}" if reason else "node not running"
+
+
+def _stopped_rule(rule: dict[str, Any], relays: dict[str, Any]) -> str:
+    """A rule of a node that does not run: it asks nothing; say what its relays are."""
+    parts = []
+    for name in sorted(rule.get("asks", {})):
+        relay = relays.get(name)
+        if relay is None:
+            continue
+        what = "safe state" if relay.get("reason") == "safe state" else "as last recorded"
+        parts.append(f"{name} {relay['state']} ({what})")
+    return "node stopped" + (f"; {', '.join(parts)}" if parts else "")
 
 
 def _store_lines(store: dict[str, Any] | None) -> list[str]:

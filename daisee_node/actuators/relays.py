@@ -147,6 +147,9 @@ class RelayController:
         self.data_dir = data_dir
         self.relays: dict[str, RelayState] = {}
         self.on_change = on_change
+        #: told every relay's state and why where no switch may say it: once the pins are
+        #: claimed at start ("start: …"), and once all reached their safe state ("safe state")
+        self.on_state: Callable[[RelayState, str], None] | None = None
         self._now = monotonic
         self._sleep = sleep
         #: a gpiozero pin factory to use instead of the one `gpio` names
@@ -223,6 +226,9 @@ class RelayController:
                 self._drive(r, True, "start")
         if any(group not in self._kept for group in self.groups):
             self._wake.set()  # the worker closes what a group needs, after the dead time
+        for r in self.relays.values():
+            kept = r.config.initial == "keep" and not force_safe
+            self._tell(r, "start: kept as found" if kept else "start: safe state")
 
     def close(self) -> None:
         for r in self.relays.values():
@@ -239,6 +245,16 @@ class RelayController:
             r.auto, r.auto_reason = self._safe(r), "safe state"
         self._kept.clear()
         await self.converge()
+        for r in self.relays.values():
+            self._tell(r, "safe state")
+
+    def _tell(self, r: RelayState, reason: str) -> None:
+        if self.on_state is None:
+            return
+        try:
+            self.on_state(r, reason)
+        except Exception:  # a record that fails must not undo what the pins did
+            self.log.exception("relay state not recorded", relay=r.config.name)
 
     # -- what rules and people ask -----------------------------------------------------------
 
@@ -417,14 +433,19 @@ class RelayController:
             self.on_change(r, reason)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Each relay's state, mode, switch count and reason (for status and MQTT)."""
+        """Each relay's state, mode, switch count and reason (for status and MQTT); while an
+        override with an end runs, `override_ends` in Unix seconds."""
         targets = self.targets()
-        return {
-            name: {
+        now, wall = self._now(), time.time()
+        snap: dict[str, dict[str, Any]] = {}
+        for name, r in self.relays.items():
+            snap[name] = {
                 "state": "on" if r.on else "off",
                 "mode": r.mode,
                 "switches": r.switches,
                 "reason": targets[name][1],
             }
-            for name, r in self.relays.items()
-        }
+            if r.override is not None and r.override_until is not None:
+                # Overrides run out on the controller's steady clock; people read wall time.
+                snap[name]["override_ends"] = wall + max(0.0, r.override_until - now)
+        return snap

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from daisee_node.logs import get_logger
 from daisee_node.models import StrictModel
-from daisee_node.readings import Reading
+from daisee_node.readings import Quality, Reading
 from daisee_node.rules.expressions import EvaluationError, Expression
 
 if TYPE_CHECKING:
@@ -226,28 +226,31 @@ class RuleEngine:
         for relay in sorted(relays):
             self._resolve(relay, now)
 
-    def _values(self, rule: RuleState, now: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        """The inputs of a rule, or None (and why) when one is missing, bad or stale."""
+    def _values(
+        self, rule: RuleState, now: int
+    ) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+        """The inputs of a rule, or None when one is missing, bad or stale; the inputs as
+        recorded; and what is wrong with each unusable one, in words."""
         max_age = rule.config.stale_after_s * 1000
         values: dict[str, Any] = {}
         shown: dict[str, Any] = {}
-        stale = False
+        problems: list[str] = []
         for name in rule.inputs:
             if name.startswith("time."):
                 continue
             r = self.latest.get(name)
             if r is None or not r.good or not math.isfinite(r.value) or now - r.t_ms > max_age:
-                stale = True
                 shown[name] = None if r is None or not math.isfinite(r.value) else r.value
+                problems.append(_unusable(name, r, now, rule.config.stale_after_s))
             else:
                 values[name] = shown[name] = r.value
         local = self.local_time(now)
         values["time.hour"] = local.hour + local.minute / 60 + local.second / 3600
         values["time.minute"] = float(local.minute)
         values["time.weekday"] = float(local.weekday())
-        if stale:
-            return None, shown
-        return values, shown
+        if problems:
+            return None, shown, sorted(problems)
+        return values, shown, problems
 
     def _derive(self, rule: RuleState, values: dict[str, Any]) -> None:
         """Add the derived values the rule reads to `values`; EvaluationError if one fails."""
@@ -262,13 +265,11 @@ class RuleEngine:
     def _step(self, rule: RuleState, now: int) -> None:
         self.evaluations += 1
         cfg = rule.config
-        values, shown = self._values(rule, now)
+        values, shown, problems = self._values(rule, now)
         if values is None:
             rule.error = None  # not evaluated: what fails now is the inputs
             rule.stale, rule.raw, rule.raw_since_ms = True, None, None
-            rule.reason = "inputs missing or stale: " + ", ".join(
-                f"{k}={v}" for k, v in sorted(shown.items())
-            )
+            rule.reason = f"inputs missing or stale: {', '.join(problems)}; {_fallen_back(cfg)}"
             rule.asks = self._fallback(cfg)
             self._note(rule, now, shown)
             return
@@ -295,17 +296,22 @@ class RuleEngine:
         if raw != rule.active and held and in_state >= minimum * 1000:
             rule.active, rule.changed_ms = raw, now
         described = ", ".join(f"{k}={v:g}" for k, v in sorted(shown.items()))
+        described = f" ({described})" if described else ""
         if rule.active:
             rule.asks = {cfg.then.relay: cfg.then.state}
-            rule.reason = f"{'until' if rule.until else 'when'} condition: active ({described})"
+            if rule.until is not None:
+                rule.reason = f"active until {cfg.until} holds{described}"
+            else:
+                rule.reason = f"active: {cfg.when} holds{described}"
         else:
             rule.asks = {cfg.otherwise.relay: cfg.otherwise.state} if cfg.otherwise else {}
-            rule.reason = f"inactive ({described})"
+            rule.reason = f"inactive: {cfg.when} does not hold{described}"
         if raw != rule.active:
             left = max(
                 cfg.hold_s * 1000 - (now - (rule.raw_since_ms or now)), minimum * 1000 - in_state
             )
-            rule.reason += f"; changes in {left / 1000:.1f} s if it holds"
+            turns = "active" if raw else "inactive"
+            rule.reason += f"; turns {turns} in {left / 1000:.1f} s if that lasts"
         self._note(rule, now, shown)
 
     def _failed(self, rule: RuleState, now: int, message: str, shown: dict[str, Any]) -> None:
@@ -388,3 +394,33 @@ class RuleEngine:
             }
             for r in self.rules
         }
+
+
+_QUALITY_WORDS = {
+    Quality.SOURCE_ERROR: "its source did not answer",
+    Quality.UNAVAILABLE: "its source is unavailable",
+    Quality.OUT_OF_RANGE: "out of range",
+    Quality.SATURATED: "the sensor is saturated",
+    Quality.COUNTER_BACKWARDS: "the counter went backwards",
+    Quality.IMPLAUSIBLE_STEP: "an implausible step",
+    Quality.LATE: "stamped in a sealed period",
+}
+
+
+def _unusable(name: str, r: Reading | None, now_ms: int, stale_after_s: float) -> str:
+    """Why one input cannot be used, in an operator's words (never a bare `None`)."""
+    if r is None:
+        return f"{name} has no reading"
+    if not r.good:
+        return f"{name} has no good reading ({_QUALITY_WORDS.get(r.quality, r.quality.name)})"
+    if not math.isfinite(r.value):
+        return f"{name} has no value"
+    age_s = (now_ms - r.t_ms) / 1000
+    return f"{name} is {age_s:.0f} s old (stale after {stale_after_s:g} s)"
+
+
+def _fallen_back(cfg: RuleConfig) -> str:
+    """What a rule asks while it cannot be evaluated."""
+    if cfg.fallback == "keep":
+        return "fallback: keep its relays as they are"
+    return f"fallback {cfg.fallback}"

@@ -18,8 +18,13 @@ SENSOR_KINDS: dict[str, type[Sensor]] = {
 
 
 def build_sensor(config: SensorConfig, ctx: SensorContext) -> Sensor:
-    """The driver for one `[[sensors]]` entry."""
-    return SENSOR_KINDS[config.kind](config, ctx)
+    """The driver for one `[[sensors]]` entry (with the Wh counters its `energy` asks for)."""
+    sensor = SENSOR_KINDS[config.kind](config, ctx)
+    if config.energy:
+        from daisee_node.sensors.energy import EnergySensor
+
+        return EnergySensor(sensor)
+    return sensor
 
 
 __all__ = ["SENSOR_KINDS", "Sensor", "SensorConfig", "SensorContext", "build_sensor"]

@@ -77,6 +77,11 @@ class RegisterSpec(StrictModel):
         if self.word_order == "little":
             words.reverse()
         raw = struct.unpack(_STRUCT[self.type], b"".join(w.to_bytes(2, "big") for w in words))[0]
+        # A counter in tenths times 0.1 carries binary noise (12345679 * 0.1 = 1234567.9000000001);
+        # dividing by the whole reciprocal is correctly rounded and gives the meter's own value.
+        inverse = 1 / self.scale if self.scale else 0.0
+        if self.type != "float32" and inverse and abs(inverse - round(inverse)) < 1e-9 * inverse:
+            return raw / round(inverse) + self.offset
         return float(raw) * self.scale + self.offset
 
 

@@ -18,6 +18,7 @@ from daisee_node.logs import get_logger
 from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.sensors import Sensor, SensorContext, build_sensor
 from daisee_node.sensors.base import SourceUnavailable
+from daisee_node.sensors.energy import EnergySensor
 
 
 @dataclass
@@ -100,11 +101,13 @@ class Sampling:
                     quality = Quality.UNAVAILABLE if unavailable else Quality.SOURCE_ERROR
                     readings = self._publish_failure(sensor, quality)
                 else:
-                    if stats.errors_in_row:
+                    # An empty read is a source with nothing to say yet (a meter that failed is
+                    # polled less often, and skips its turns in between): not a recovery.
+                    if readings and stats.errors_in_row:
                         self.log.info(
                             "sensor recovered", sensor=sensor.name, failed_reads=stats.errors_in_row
                         )
-                    stats.errors_in_row = 0
+                        stats.errors_in_row = 0
                     readings = checks.apply(screen(readings), self.latest)
                     if readings:
                         self.publish(readings)
@@ -127,7 +130,14 @@ class Sampling:
 
     def _publish_failure(self, sensor: Sensor, quality: Quality) -> list[Reading]:
         t_ms = self.clock.now_ms()
-        readings = [Reading(ch.name, t_ms, math.nan, quality) for ch in sensor.channels]
+        # Counters the node integrates itself are known through a failure (they stop where
+        # they were); their newest stored value stays one a restart can continue from.
+        kept = sensor.energy.names if isinstance(sensor, EnergySensor) else frozenset()
+        readings = [
+            Reading(ch.name, t_ms, math.nan, quality)
+            for ch in sensor.channels
+            if ch.name not in kept
+        ]
         self.publish(readings)
         return readings
 

@@ -87,6 +87,14 @@ _APPLIANCE_MIN_W, _APPLIANCE_SPAN_W = 800.0, 1400.0
 _APPLIANCE_MAX_W = _APPLIANCE_MIN_W + _APPLIANCE_SPAN_W
 
 
+#: the site's cumulative counters, by the channel key sensors read them under
+_SITE_COUNTERS = {
+    "pv.energy_wh": "pv_wh",
+    "grid.import_wh": "import_wh",
+    "grid.export_wh": "export_wh",
+}
+
+
 class SimulatedSite:
     """The physics shared by all simulated sensors of one node."""
 
@@ -105,6 +113,12 @@ class SimulatedSite:
         self.export_wh = 0.0
         self.pv_wh = 0.0
         self.load_wh = 0.0
+
+    def resume_counter(self, key: str, last_wh: float) -> None:
+        """Carry a cumulative counter on from a value stored before a restart (never back)."""
+        attr = _SITE_COUNTERS.get(key)
+        if attr is not None:
+            setattr(self, attr, max(getattr(self, attr), last_wh))
 
     # -- instantaneous physics ---------------------------------------------------------------
 
@@ -288,6 +302,14 @@ class SimulatedSensor(Sensor):
     @property
     def channels(self) -> Sequence[Channel]:
         return self._channels
+
+    async def setup(self) -> None:
+        """Counters go on from their last stored values, as a real meter's do across restarts."""
+        site = shared_site(self.ctx)
+        for key, channel in zip(self._keys, self._channels, strict=True):
+            last = self.ctx.restore(channel.name)
+            if channel.state_class == "total_increasing" and last is not None:
+                site.resume_counter(key, last)
 
     async def read(self) -> Sequence[Reading]:
         t_ms = self.ctx.clock.now_ms()

@@ -335,3 +335,74 @@ def test_store_retention_settings_reach_the_store() -> None:
     config = parse_config('[node]\nid = "a"\n[store]\nevents_days = 30\nintegrity_interval_h = 6\n')
     retention = config.store.retention()
     assert retention.events_days == 30 and retention.integrity_interval_s == 6 * 3600
+
+
+# -- energy counters integrated from power channels ---------------------------------------------
+
+
+def test_energy_counters_become_channels_rules_and_the_ledger_can_name() -> None:
+    config = parse_config(
+        """
+[node]
+id = "a"
+[[sensors]]
+name = "battery"
+kind = "simulated"
+model = "battery"
+energy = [{ power = "power_w", positive = "charge_wh", negative = "discharge_wh" }]
+[[sensors]]
+name = "load"
+kind = "simulated"
+model = "load"
+energy = ["power_w"]
+[[relays]]
+name = "heater"
+pin = 5
+[[rules]]
+name = "r"
+when = "load.energy_in_wh > 100 and battery.discharge_wh < 50"
+then = { relay = "heater", state = "on" }
+"""
+    )
+    assert {
+        "battery.charge_wh",
+        "battery.discharge_wh",
+        "load.energy_in_wh",
+        "load.energy_out_wh",
+    } <= config.channel_names()
+
+
+def test_energy_mistakes_are_explained_with_their_paths() -> None:
+    found = problems_of(
+        """
+[node]
+id = "a"
+[[sensors]]
+name = "battery"
+kind = "simulated"
+model = "battery"
+energy = [
+  "pwer_w",
+  "soc_pct",
+  { power = "power_w", positive = "voltage_v" },
+  "power_w",
+  { power = "power_w", negative = "discharge_wh" },
+]
+"""
+    )
+    assert found == {
+        "sensors[0].energy[0].power": "'battery' has no channel battery.pwer_w; "
+        "did you mean 'power_w'?",
+        "sensors[0].energy[1].power": "battery.soc_pct is in %, not W: only power is "
+        "integrated into energy",
+        "sensors[0].energy[2].positive": "battery.voltage_v is already a channel of the sensor",
+        "sensors[0].energy[3].power": "power_w is already integrated by sensors[0].energy[2]; "
+        "name both counters in one entry",
+        "sensors[0].energy[4].power": "power_w is already integrated by sensors[0].energy[2]; "
+        "name both counters in one entry",
+    }
+    empty = problems_of(
+        '[node]\nid = "a"\n[[sensors]]\nname = "b"\nkind = "simulated"\nmodel = "battery"\n'
+        'energy = [{ power = "power_w" }]\n'
+    )
+    assert "name the counter(s) to keep" in empty["sensors[0].energy[0]"]

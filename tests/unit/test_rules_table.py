@@ -308,3 +308,59 @@ def test_a_now_ms_function_still_serves_as_the_clock() -> None:
     assert asked == {"neighbour": OFF}
     with pytest.raises(ValueError, match="not both"):
         RuleEngine([], {}, {}, SAFE, clock=FixedClock(0), now_ms=lambda: 0, request=print)
+
+
+# -- reasons an operator reads (status, MQTT) ------------------------------------------------------
+
+
+def reason(h: Harness) -> str:
+    return str(h.engine.snapshot()["buy-when-low"]["reason"])
+
+
+def test_reasons_say_which_condition_holds_with_the_values() -> None:
+    h = Harness([low_battery(hold_s=10)])
+    h.at(0, battery__soc_pct=50)
+    assert reason(h) == "inactive: battery.soc_pct < 20 does not hold (battery.soc_pct=50)"
+    h.at(1, battery__soc_pct=15)
+    assert reason(h) == (
+        "inactive: battery.soc_pct < 20 does not hold (battery.soc_pct=15); "
+        "turns active in 10.0 s if that lasts"
+    )
+    h.at(11, battery__soc_pct=15)
+    assert reason(h) == "active: battery.soc_pct < 20 holds (battery.soc_pct=15)"
+
+
+def test_an_until_rule_says_what_ends_it() -> None:
+    h = Harness([low_battery(until="battery.soc_pct > 30")])
+    h.at(0, battery__soc_pct=19)
+    assert reason(h) == "active until battery.soc_pct > 30 holds (battery.soc_pct=19)"
+    assert "condition: active" not in reason(h)
+
+
+@pytest.mark.parametrize(
+    ("reading", "words"),
+    [
+        (None, "battery.soc_pct has no reading"),
+        (
+            Reading("battery.soc_pct", 0, float("nan"), Quality.SOURCE_ERROR),
+            "battery.soc_pct has no good reading (its source did not answer)",
+        ),
+        (
+            Reading("battery.soc_pct", 0, 12.0, Quality.OUT_OF_RANGE),
+            "battery.soc_pct has no good reading (out of range)",
+        ),
+        (Reading("battery.soc_pct", 0, 12.0), "battery.soc_pct is 9 s old (stale after 5 s)"),
+    ],
+)
+def test_unusable_inputs_are_described_in_words_never_as_none(
+    reading: Reading | None, words: str
+) -> None:
+    h = Harness([low_battery()])
+    if reading is not None:
+        h.latest["battery.soc_pct"] = reading
+    h.clock.t_ms = 9_000
+    h.engine.tick()
+    text = reason(h)
+    assert text == f"inputs missing or stale: {words}; fallback safe"
+    assert "None" not in text and "nan" not in text
+    assert h.asked["neighbour"] is OFF  # the safe state of the relay
