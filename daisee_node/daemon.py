@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daisee_node import logs
+from daisee_node import _entry, logs
 from daisee_node.actuators.relays import RelayController
 from daisee_node.clock import Clock, make_clock
 from daisee_node.config import Config, load_config
@@ -205,6 +205,8 @@ class Node:
         self._lock.acquire()
         loop = asyncio.get_running_loop()
         installed = self._install_signals(loop)
+        if _entry.stop_requested():
+            self.request_stop()
         try:
             # Relays first: they reach their safe state before anything slow or fallible (the
             # store may be large, damaged, or on a full disk).
@@ -464,13 +466,22 @@ class MqttView:
     def channels(self) -> list[Channel]:
         return [c for sensor in self._node.sensors.values() for c in sensor.channels]
 
+    def channel_interval_s(self, channel: str) -> float | None:
+        for sensor in self._node.sensors.values():
+            if any(c.name == channel for c in sensor.channels):
+                interval = getattr(sensor.config, "interval_s", None)
+                return float(interval) if interval is not None else None
+        return None
+
     def relay_names(self) -> tuple[str, ...]:
         relays = self._node.relays
         return tuple(relays.relays) if relays is not None else ()
 
     def relay_states(self) -> dict[str, dict[str, Any]]:
         relays = self._node.relays
-        return relays.snapshot() if relays is not None else {}
+        if relays is None:
+            return {}
+        return relays.snapshot()
 
     def rule_states(self) -> dict[str, dict[str, Any]] | None:
         return self._node.control.rule_states()

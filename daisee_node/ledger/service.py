@@ -309,4 +309,5 @@ class LedgerService:
             "backlog": summary["backlog"],
             "last_tx": sub.last_tx if sub else None,
             "error": sub.last_error if sub else None,
+            "credit_balance": sub.credit_balance if sub else None,
         }

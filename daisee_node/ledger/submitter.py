@@ -59,6 +59,8 @@ BATCH_GAS_BASE = 100_000
 BATCH_GAS_EACH = 60_000
 #: with nothing in flight, the outbox and the chain are looked at least this often (s)
 IDLE_POLL_S = 30.0
+#: the node's credit balance is read again after a batch is mined, or at least this often (s)
+BALANCE_EVERY_S = 300.0
 
 
 class Submitter:
@@ -90,6 +92,9 @@ class Submitter:
         self.reseal: Callable[[], Awaitable[None]] | None = None
         self.last_tx: str | None = None
         self.last_error: str | None = None
+        #: the node's energy credits (whole credits, fractions kept), None until first read
+        self.credit_balance: float | None = None
+        self._balance_at: float | None = None
         self._waiting = 0
         self._waiting_logged = False
         # Send without waiting for a fuller batch until one of the node's own commitments is
@@ -106,6 +111,7 @@ class Submitter:
                 busy = await self.round()
                 if self.after_round is not None:
                     await self.after_round()
+                await self._read_balance()
                 if backoff.failures:
                     self.log.info("chain reachable again", after_failures=backoff.failures)
                 backoff.reset()
@@ -128,6 +134,22 @@ class Submitter:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), delay)
+
+    async def _read_balance(self) -> None:
+        """Refresh `credit_balance` when a batch was mined since the last read, or when it is
+        `BALANCE_EVERY_S` old: credits also arrive in batches other nodes send."""
+        now = self.clock.monotonic()
+        if self._balance_at is not None and now - self._balance_at < BALANCE_EVERY_S:
+            return
+        ledger, address = self.ledger, self.account.address
+
+        def read() -> float:
+            token = ledger.credit()
+            units = token.functions.balanceOf(address).call()
+            return units / 10 ** token.functions.decimals().call()
+
+        self.credit_balance = await self.call(read)
+        self._balance_at = now
 
     async def round(self) -> bool:
         """One pass. Returns True while something is in flight or not yet final."""
@@ -229,6 +251,7 @@ class Submitter:
         leftover = [(str(n), int(q)) for n, q in items if (n, q) not in done]
         await self.outbox.update(leftover, PENDING)
         self.store.add_counter("ledger.txs_mined", 1)
+        self._balance_at = None
         self.log.info(
             "batch mined",
             tx=bytes(receipt["transactionHash"]).hex(),

@@ -232,11 +232,16 @@ class MqttLink:
     async def publish_now(
         self, topic: str, payload: bytes | str, *, qos: int = 0, retain: bool = False
     ) -> None:
-        """Send at once when connected (used by `on_connect` hooks); queue otherwise."""
+        """Send at once when connected (used by `on_connect` hooks); queue otherwise.
+
+        A retained message sent now replaces an older one still queued for its topic (which
+        would otherwise go out after it)."""
         client = self._client
         if client is None:
             self.publish(topic, payload, qos=qos, retain=retain)
             return
+        if retain:
+            self._retained.pop(topic, None)
         await client.publish(topic, payload, qos=qos, retain=retain)
 
     @property

@@ -1,9 +1,11 @@
 """What the node says over MQTT, and the commands it takes.
 
 Topics under `<base_topic>/<node id>/`: `status` (retained online/offline, the last will),
-`reading/<channel>` (retained number, at most every `reading_interval_s`), `relay/<name>`
-(retained ON/OFF) with `relay/<name>/attributes` (mode, reason), `relay/<name>/set` (commands),
-`rule/<name>` and `ledger` (retained JSON), `commitment` (signed commitments for relays).
+`reading/<channel>` (retained exact decimal number, at most every `reading_interval_s`; a failed
+read publishes nothing, so the last good value stays and Home Assistant's `expire_after` shows
+the entity unavailable), `relay/<name>` (retained ON/OFF) with `relay/<name>/attributes` (mode,
+reason, override duration and end), `relay/<name>/set` (commands), `rule/<name>` and `ledger`
+(retained JSON), `commitment` (signed commitments for relays).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
 from daisee_node import safejson
@@ -29,14 +33,20 @@ if TYPE_CHECKING:
     from daisee_node.ledger.commitment import Commitment
 
 DISCOVERY_META_KEY = "mqtt_discovery_topics"
+#: relay → seconds an ON / OFF without an expiry lasts (set from Home Assistant; 0: until AUTO)
+DURATION_META_KEY = "mqtt_override_duration_s"
 MODES = {"ON": "on", "OFF": "off", "AUTO": "auto"}
 LEDGER_EVERY_S = 5.0
+#: in every ledger state (other numbers are announced once the ledger reports them)
+LEDGER_KEYS = ("backlog", "sealed_seq", "confirmed_seq")
 #: a command is a few words; anything longer is refused before it is parsed
 MAX_COMMAND_BYTES = 256
 MAX_EXPIRES_S = 7 * 86_400.0
-JSON_KEYS = frozenset({"state", "expires_s"})
+JSON_KEYS = frozenset({"state", "expires_s", "override_duration_s"})
 #: the whole goodbye (final state, `offline`, DISCONNECT); the daemon allows it 1 s
 GOODBYE_S = 0.9
+#: how often retained state is looked at and sent
+STATE_LOOP_S = 0.5
 #: at most one warning line per kind this often; the lines between are counted in the next one
 QUIET_S = 10.0
 
@@ -45,12 +55,24 @@ class CommandError(DaiseeError):
     """A relay command the node refuses (malformed, out of range, or for no such relay)."""
 
 
-def parse_command(payload: bytes) -> tuple[str, float | None]:
+@dataclass(frozen=True)
+class Command:
+    """A parsed relay command: a mode (`on`, `off`, `auto`) with an optional expiry, and/or a
+    new override duration (what later ON / OFF without an expiry last; 0: until AUTO)."""
+
+    mode: str | None
+    expires_s: float | None = None
+    duration_s: float | None = None
+
+
+def parse_command(payload: bytes) -> Command:
     """`ON`, `OFF`, `AUTO`, optionally followed by an expiry in seconds (`ON 600`), or JSON
-    `{"state": "ON", "expires_s": 600}`. Returns (mode, expires_s); raises CommandError.
+    `{"state": "ON", "expires_s": 600}`, or `{"override_duration_s": 1800}` (with or without a
+    state). Raises CommandError.
 
     Strict: at most MAX_COMMAND_BYTES of UTF-8; JSON is one flat object with only those keys;
-    `expires_s` a finite number of seconds in (0, 7 days] (not a boolean, list or object)."""
+    `expires_s` a finite number of seconds in (0, 7 days] (not a boolean, list or object);
+    `override_duration_s` the same, or 0."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError(f"command too long: {len(payload)} bytes (at most {MAX_COMMAND_BYTES})")
     try:
@@ -59,8 +81,15 @@ def parse_command(payload: bytes) -> tuple[str, float | None]:
         raise CommandError("command is not UTF-8 text") from None
     state: object
     expires: object
+    duration: float | None = None
     if text.startswith("{"):
-        state, expires = _json_command(text)
+        state, expires, raw_duration = _json_command(text)
+        if raw_duration is not None:
+            duration = 0.0 if _is_zero(raw_duration) else _expiry(raw_duration, from_text=False)
+        if state is None and duration is not None:
+            if expires is not None:
+                raise CommandError("expires_s needs a state")
+            return Command(None, None, duration)
     else:
         parts = text.split()
         if not parts or len(parts) > 2:
@@ -70,10 +99,14 @@ def parse_command(payload: bytes) -> tuple[str, float | None]:
     mode = MODES.get(state.upper()) if isinstance(state, str) else None
     if mode is None:
         raise CommandError(f"unknown state {str(state)[:30]!r}: use ON, OFF or AUTO")
-    return mode, _expiry(expires, from_text=not text.startswith("{"))
+    return Command(mode, _expiry(expires, from_text=not text.startswith("{")), duration)
 
 
-def _json_command(text: str) -> tuple[object, object]:
+def _is_zero(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def _json_command(text: str) -> tuple[object, object, object]:
     try:
         data = safejson.loads(text)
     except (ValueError, RecursionError):
@@ -82,8 +115,10 @@ def _json_command(text: str) -> tuple[object, object]:
         raise CommandError("a JSON command is an object")
     unknown = sorted(str(k)[:30] for k in data.keys() - JSON_KEYS)
     if unknown:
-        raise CommandError(f"unknown key(s) {unknown}: use state and expires_s")
-    return data.get("state"), data.get("expires_s")
+        raise CommandError(
+            f"unknown key(s) {unknown}: use state, expires_s and override_duration_s"
+        )
+    return data.get("state"), data.get("expires_s"), data.get("override_duration_s")
 
 
 def _expiry(value: object, *, from_text: bool) -> float | None:
@@ -104,6 +139,30 @@ def _expiry(value: object, *, from_text: bool) -> float | None:
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_EXPIRES_S):
         raise CommandError("expiry must be more than 0 s and at most 7 days")
     return seconds
+
+
+def exact_number(value: float, resolution: float = 0.0) -> str:
+    """A reading as a plain decimal, never an exponent. With a source `resolution` (a counter in
+    tenths of Wh has 0.1), the digits that resolution has: `raw * 0.1` carries binary noise
+    (`1234567.9000000001`) that is no part of the reading. Otherwise the shortest digits that
+    parse back to the same float (`1234567.8`, `0.00001`, `1500`)."""
+    decimals = _decimals(resolution)
+    if decimals is not None and abs(value) * 10**decimals < 2**53:
+        return f"{value:.{decimals}f}"
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return format(Decimal(repr(value)), "f")
+
+
+def _decimals(resolution: float) -> int | None:
+    """How many decimals write every multiple of `resolution` exactly (None: none do)."""
+    if not (resolution > 0 and math.isfinite(resolution)):
+        return None
+    for decimals in range(10):
+        scaled = resolution * 10**decimals
+        if abs(scaled - round(scaled)) <= 1e-9 * scaled:
+            return decimals
+    return None
 
 
 class TokenBucket:
@@ -185,9 +244,14 @@ class NodeView(Protocol):
 
     def channels(self) -> Sequence[Channel]: ...
 
+    def channel_interval_s(self, channel: str) -> float | None:
+        """Seconds between two readings of `channel`, when the node knows it."""
+
     def relay_names(self) -> Sequence[str]: ...
 
-    def relay_states(self) -> dict[str, dict[str, Any]]: ...
+    def relay_states(self) -> dict[str, dict[str, Any]]:
+        """Each relay's state, mode and reason; `override_ends` (Unix seconds) while an override
+        with an expiry runs."""
 
     def rule_states(self) -> dict[str, dict[str, Any]] | None:
         """Each rule's snapshot with the reason it last failed; None when the node has none."""
@@ -217,6 +281,10 @@ class NodeMqtt:
         self._sent_readings: dict[str, tuple[int, float]] = {}  # channel → (t_ms, monotonic)
         self._sent_json: dict[str, str] = {}
         self._announced: tuple[Any, ...] | None = None  # entities announced this session
+        #: the keys of the last ledger state sent (its entities follow what the ledger reports)
+        self._ledger_keys: tuple[str, ...] | None = None
+        #: relay → seconds an ON / OFF without an expiry lasts (0: until AUTO); None: not loaded
+        self._durations: dict[str, float] | None = None
         self._ledger_due = 0.0
         self.commands_applied = 0
         self.commands_refused = 0
@@ -239,6 +307,8 @@ class NodeMqtt:
         """The link and the state publisher, until the link stops (`goodbye`) or cancellation.
 
         A broker outage never ends it; a bug does (raised for the daemon's supervisor)."""
+        if self._durations is None:
+            self._durations = await self._load_durations()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt.link")
@@ -261,6 +331,13 @@ class NodeMqtt:
         try:
             async with asyncio.timeout(timeout_s * 0.6):  # the rest is for disconnecting
                 if self.link.connected.is_set():
+                    # The relays' safe states first: a backlog queued before them might not
+                    # all go out in time, and their last retained word must not be a rule's.
+                    for suffix, payload in self._relay_messages():
+                        self._sent_json[suffix] = payload
+                        await self.link.publish_now(
+                            f"{self.base}/{suffix}", payload, qos=1, retain=True
+                        )
                     await self.publish_state(quick=True)
                     unsafe = self.node.safe_state_error
                     if unsafe:
@@ -298,7 +375,7 @@ class NodeMqtt:
 
     async def _state_loop(self) -> None:
         while not self.link.stopping:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(STATE_LOOP_S)
             if self.link.connected.is_set() and not self.link.stopping:
                 # The connection may go meanwhile: the link reconnects, and then all is re-sent.
                 with contextlib.suppress(*OUTAGES):
@@ -312,16 +389,22 @@ class NodeMqtt:
         `quick`: readings, relays and rules only (no database query, no discovery)."""
         now = time.monotonic()
         every = self.settings.reading_interval_s
+        resolution = {c.name: c.resolution for c in self.node.channels()}
         for name, reading in list(self.node.latest.items()):
             sent = self._sent_readings.get(name)
             if sent is not None and (sent[0] == reading.t_ms or now - sent[1] < every):
                 continue
-            value = "" if reading.quality != 0 else f"{reading.value:.6g}"
-            self.link.publish(f"{self.base}/reading/{name}", value, retain=True)
+            if name not in resolution:
+                continue  # stored before a restart by a sensor since removed: cleared, not sent
             self._sent_readings[name] = (reading.t_ms, now)
-        for name, snap in self.node.relay_states().items():
-            self._publish_if_changed(f"relay/{name}", snap["state"].upper())
-            self._publish_if_changed(f"relay/{name}/attributes", json.dumps(snap))
+            if reading.quality != 0 or not math.isfinite(reading.value):
+                # Nothing is sent: the broker keeps the last good value, and Home Assistant
+                # shows the entity unavailable once `expire_after` passes without a reading.
+                continue
+            text = exact_number(reading.value, resolution.get(name, 0.0))
+            self.link.publish(f"{self.base}/reading/{name}", text, retain=True)
+        for suffix, payload in self._relay_messages():
+            self._publish_if_changed(suffix, payload)
         for name, snap in (self.node.rule_states() or {}).items():
             self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
         if quick:
@@ -330,12 +413,29 @@ class NodeMqtt:
             # A database query: a few seconds' delay is fine for a 15-minute ledger.
             self._ledger_due = now + LEDGER_EVERY_S
             state = await self.node.ledger.state()
+            # Sticky: an entity must not come and go with a value that is missing for a while.
+            reported = {k for k, v in state.items() if v is not None}
+            self._ledger_keys = tuple(sorted(reported.union(self._ledger_keys or ())))
             self._publish_if_changed("ledger", json.dumps(state, sort_keys=True))
-        if self.settings.discovery and self.link.connected.is_set():
+        ledger_unread = self.node.ledger is not None and self._ledger_keys is None
+        if self.settings.discovery and self.link.connected.is_set() and not ledger_unread:
             entities = self._entity_key()
             if entities != self._announced:  # after a connect, or a reload changed them
                 await self._discovery()
                 self._announced = entities
+
+    def _relay_messages(self) -> list[tuple[str, str]]:
+        """(topic suffix, payload) of each relay's state and attributes."""
+        durations = self._durations or {}
+        out = []
+        for name, snap in self.node.relay_states().items():
+            out.append((f"relay/{name}", snap["state"].upper()))
+            attributes = dict(snap)
+            ends = attributes.pop("override_ends", None)
+            attributes["override_ends"] = _iso(ends) if ends is not None else None
+            attributes["override_duration_s"] = durations.get(name, 0)
+            out.append((f"relay/{name}/attributes", json.dumps(attributes)))
+        return out
 
     def _publish_if_changed(self, suffix: str, payload: str) -> None:
         if self._sent_json.get(suffix) == payload:
@@ -346,50 +446,102 @@ class NodeMqtt:
     # -- Home Assistant discovery ----------------------------------------------------------------
 
     def _entity_key(self) -> tuple[Any, ...]:
-        relays = tuple(self.node.relay_names())
-        return tuple((c.name, c.unit, c.state_class) for c in self.node.channels()), relays
+        channels = tuple(
+            (c.name, c.unit, c.state_class, self.node.channel_interval_s(c.name))
+            for c in self.node.channels()
+        )
+        rules = tuple(self.node.rule_states() or ())
+        return channels, tuple(self.node.relay_names()), rules, self._ledger_keys
+
+    def _publish_every_s(self, channel: str) -> float:
+        """How often a good reading of `channel` reaches the broker, at the slowest."""
+        interval = self.node.channel_interval_s(channel)
+        # unknown: a source that reports now and then (Home Assistant must not expire it soon)
+        sampled = interval if interval is not None else 60.0
+        return max(sampled, self.settings.reading_interval_s) + STATE_LOOP_S
+
+    def discovery_entities(self) -> list[discovery.Entity]:
+        """Every entity the node should have in Home Assistant."""
+        ledger_keys: tuple[str, ...] | None = None
+        if self.node.ledger is not None:
+            # the numbers every ledger state has, and those it has reported so far
+            ledger_keys = (*LEDGER_KEYS, *(self._ledger_keys or ()))
+        return discovery.entities(
+            self.settings.discovery_prefix,
+            self.node_id,
+            self.base,
+            [(c, self._publish_every_s(c.name)) for c in self.node.channels()],
+            self.node.relay_names(),
+            list(self.node.rule_states() or ()),
+            ledger_keys,
+        )
 
     def discovery_messages(self) -> dict[str, str]:
         """Every discovery config topic the node should have, with its payload."""
-        prefix = self.settings.discovery_prefix
-        out = {}
-        for channel in self.node.channels():
-            topic = discovery.config_topic(prefix, "sensor", self.node_id, channel.name)
-            out[topic] = json.dumps(discovery.sensor_config(self.node_id, self.base, channel))
-        for relay in self.node.relay_names():
-            topic = discovery.config_topic(prefix, "switch", self.node_id, relay)
-            out[topic] = json.dumps(discovery.switch_config(self.node_id, self.base, relay))
-        return out
+        return {e.topic: json.dumps(e.config) for e in self.discovery_entities()}
 
     async def _discovery(self) -> None:
-        wanted = self.discovery_messages()
-        announced = set(json.loads(await self.node.get_meta(DISCOVERY_META_KEY) or "[]"))
-        for topic, payload in wanted.items():
+        wanted = {e.topic: e for e in self.discovery_entities()}
+        announced = _announced_topics(await self.node.get_meta(DISCOVERY_META_KEY))
+        for topic, entity in wanted.items():
+            payload = json.dumps(entity.config)
             if self._sent_json.get(topic) != payload:
                 self._sent_json[topic] = payload
                 self.link.publish(topic, payload, qos=1, retain=True)
-        gone = announced - set(wanted)
-        for topic in sorted(gone):
-            # An empty retained config removes the entity from Home Assistant.
+        gone = sorted(set(announced) - set(wanted))
+        kept_state = {t for e in wanted.values() for t in e.state_topics}
+        for topic in gone:
+            # An empty retained config removes the entity from Home Assistant; its retained
+            # state goes with it, or a later subscriber would still see the last reading.
             self.link.publish(topic, b"", qos=1, retain=True)
             self._sent_json.pop(topic, None)
-        if gone or set(wanted) - announced:
-            await self.node.set_meta(DISCOVERY_META_KEY, json.dumps(sorted(wanted)))
+            for state_topic in announced[topic]:
+                if state_topic not in kept_state:
+                    self.link.publish(state_topic, b"", qos=1, retain=True)
+                    self._sent_json.pop(state_topic[len(self.base) + 1 :], None)
+        record = {t: list(e.state_topics) for t, e in wanted.items()}
+        if gone or record != announced:
+            await self.node.set_meta(DISCOVERY_META_KEY, json.dumps(record, sort_keys=True))
             if gone:
-                self.log.info("Home Assistant entities removed", topics=sorted(gone))
+                self.log.info("Home Assistant entities removed", topics=gone)
+
+    # -- override durations --------------------------------------------------------------------
+
+    async def _load_durations(self) -> dict[str, float]:
+        try:
+            raw = safejson.loads(await self.node.get_meta(DURATION_META_KEY) or "{}")
+        except ValueError:
+            raw = {}
+        if not isinstance(raw, dict):
+            return {}
+        return {
+            str(k): float(v)
+            for k, v in raw.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= MAX_EXPIRES_S
+        }
+
+    async def _set_duration(self, relay: str, seconds: float) -> None:
+        durations = self._durations if self._durations is not None else {}
+        self._durations = durations
+        if seconds:
+            durations[relay] = seconds
+        else:
+            durations.pop(relay, None)
+        await self.node.set_meta(DURATION_META_KEY, json.dumps(durations, sort_keys=True))
 
     # -- commands ------------------------------------------------------------------------------
 
-    def _on_command(self, topic: str, payload: bytes) -> None:
+    async def _on_command(self, topic: str, payload: bytes) -> None:
         """A relay command: parsed strictly, rate limited per relay, then applied.
 
+        ON / OFF without an expiry last the relay's override duration, when one is set.
         Every command ends counted: `mqtt.commands_applied`, `_refused` (malformed, unknown relay,
         or refused by the node) or `_dropped` (over the relay's rate)."""
         relay = topic[len(self.base) + len("/relay/") : -len("/set")]
         try:
             if relay not in self.node.relay_names():
                 raise CommandError(f"no relay named {relay[:40]!r}")
-            mode, expires = parse_command(payload)
+            command = parse_command(payload)
         except CommandError as exc:
             self._refuse(topic, exc)
             return
@@ -402,14 +554,26 @@ class NodeMqtt:
             self.node.add_counter("mqtt.commands_dropped", 1)
             self._warn_dropped(relay=relay, per_s=self.settings.commands_per_s)
             return
-        try:
-            self.node.override(relay, mode, expires, reason="mqtt")
-        except DaiseeError as exc:
-            self._refuse(topic, exc)
-            return
+        if command.duration_s is not None:
+            await self._set_duration(relay, command.duration_s)
+        expires = command.expires_s
+        if command.mode is not None:
+            if expires is None and command.mode != "auto":
+                expires = (self._durations or {}).get(relay) or None
+            try:
+                self.node.override(relay, command.mode, expires, reason="mqtt")
+            except DaiseeError as exc:
+                self._refuse(topic, exc)
+                return
         self.commands_applied += 1
         self.node.add_counter("mqtt.commands_applied", 1)
-        self.log.info("MQTT command", relay=relay, mode=mode, expires_s=expires)
+        self.log.info(
+            "MQTT command",
+            relay=relay,
+            mode=command.mode,
+            expires_s=expires,
+            override_duration_s=command.duration_s,
+        )
 
     def _refuse(self, topic: str, exc: Exception) -> None:
         self.commands_refused += 1
@@ -435,3 +599,25 @@ class NodeMqtt:
             return
         if await self.node.ledger.accept_peer(commitment, signature):
             self.node.add_counter("ledger.peer_commitments", 1)
+
+
+def _iso(unix_s: float) -> str:
+    """Unix seconds as an ISO 8601 UTC time, to the second (what Home Assistant's timestamps
+    take)."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(round(unix_s), UTC).isoformat()
+
+
+def _announced_topics(raw: str | None) -> dict[str, list[str]]:
+    """The discovery topics announced before, each with the retained state topics it owns (a
+    list of topics alone, as earlier versions kept it, owns none)."""
+    try:
+        data = safejson.loads(raw or "{}")
+    except ValueError:
+        return {}
+    if isinstance(data, list):
+        return {str(t): [] for t in data}
+    if isinstance(data, dict):
+        return {str(t): [str(x) for x in v] if isinstance(v, list) else [] for t, v in data.items()}
+    return {}

@@ -20,7 +20,13 @@ class MqttSection(StrictModel):
     ca_file: Path | None = Field(None, description="CA bundle for TLS (default: the system's)")
     client_id: str | None = Field(None, description="default: daisee-<node id>")
     base_topic: str = Field("daisee", pattern=r"^[A-Za-z0-9_/-]+$")
-    keepalive_s: int = Field(30, ge=5, le=3_600)
+    keepalive_s: int = Field(
+        5,
+        ge=5,
+        le=3_600,
+        description="the broker declares the node gone (Home Assistant: unavailable) 1.5 × "
+        "this after its last packet; 5 s shows a frozen node within 15 s",
+    )
     reading_interval_s: float = Field(
         5.0, ge=0, le=3_600, description="each channel's reading is published at most this often"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
 from daisee_node.config import load_config
 from daisee_node.daemon import Node
@@ -22,12 +23,16 @@ def mqtt_config(
     sensors: list[dict[str, Any]] | None = None,
     name: str = "node.toml",
     rules: list[dict[str, Any]] | None = None,
+    time_speed: float | None = 50,
     **mqtt: Any,
 ) -> Path:
+    node: dict[str, Any] = {"id": "m1", "data_dir": str(tmp_path / "data")}
+    if time_speed is not None:
+        node["time_speed"] = time_speed
     return write_config(
         tmp_path / name,
         {
-            "node": {"id": "m1", "data_dir": str(tmp_path / "data"), "time_speed": 50},
+            "node": node,
             "store": {"flush_interval_s": 0.05},
             "sensors": sim_sensors(1.0) if sensors is None else sensors,
             "gpio": {"backend": "mock"},
@@ -298,3 +303,177 @@ async def test_relays_that_cannot_be_made_safe_are_said_on_mqtt(tmp_path: Path, 
         await watcher.wait("daisee/m1/problem", lambda p: p == b"")
         node.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_after_a_stop_the_relay_attributes_say_safe_state_not_a_rule(tmp_path, broker):
+    rule = {
+        "name": "always",
+        "when": "pv.power_w > -1000000",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+    }
+    node, task = await start(mqtt_config(tmp_path, broker, rules=[rule]))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        await w.wait(f"{base}/relay/heater", lambda p: p == b"ON")
+        attributes = json.loads(await w.wait(f"{base}/relay/heater/attributes"))
+        assert attributes["mode"] == "auto" and "always" in attributes["reason"]
+    assert node.mqtt is not None
+    for i in range(30_000):
+        # a backlog the goodbye cannot send in its time: the final relay states go first
+        node.mqtt.link.publish(f"{base}/backlog/{i}", "x" * 200, retain=True)
+    assert await stop(node, task) == 0
+    async with Watcher(broker) as w:
+        assert await w.wait(f"{base}/status") == b"offline"
+        assert await w.wait(f"{base}/relay/heater") == b"OFF"
+        attributes = json.loads(await w.wait(f"{base}/relay/heater/attributes"))
+        assert attributes["reason"] == "safe state"
+        assert attributes["mode"] == "auto" and attributes["override_ends"] is None
+
+
+def energy_meter_sensor(port: int) -> dict[str, Any]:
+    """A Modbus meter whose import counter is a uint32 of tenths of Wh."""
+    return {
+        "name": "grid",
+        "kind": "modbus",
+        "model": "custom",
+        "transport": "tcp",
+        "host": "127.0.0.1",
+        "port": port,
+        "unit": 1,
+        "interval_s": 0.1,
+        "timeout_s": 0.3,
+        "retries": 0,
+        "max_backoff_s": 0.5,
+        "registers": [
+            {
+                "quantity": "import_wh",
+                "address": 0,
+                "function": 3,
+                "type": "uint32",
+                "scale": 0.1,
+                "unit": "Wh",
+                "state_class": "total_increasing",
+            }
+        ],
+    }
+
+
+def set_tenths(meter: Any, tenths: int) -> None:
+    import struct
+
+    hi, lo = struct.unpack(">HH", struct.pack(">I", tenths))
+    meter.holding = {0: hi, 1: lo}
+
+
+async def test_a_meter_counter_is_exact_and_a_failed_read_keeps_the_last_good_value(
+    tmp_path, broker
+):
+    from tests.conftest import free_port
+    from tests.support.meters import EmulatedMeter, MeterServer
+
+    meter = EmulatedMeter(1, {}, {})
+    set_tenths(meter, 12_345_678)  # 1,234,567.8 Wh
+    server = MeterServer([meter], port=free_port())
+    await server.start()
+    topic = "daisee/m1/reading/grid.import_wh"
+    sensors = [energy_meter_sensor(server.port)]
+    path = mqtt_config(tmp_path, broker, sensors=sensors, time_speed=None)
+    node, task = await start(path)
+    try:
+        async with Watcher(broker) as w:
+            assert float(await w.wait(topic)) == 1_234_567.8
+            await server.stop()
+            assert node.mqtt is not None
+            # the failed reads reached the MQTT face, which sent nothing for them
+            await until(lambda: node.latest["grid.import_wh"].quality != 0)
+            failed = node.latest["grid.import_wh"].t_ms
+            await until(lambda: node.mqtt._sent_readings["grid.import_wh"][0] >= failed)
+            assert w.seen[topic] == b"1234567.8"
+            set_tenths(meter, 12_345_679)
+            await server.start()
+            assert await w.wait(topic, lambda p: p == b"1234567.9") == b"1234567.9"
+    finally:
+        await stop(node, task)
+        await server.stop()
+
+
+async def test_a_removed_sensor_or_rule_takes_its_retained_state_with_it(tmp_path, broker):
+    rule = {
+        "name": "never",
+        "when": "load.power_w < -1000000",
+        "then": {"relay": "heater", "state": "on"},
+        "otherwise": {"relay": "heater", "state": "off"},
+    }
+    node, task = await start(mqtt_config(tmp_path, broker, rules=[rule]))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        await w.wait(f"{base}/reading/pv.power_w")
+        await w.wait(f"{base}/rule/never")
+        await w.wait("homeassistant/binary_sensor/daisee_m1/rule_never/config")
+    await stop(node, task)
+
+    without_pv = [s for s in sim_sensors(1.0) if s["name"] != "pv"]
+    node, task = await start(mqtt_config(tmp_path, broker, sensors=without_pv))
+    async with Watcher(broker) as w:
+        await w.wait("homeassistant/sensor/daisee_m1/grid_power_w/config")
+        for topic in (
+            f"{base}/reading/pv.power_w",
+            f"{base}/rule/never",
+            "homeassistant/binary_sensor/daisee_m1/rule_never/config",
+            "homeassistant/sensor/daisee_m1/rule_never_reason/config",
+        ):
+            assert await w.wait(topic, lambda p: p == b"") == b"", topic
+        # the stored reading of the removed sensor is never sent again (not after a reconnect)
+        assert node.mqtt is not None and "pv.power_w" in node.latest
+        node.mqtt._sent_readings.clear()
+        await node.mqtt.publish_state()
+        assert "pv.power_w" not in node.mqtt._sent_readings
+        assert "grid.power_w" in node.mqtt._sent_readings
+        # what stays keeps its state
+        assert float(await w.wait(f"{base}/reading/grid.power_w")) == pytest.approx(
+            float(w.seen[f"{base}/reading/grid.power_w"])
+        )
+    await stop(node, task)
+
+
+NEVER = {
+    "name": "never",
+    "when": "load.power_w < -1000000",
+    "then": {"relay": "heater", "state": "on"},
+    "otherwise": {"relay": "heater", "state": "off"},
+}
+
+
+async def test_an_override_duration_set_over_mqtt_makes_on_and_off_expire(tmp_path, broker):
+    node, task = await start(mqtt_config(tmp_path, broker, rules=[NEVER]))
+    base = "daisee/m1"
+    async with Watcher(broker) as w:
+        await w.wait(f"{base}/status", lambda p: p == b"online")
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", '{"override_duration_s": 1}')
+        attrs = await w.wait(
+            f"{base}/relay/heater/attributes",
+            lambda p: json.loads(p)["override_duration_s"] == 1,
+        )
+        assert json.loads(attrs)["override_ends"] is None
+        await publish_as(broker, "ha", f"{base}/relay/heater/set", "ON")
+        on = json.loads(
+            await w.wait(f"{base}/relay/heater/attributes", lambda p: json.loads(p)["mode"] == "on")
+        )
+        assert on["override_ends"] is not None
+        # a second later the rules have the relay again
+        back = await w.wait(
+            f"{base}/relay/heater/attributes", lambda p: json.loads(p)["mode"] == "auto", timeout=5
+        )
+        assert json.loads(back)["override_ends"] is None
+        assert await w.wait(f"{base}/relay/heater", lambda p: p == b"OFF") == b"OFF"
+    await stop(node, task)
+    # the duration is kept across a restart
+    node, task = await start(mqtt_config(tmp_path, broker))
+    async with Watcher(broker) as w:
+        attrs = await w.wait(
+            f"{base}/relay/heater/attributes",
+            lambda p: json.loads(p)["override_duration_s"] == 1,
+        )
+        assert json.loads(attrs)["override_duration_s"] == 1
+    await stop(node, task)

@@ -193,3 +193,22 @@ def test_screen_marks_values_no_source_could_mean() -> None:
         Quality.OUT_OF_RANGE,
     ]
     assert out[3].value == 12.0 and math.isnan(out[4].value)
+
+
+async def test_a_stop_that_arrived_during_the_imports_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SIGTERM during the imports raises SystemExit from the early handler; raised inside a
+    # weakref callback it is only printed ("Exception ignored") and the start carries on.
+    from daisee_node import _entry
+
+    with pytest.raises(SystemExit):
+        _entry._early_stop(15, None)
+    assert _entry.stop_requested()
+    try:
+        node = Node(load_config(node_config(tmp_path)))
+        # the node stops on its own, relays safe and the store closed, and exits cleanly
+        assert await asyncio.wait_for(node.run(), 10) == 0
+        assert node._stop.is_set()
+    finally:
+        monkeypatch.setattr(_entry, "_stop_requested", False)

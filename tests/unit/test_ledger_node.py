@@ -118,6 +118,14 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
     balance = ledger.credit().functions.balanceOf(svc.address).call(block_identifier=block)
     assert total_export > 0  # a sunny June morning exports
     assert balance == total_export * 10**15
+
+    # the ledger's state (the MQTT `ledger` topic, Home Assistant's credit balance) follows it
+    async def state_shows_the_balance() -> bool:
+        shown = (await svc.state())["credit_balance"]
+        on_chain = ledger.credit().functions.balanceOf(svc.address).call() / 10**18
+        return shown is not None and shown > 0 and shown == on_chain
+
+    await until(state_shows_the_balance)
     node.request_stop()
     assert await asyncio.wait_for(task, 8) == 0
 
