@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daisee_node import __version__
+from daisee_node.demo import DEMO_DATA_DIR
 from daisee_node.errors import ConfigError, DaiseeError
 from daisee_node.paths import DEFAULT_CONFIG_PATH
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 # use them: `--help` and argument errors answer without them.
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
-DEMO_DATA_DIR = Path("daisee-demo")
+__all__ = ["DEMO_DATA_DIR", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,17 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config", help="validate a config file: exit 0, or 2 listing every problem"
     )
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="the node's config file (TOML)")
     check.set_defaults(func=cmd_check_config)
 
     demo = sub.add_parser(
-        "demo", help="run a simulated node (PV, load, battery): no hardware, no config"
+        "demo",
+        help="run a simulated node (PV, load, battery, grid meter) and its own chain: "
+        "no hardware, no config",
+        description="A simulated home (PV roof, household load, battery, grid meter) with a "
+        "CT clamp read through the ADS1115 driver, in faster-than-real time. Every 15 simulated "
+        "minutes it seals its readings into a signed commitment on its own in-process chain, "
+        "kept in the data dir: after it stops, `status` shows what it stored and `prove` / "
+        "`verify` prove any committed reading. A second run goes on where the last one stopped.",
     )
     demo.add_argument(
         "--data-dir",
         type=Path,
         default=DEMO_DATA_DIR,
-        help=f"where readings are stored (default ./{DEMO_DATA_DIR})",
+        help=f"where its readings and its chain are kept (default ./{DEMO_DATA_DIR})",
     )
     demo.add_argument(
         "--speed", type=float, default=60.0, help="simulated seconds per real second (default 60)"
@@ -86,9 +94,16 @@ def _parser() -> argparse.ArgumentParser:
         "--start",
         type=_iso_time,
         default=None,
-        help="simulated start time, ISO 8601 (default: today 06:00 UTC)",
+        help="simulated start time, ISO 8601 (default: where the last run stopped, else "
+        "today at 10:00 solar time of the simulated home, when its roof produces)",
     )
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the simulated weather, load and noise: with the same seed and --start, "
+        "every simulated second has the same values (default 1)",
+    )
     demo.add_argument(
         "--duration",
         type=float,
@@ -102,7 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the zero-current output of ADS1115 current sensors "
         "(with no load!) and store it in the data dir",
     )
-    calibrate.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    calibrate.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help=f"the node's config file (default {DEFAULT_CONFIG_PATH})",
+    )
     calibrate.add_argument(
         "--sensor",
         action="append",
@@ -115,9 +136,19 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=cmd_calibrate)
 
     safe = sub.add_parser(
-        "safe-state", help="drive every relay to its safe state (systemd runs this after any stop)"
+        "safe-state",
+        help="drive every relay to its safe state (systemd runs this after any stop)",
+        description="Drive every relay of the config to its safe state, group by group, break "
+        "before make; refused while the node runs (it drives the pins). Exits 0 once every "
+        "relay is in its safe state.",
     )
-    safe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    safe.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help=f"the node's config file (default {DEFAULT_CONFIG_PATH})",
+    )
     safe.set_defaults(func=cmd_safe_state)
 
     from daisee_node.ledger.commands import add_parsers
@@ -134,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the node's config (default {DEFAULT_CONFIG_PATH}, or the demo's "
         "data dir when that file does not exist)",
     )
-    where.add_argument("--data-dir", type=Path, default=None)
+    where.add_argument(
+        "--data-dir", type=Path, default=None, help="the data dir to read (instead of a config)"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
     return p
@@ -156,10 +189,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.file)
     print(
-        f"{args.file}: ok — node {config.node.id!r}, {len(config.sensors)} sensor(s), "
+        f"{args.file}: ok — node {config.node.id!r}, {_count(config.sensors, 'sensor')}, "
+        f"{_count(config.relays, 'relay')}, {_count(config.rules, 'rule')}, "
         f"data in {config.node.data_dir}"
     )
     return EXIT_OK
+
+
+def _count(items: Sequence[object], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -304,9 +342,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = demo.prepare(args.data_dir, speed=args.speed, start=args.start, seed=args.seed)
     logs.configure("warning", "auto")
+    start = config.node.time_start or datetime.now(UTC)
     print(
         f"daisee-node demo: a simulated home (PV roof, household load, battery, grid meter), "
-        f"time x{args.speed:g}; readings stored in {config.node.data_dir}. Ctrl-C stops.",
+        f"time x{args.speed:g} from {start.astimezone(UTC):%Y-%m-%d %H:%M} UTC; readings and "
+        f"its chain kept in {config.node.data_dir}. "
+        + ("Ctrl-C stops." if args.duration is None else f"Stops after {args.duration:g} s."),
         flush=True,
     )
     options = demo.DemoOptions(args.duration)

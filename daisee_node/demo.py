@@ -5,13 +5,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+import math
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from daisee_node.config import Config
     from daisee_node.daemon import Node
+
+
+#: where the demo keeps its readings and chain, relative to the current directory
+DEMO_DATA_DIR = Path("daisee-demo")
+#: the demo's simulated day starts at this local solar hour: the roof produces from the first line
+START_SOLAR_HOUR = 10.0
+#: how the demo's hints name the command (`./run` sets "./run daisee-node")
+COMMAND_ENV = "DAISEE_NODE_COMMAND"
+
+
+def command_name() -> str:
+    """The `daisee-node` command as the user can type it here."""
+    return os.environ.get(COMMAND_ENV) or "daisee-node"
+
+
+def default_start(now: datetime | None = None, longitude_deg: float | None = None) -> datetime:
+    """Today (UTC) at `START_SOLAR_HOUR` solar time where the simulated home stands, rounded up
+    to a settlement period's start: the same whatever the user's time zone or season."""
+    if longitude_deg is None:
+        from daisee_node.sensors.simulated import SimulationConfig
+
+        longitude_deg = SimulationConfig().longitude_deg
+    now = now or datetime.now(UTC)
+    utc_hours = (START_SOLAR_HOUR - longitude_deg / 15.0) % 24.0
+    quarter_hours = math.ceil(utc_hours * 4 - 1e-9) % 96  # within today's UTC date
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight + timedelta(minutes=15 * quarter_hours)
 
 
 class DemoOptions:
@@ -26,7 +55,9 @@ def prepare(
     data_dir: Path, *, speed: float = 60.0, start: datetime | None = None, seed: int = 1
 ) -> Config:
     """The demo's config, going on from where the last run in `data_dir` stopped, with a key
-    for its chain account made on first use."""
+    for its chain account made on first use. Its chain is kept in `data_dir`, so its readings
+    can be proven after it stops."""
+    from daisee_node.ledger import embedded
     from daisee_node.status import newest_reading_ms
 
     newest = newest_reading_ms(data_dir)
@@ -40,6 +71,7 @@ def prepare(
         from daisee_node.ledger.keys import new_keystore
 
         new_keystore(keystore, config.chain.password_path(config.data_dir))
+    embedded.keep_in(embedded.chain_dir(config.data_dir))
     return config
 
 
@@ -50,8 +82,7 @@ def demo_config(
     from daisee_node.config import config_from_dict
 
     if start is None:
-        today = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
-        start = today
+        start = default_start()
     sensors: list[dict[str, Any]] = [
         {"name": model, "kind": "simulated", "model": model, "interval_s": 1.0}
         for model in ("pv", "load", "battery", "grid")
@@ -82,7 +113,8 @@ def demo_config(
             },
             "simulation": {"seed": seed},
             "sensors": sensors,
-            # An in-process chain: 15-minute periods are sealed and committed every 15 s at x60.
+            # An in-process chain, kept under the data dir: 15-minute periods are sealed and
+            # committed every 15 s at x60.
             "chain": {
                 "rpc_url": "embedded",
                 "period_s": 900,
@@ -115,12 +147,32 @@ async def watch(node: Node, options: DemoOptions) -> int:
             ledger = await node.ledger.state() if node.ledger and node.started.is_set() else None
             print(summary_line(node, ledger), flush=True)
     code = await runner
-    print(
-        f"stopped; {node.store.stats.written} readings stored. "
-        f"See them with: daisee-node status --data-dir {node.config.node.data_dir}",
-        flush=True,
-    )
+    print(stopped_line(node), flush=True)
     return int(code)
+
+
+def stopped_line(node: Node) -> str:
+    """What the demo says when it stops: how to look at what it stored, typed as here."""
+    command = command_name()
+    data_dir = node.config.node.data_dir
+    where = "" if _is_default_dir(data_dir) else f" --data-dir {data_dir}"
+    text = (
+        f"stopped; {node.store.stats.written} readings stored. "
+        f"See them with: {command} status{where}"
+    )
+    if node.ledger is not None:
+        text += (
+            f"\nProve one against the demo's chain: {command} prove{where} --channel "
+            f"pv.energy_wh -o proof.json && {command} verify proof.json{where}"
+        )
+    return text
+
+
+def _is_default_dir(data_dir: Path) -> bool:
+    from daisee_node.paths import DEFAULT_CONFIG_PATH
+
+    # `status` and `prove` fall back to the demo's folder only without a node config here.
+    return data_dir.resolve() == DEMO_DATA_DIR.resolve() and not DEFAULT_CONFIG_PATH.exists()
 
 
 def summary_line(node: Node, ledger: dict[str, Any] | None = None) -> str:

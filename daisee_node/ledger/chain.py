@@ -26,7 +26,7 @@ from web3.middleware.base import Web3Middleware
 from web3.types import BlockIdentifier, TxParams
 
 from daisee_node.errors import DaiseeError
-from daisee_node.ledger import merkle
+from daisee_node.ledger import embedded, merkle
 from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -79,12 +79,12 @@ class RetryStateRace(Web3Middleware):
         return middleware
 
 
-def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
-    """A web3 connection; `embedded` gives a fresh in-process chain (py-evm)."""
+def connect(rpc_url: str, timeout_s: float = 10.0, *, keep_in: Path | None = None) -> Web3:
+    """A web3 connection. `embedded` gives an in-process chain (py-evm): the one kept in the
+    folder `keep_in` (or the folder set by `embedded.keep_in`), else a fresh one."""
     if rpc_url == EMBEDDED:
-        from web3 import EthereumTesterProvider
-
-        return Web3(EthereumTesterProvider())
+        folder = keep_in or embedded.default_dir()
+        return embedded.fresh() if folder is None else embedded.open_kept(folder)
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
     # PoA chains (Clique, AuRa) carry signer data in extraData; web3 needs this to parse blocks.
     w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
@@ -147,7 +147,14 @@ def send(w3: Web3, account: LocalAccount, tx: dict[str, Any]) -> Any:
 
 
 def deploy(w3: Web3, account: LocalAccount, governance: str | None, wh_per_credit: int) -> str:
-    """Deploy the ledger (which creates its energy-credit token); return the ledger address."""
+    """Deploy the ledger (which creates its energy-credit token); return the ledger address.
+
+    On a kept embedded chain (the demo's) the ledger is deployed once: later runs find it where
+    the first run put it and go on with it, so the node's commitments stay valid."""
+    if embedded.kept_dir(w3) is not None:
+        existing = embedded.first_contract(w3, account.address)
+        if existing is not None:
+            return existing
     art = artifact("DaiseeLedger")
     args = w3.codec.encode(
         ["address", "uint256"], [to_checksum_address(governance or account.address), wh_per_credit]

@@ -27,6 +27,28 @@ FILES = {
 }
 
 
+def parse_address(text: str) -> str:
+    """`text` as a checksummed address; a ValueError that says what is wrong with it."""
+    from eth_utils import is_checksum_address
+
+    if not text:
+        raise ValueError("empty")
+    if not text.startswith(("0x", "0X")):
+        raise ValueError("an address starts with 0x")
+    digits = text[2:]
+    bad = sorted({c for c in digits if c not in "0123456789abcdefABCDEF"})
+    if bad:
+        raise ValueError(f"{''.join(bad)!r} is not a hexadecimal digit")
+    if len(digits) != 40:
+        raise ValueError(f"{len(digits)} hex digits; an address has 40")
+    if digits != digits.lower() and digits != digits.upper() and not is_checksum_address(text):
+        raise ValueError(
+            "its upper- and lower-case letters do not match its EIP-55 checksum: "
+            "probably a typo (check it against its source)"
+        )
+    return to_checksum_address(text)
+
+
 def _addr_bytes(address: str) -> bytes:
     return bytes.fromhex(to_checksum_address(address)[2:])
 

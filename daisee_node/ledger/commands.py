@@ -12,10 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daisee_node.errors import DaiseeError
+from daisee_node.errors import ConfigError, ConfigProblem, DaiseeError
 
 if TYPE_CHECKING:
-    pass
+    from daisee_node.config import Config
 
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -86,27 +86,86 @@ def add_parsers(sub: Any, default_config: Path) -> None:
     register.add_argument("--fund-eth", type=float, default=0.0, help="also send it gas money")
     register.set_defaults(func=cmd_register)
 
-    prove = sub.add_parser("prove", help="a reading and its Merkle proof, as JSON")
-    prove.add_argument("-c", "--config", type=Path, default=default_config)
-    prove.add_argument("--channel", required=True)
+    from daisee_node.demo import DEMO_DATA_DIR
+
+    prove = sub.add_parser(
+        "prove",
+        help="a committed reading with its Merkle proof and its commitment, as JSON",
+        description="Find a stored reading, rebuild its period's Merkle tree, check it against "
+        "the commitment the node signed and add the proof of that commitment's batch on the "
+        "chain: the JSON anyone can check with `verify`. Only readings of periods already on "
+        "the chain can be proven.",
+    )
+    where = prove.add_mutually_exclusive_group()
+    where.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"the node's config (default {default_config}, or the demo's data dir "
+        "when that file does not exist)",
+    )
+    where.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"a demo's data dir (default ./{DEMO_DATA_DIR}): its readings and its chain",
+    )
+    prove.add_argument(
+        "--channel",
+        required=True,
+        help="the reading's channel, e.g. grid.export_wh (`status` lists them)",
+    )
     prove.add_argument(
         "--at",
-        required=True,
-        help="ISO time or ms since epoch; the reading at or just before it is proven",
+        type=_at_ms,
+        default=None,
+        help="an ISO 8601 time with its zone (2026-11-21T12:00:00Z) or ms since the epoch: the "
+        "reading at or just before it is proven (default: the newest one on the chain)",
     )
-    prove.add_argument("-o", "--output", type=Path, default=None)
-    prove.set_defaults(func=cmd_prove)
+    prove.add_argument(
+        "-o", "--output", type=Path, default=None, help="write it here (default: standard output)"
+    )
+    prove.set_defaults(func=cmd_prove, default_config=default_config)
 
-    verify = sub.add_parser("verify", help="check a proof against the chain: exit 0 or 1")
+    verify = sub.add_parser(
+        "verify",
+        help="check a proof against the chain: exit 0 when the ledger accepts it, 1 otherwise",
+    )
     verify.add_argument("proof", type=Path, help="file written by `prove` ('-' for stdin)")
-    verify.add_argument("--rpc", default=None, help="default: the config's chain")
-    verify.add_argument("-c", "--config", type=Path, default=None)
-    verify.set_defaults(func=cmd_verify)
+    chain_of = verify.add_mutually_exclusive_group()
+    chain_of.add_argument("--rpc", default=None, help="JSON-RPC URL of a node of the chain")
+    chain_of.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"the chain of this node config (default, without --rpc: {default_config}, or "
+        "the demo's chain when that file does not exist)",
+    )
+    chain_of.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"the chain kept in a demo's data dir (default ./{DEMO_DATA_DIR})",
+    )
+    verify.set_defaults(func=cmd_verify, default_config=default_config)
 
     spec = sub.add_parser("chain-spec", help="genesis files (Besu QBFT, Nethermind AuRa, Clique)")
-    spec.add_argument("--validators", required=True, help="comma-separated addresses")
-    spec.add_argument("--out", type=Path, default=Path("chain-spec"))
-    spec.add_argument("--chain-id", type=int, default=None)
+    spec.add_argument(
+        "--validators", required=True, help="the validators' addresses, comma-separated"
+    )
+    spec.add_argument(
+        "--out",
+        type=Path,
+        default=Path("chain-spec"),
+        help="folder the files are written to (default ./chain-spec)",
+    )
+    from daisee_node.ledger.chainspec import DEFAULT_CHAIN_ID
+
+    spec.add_argument(
+        "--chain-id", type=int, default=None, help=f"the chain's id (default {DEFAULT_CHAIN_ID})"
+    )
     spec.add_argument("--block-period", type=int, default=5, help="seconds between blocks")
     spec.add_argument(
         "--fund",
@@ -115,7 +174,12 @@ def add_parsers(sub: Any, default_config: Path) -> None:
         metavar="ADDRESS=ETH",
         help="pre-fund an account (repeatable)",
     )
-    spec.add_argument("--engine", choices=("qbft", "aura", "clique", "all"), default="all")
+    spec.add_argument(
+        "--engine",
+        choices=("qbft", "aura", "clique", "all"),
+        default="all",
+        help="which engine's file (default: all three)",
+    )
     spec.set_defaults(func=cmd_chain_spec)
 
 
@@ -231,26 +295,66 @@ def cmd_register(args: argparse.Namespace) -> int:
 # -- proofs ----------------------------------------------------------------------------------
 
 
-def _parse_at(text: str) -> int:
+def _at_ms(text: str) -> int:
+    """`--at`: ms since the epoch, or an ISO 8601 time with its zone."""
     if text.isdigit():
         return int(text)
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise DaiseeError(f"--at {text!r}: not an ISO time nor ms since epoch") from exc
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO time (like 2026-11-21T12:00:00Z) nor ms since the epoch"
+        ) from None
     if when.tzinfo is None:
-        raise DaiseeError(f"--at {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')"
+        ) from None
     return int(when.timestamp() * 1000)
+
+
+def _node_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config `prove` / `verify` act on, and where the chain is kept if it is embedded:
+    `-c`, else `--data-dir` (a demo's), else the default config, else the demo's folder."""
+    from daisee_node import demo
+    from daisee_node.config import load_config
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger import embedded
+
+    if args.config is not None:
+        config = load_config(args.config)
+    elif args.data_dir is None and args.default_config.exists():
+        config = load_config(args.default_config)
+    else:
+        data_dir = args.data_dir or demo.DEMO_DATA_DIR
+        if not (data_dir / "node.db").exists():
+            raise DaiseeError(
+                f"no node data in {data_dir}: run the demo first (`{demo.command_name()} demo`), "
+                "or give -c CONFIG"
+            )
+        config = demo.demo_config(data_dir)
+    if config.chain is None:
+        source = str(args.config or args.default_config)
+        raise ConfigError(
+            source,
+            [ConfigProblem("chain", "no [chain] section: this node commits nothing to prove")],
+        )
+    kept = None
+    if config.chain.rpc_url == chainlib.EMBEDDED:
+        if not embedded.is_kept(config.data_dir):
+            raise DaiseeError(
+                f"the chain of {config.data_dir} is an in-process one that was not kept "
+                "(only the demo keeps its chain): nothing to check against"
+            )
+        kept = embedded.chain_dir(config.data_dir)
+    return config, kept
 
 
 @_chain_errors
 def cmd_prove(args: argparse.Namespace) -> int:
-    from daisee_node.config import load_config
-
-    config = load_config(args.config)
     from daisee_node.ledger.proofs import build_proof
 
-    proof = asyncio.run(build_proof(config, args.channel, _parse_at(args.at)))
+    config, kept = _node_config(args)
+    proof = asyncio.run(build_proof(config, args.channel, args.at, keep_in=kept))
     text = json.dumps(proof, indent=2)
     if args.output:
         args.output.write_text(text + "\n")
@@ -261,7 +365,6 @@ def cmd_prove(args: argparse.Namespace) -> int:
 
 @_chain_errors
 def cmd_verify(args: argparse.Namespace) -> int:
-    from daisee_node.config import load_config
     from daisee_node.ledger.proofs import check_proof, parse_proof
 
     text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
@@ -269,13 +372,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         proof = parse_proof(text)
     except DaiseeError as exc:
         raise DaiseeError(f"{args.proof}: {exc}") from exc
-    rpc = args.rpc
-    if rpc is None and args.config is not None:
-        config = load_config(args.config)
-        rpc = config.chain.rpc_url if config.chain else None
+    rpc, kept = args.rpc, None
     if rpc is None:
-        raise DaiseeError("give --rpc URL (or -c CONFIG) to say which chain to check against")
-    result = check_proof(proof, rpc)
+        try:
+            config, kept = _node_config(args)
+        except DaiseeError as exc:
+            if isinstance(exc, ConfigError) or args.data_dir is not None:
+                raise
+            raise DaiseeError(
+                f"give --rpc URL (or -c CONFIG) to say which chain to check against ({exc})"
+            ) from None
+        assert config.chain is not None
+        rpc = config.chain.rpc_url
+    result = check_proof(proof, rpc, keep_in=kept)
     print(json.dumps(result))
     return EXIT_OK if result["valid"] else EXIT_INVALID
 
@@ -284,22 +393,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_chain_spec(args: argparse.Namespace) -> int:
-    from eth_utils import to_checksum_address
-
     from daisee_node.ledger import chainspec
 
-    validators = [v.strip() for v in args.validators.split(",") if v.strip()]
+    validators = []
+    for i, text in enumerate(v.strip() for v in args.validators.split(",")):
+        try:
+            validators.append(chainspec.parse_address(text))
+        except ValueError as exc:
+            raise DaiseeError(f"--validators, address {i + 1} {text!r}: {exc}") from None
+    if not validators:
+        raise DaiseeError("--validators: give at least one validator address")
     funds: dict[str, int] = {}
     for item in args.fund:
-        address, _, eth = item.partition("=")
+        address, sep, eth = item.partition("=")
         try:
-            funds[to_checksum_address(address)] = int(float(eth or "1000") * 10**18)
+            checked = chainspec.parse_address(address.strip())
         except ValueError as exc:
-            raise DaiseeError(f"--fund {item!r}: expected ADDRESS=ETH") from exc
-    try:
-        validators = [to_checksum_address(v) for v in validators]
-    except ValueError as exc:
-        raise DaiseeError(f"--validators: {exc}") from exc
+            raise DaiseeError(f"--fund {item!r}: address {address.strip()!r}: {exc}") from None
+        try:
+            wei = int(float(eth) * 10**18) if sep else 1000 * 10**18
+        except ValueError:
+            raise DaiseeError(f"--fund {item!r}: expected ADDRESS=ETH, ETH a number") from None
+        funds[checked] = wei
     engines = ("qbft", "aura", "clique") if args.engine == "all" else (args.engine,)
     paths = chainspec.write_specs(
         args.out,

@@ -7,7 +7,10 @@ holding the result can `check_proof` it against the chain, with no node and no d
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daisee_node import safejson
@@ -17,10 +20,46 @@ from daisee_node.ledger import merkle
 if TYPE_CHECKING:
     from daisee_node.config import Config
     from daisee_node.ledger.commitment import Commitment
+    from daisee_node.store import Store
 
 
-async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any]:
-    """The reading of `channel` at or before `at_ms`, its Merkle proof and its batch proof."""
+def human_time(t_ms: int) -> str:
+    """A time in ms since the epoch as people write it (UTC, to the second)."""
+    return datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _channel_exists(store: Store, channel: str) -> None:
+    names = [n for (n,) in await store.query("SELECT name FROM channels ORDER BY name")]
+    if channel in names:
+        return
+    close = difflib.get_close_matches(channel, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DaiseeError(f"no channel {channel!r} in the buffer; {hint}channels: {', '.join(names)}")
+
+
+async def _newest_on_chain_ms(store: Store, node: str) -> int:
+    """The last ms of the newest own period the chain holds."""
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED
+
+    rows = []
+    if await store.query("SELECT 1 FROM sqlite_master WHERE name = 'commitments'"):
+        rows = await store.query(
+            "SELECT max(t1) FROM commitments WHERE node = ? AND own = 1 AND state IN (?, ?)",
+            (node, INCLUDED, CONFIRMED),
+        )
+    if not rows or rows[0][0] is None:
+        raise DaiseeError(
+            "no period of this node is on the chain yet (`status` shows when one is), so no "
+            "reading can be proven yet"
+        )
+    return int(rows[0][0]) - 1
+
+
+async def build_proof(
+    config: Config, channel: str, at_ms: int | None = None, *, keep_in: Path | None = None
+) -> dict[str, Any]:
+    """The reading of `channel` at or before `at_ms` (default: the newest one on the chain),
+    its Merkle proof and its batch proof. `keep_in`: the folder of a kept embedded chain."""
     from daisee_node.ledger import chain as chainlib
     from daisee_node.ledger.keys import keystore_address
     from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox, period_leaves
@@ -33,17 +72,24 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
     store = Store(db_path(config.data_dir), read_only=True)
     await store.open()
     try:
+        await _channel_exists(store, channel)
+        if at_ms is None:
+            at_ms = await _newest_on_chain_ms(store, node)
         rows = await store.query(
             "SELECT r.t_ms, r.value, r.quality FROM readings r JOIN channels c "
             "ON c.id = r.channel_id WHERE c.name = ? AND r.t_ms <= ? ORDER BY r.t_ms DESC LIMIT 1",
             (channel, at_ms),
         )
         if not rows:
-            raise DaiseeError(f"no reading of {channel!r} at or before {at_ms} in the buffer")
+            raise DaiseeError(
+                f"no reading of {channel!r} at or before {human_time(at_ms)} in the buffer"
+            )
         t_ms, value, quality = rows[0]
         entry = await Outbox(store).covering(node, t_ms)
         if entry is None:
-            raise DaiseeError("that reading's period is not sealed yet")
+            raise DaiseeError(
+                f"the period of that reading ({channel} at {human_time(t_ms)}) is not sealed yet"
+            )
         if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
             raise DaiseeError(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
@@ -66,8 +112,9 @@ async def build_proof(config: Config, channel: str, at_ms: int) -> dict[str, Any
     leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
     index = leaves.index(leaf)
     assert config.chain is not None
-    w3 = chainlib.connect(config.chain.rpc_url)
-    ledger = chainlib.Ledger(w3, config.chain.ledger_address or "")
+    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
+    address = config.chain.ledger_address or _embedded_ledger(w3)
+    ledger = chainlib.Ledger(w3, address)
     batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
     return {
         "node": node,
@@ -120,8 +167,22 @@ def parse_proof(text: str) -> ReadingProof:
         raise DaiseeError(f"not a proof written by `prove` ({exc})") from exc
 
 
-def check_proof(p: ReadingProof, rpc_url: str) -> dict[str, Any]:
-    """Check a proof against the chain at `rpc_url`: `valid`, and the `problems` found."""
+def _embedded_ledger(w3: Any) -> str:
+    """The ledger of an embedded chain: the first contract its set-up account deployed."""
+    from eth_account import Account
+
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger import embedded
+
+    address = embedded.first_contract(w3, Account.from_key(chainlib.TESTER_KEYS[0]).address)
+    if address is None:
+        raise DaiseeError("the embedded chain holds no ledger")
+    return address
+
+
+def check_proof(p: ReadingProof, rpc_url: str, *, keep_in: Path | None = None) -> dict[str, Any]:
+    """Check a proof against the chain at `rpc_url` (`keep_in`: the folder of a kept embedded
+    chain): `valid`, and the `problems` found."""
     from eth_utils import to_checksum_address
 
     from daisee_node.ledger import chain as chainlib
@@ -135,7 +196,7 @@ def check_proof(p: ReadingProof, rpc_url: str) -> dict[str, Any]:
         problems.append("value does not match value_micro")
     if to_checksum_address(data["node"]) != commitment.node:
         problems.append("node is not the commitment's node")
-    ledger = chainlib.Ledger(chainlib.connect(rpc_url), data["ledger"])
+    ledger = chainlib.Ledger(chainlib.connect(rpc_url, keep_in=keep_in), data["ledger"])
     ledger.check_deployed()
     if not ledger.verify_reading(commitment, p.batch_proof, reading, p.proof):
         problems.append("the ledger does not accept this reading and proof")
@@ -146,4 +207,5 @@ def check_proof(p: ReadingProof, rpc_url: str) -> dict[str, Any]:
         "seq": commitment.seq,
         "channel": data["channel"],
         "t_ms": reading[1],
+        "time": human_time(reading[1]),
     }

@@ -57,10 +57,11 @@ def test_verify_refuses_a_file_that_is_not_a_proof_and_an_unreachable_chain(tmp_
 
 def test_prove_says_why_it_cannot(tmp_path: Path):
     config = write_config(tmp_path / "node.toml", {"node": {"id": "p1", "data_dir": "data"}})
+    # Both are usage or config problems: exit 2, as the README's exit codes say.
     result = run_cli("prove", "-c", str(config), "--channel", "grid.power_w", "--at", "noon")
-    assert result.returncode == 1 and "not an ISO time" in result.stderr
+    assert result.returncode == 2 and "not an ISO time" in result.stderr
     result = run_cli("prove", "-c", str(config), "--channel", "grid.power_w", "--at", "1000")
-    assert result.returncode == 1 and "no [chain] section" in result.stderr
+    assert result.returncode == 2 and "no [chain] section" in result.stderr
     assert "Traceback" not in result.stderr
 
 
