@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 from daisee_node.paths import DEFAULT_CONFIG_PATH
+from daisee_node.signals import install_early_stop
 
 __all__ = ["DEFAULT_CONFIG_PATH", "main"]
-
-
-_stop_requested = False
-
-
-def _early_stop(_signum: int, _frame: object) -> None:
-    """Until the daemon installs its own handlers, a stop ends the process cleanly. The request
-    is also remembered: the exception can land where it is swallowed (a weakref callback during
-    an import prints "Exception ignored" and carries on), and the daemon must not miss it."""
-    global _stop_requested
-    _stop_requested = True
-    raise SystemExit(0)
-
-
-def stop_requested() -> bool:
-    """Whether a stop arrived before the daemon's own signal handlers were installed."""
-    return _stop_requested
 
 
 def main() -> int:
@@ -36,8 +19,7 @@ def main() -> int:
         print(f"daisee-node {__version__}")
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "run":
-        signal.signal(signal.SIGTERM, _early_stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
+        install_early_stop()
     from daisee_node.cli import main as cli_main
 
     return cli_main()

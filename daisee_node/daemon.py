@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daisee_node import _entry, logs
+from daisee_node import logs, signals
 from daisee_node.actuators.relays import RelayController
 from daisee_node.clock import Clock, make_clock
 from daisee_node.config import Config, load_config
@@ -205,7 +205,7 @@ class Node:
         self._lock.acquire()
         loop = asyncio.get_running_loop()
         installed = self._install_signals(loop)
-        if _entry.stop_requested():
+        if signals.stop_requested():
             self.request_stop()
         try:
             # Relays first: they reach their safe state before anything slow or fallible (the

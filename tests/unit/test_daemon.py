@@ -200,15 +200,14 @@ async def test_a_stop_that_arrived_during_the_imports_is_not_lost(
 ) -> None:
     # A SIGTERM during the imports raises SystemExit from the early handler; raised inside a
     # weakref callback it is only printed ("Exception ignored") and the start carries on.
-    from daisee_node import _entry
+    from daisee_node import signals
 
+    # the flag is the process's: put back as it was for the tests after this one
+    monkeypatch.setattr(signals, "_stop_requested", False)
     with pytest.raises(SystemExit):
-        _entry._early_stop(15, None)
-    assert _entry.stop_requested()
-    try:
-        node = Node(load_config(node_config(tmp_path)))
-        # the node stops on its own, relays safe and the store closed, and exits cleanly
-        assert await asyncio.wait_for(node.run(), 10) == 0
-        assert node._stop.is_set()
-    finally:
-        monkeypatch.setattr(_entry, "_stop_requested", False)
+        signals.early_stop(15, None)
+    assert signals.stop_requested()
+    node = Node(load_config(node_config(tmp_path)))
+    # the node stops on its own, relays safe and the store closed, and exits cleanly
+    assert await asyncio.wait_for(node.run(), 10) == 0
+    assert node._stop.is_set()
