@@ -433,6 +433,12 @@ class MqttLink:
                 self._sent(msg)  # a bug: dropped, or it would fail the same way after a restart
                 raise
             self._sent(msg)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11's asyncio.wait_for (inside aiomqtt's publish) drops a cancellation
+                # that comes with the broker's acknowledgement: honour it here, or the sender
+                # waits on `_wake` forever and the session never ends.
+                raise asyncio.CancelledError
 
     async def _receiver(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
