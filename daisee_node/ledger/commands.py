@@ -367,7 +367,11 @@ def cmd_prove(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from daisee_node.ledger.proofs import check_proof, parse_proof
 
-    text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    try:
+        text = sys.stdin.read() if str(args.proof) == "-" else args.proof.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DaiseeError(f"cannot read the proof {args.proof}: {reason}") from None
     try:
         proof = parse_proof(text)
     except DaiseeError as exc:

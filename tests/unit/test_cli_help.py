@@ -129,6 +129,13 @@ def test_prove_without_a_chain_is_a_config_problem(tmp_path: Path) -> None:
     assert "chain: no [chain] section" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_verify_of_a_missing_proof_file_says_so(tmp_path: Path) -> None:
+    result = run_cli("verify", str(tmp_path / "proof.json"), "--rpc", "embedded")
+    assert result.returncode == 1
+    assert "cannot read the proof" in result.stderr and "No such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
     [
