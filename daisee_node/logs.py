@@ -27,14 +27,22 @@ LEVELS = {
 
 #: top-level logger name (children included) → its levels, as the node logs them. pymodbus logs
 #: every failed connect and request of a meter the node already reports in its own words (and
-#: retries): those are debug lines; only its critical lines stay visible, as warnings.
+#: retries): those are debug lines; only its critical lines stay visible, as warnings. The same
+#: for paho's socket errors, which the MQTT link reports itself.
 DEMOTE: dict[str, dict[int, int]] = {
     "pymodbus": {
         logging.INFO: logging.DEBUG,
         logging.WARNING: logging.DEBUG,
         logging.ERROR: logging.DEBUG,
         logging.CRITICAL: logging.WARNING,
-    }
+    },
+    # aiomqtt hands paho its logger "mqtt": paho logs a broken socket as an error, while the
+    # node's link already reports the outage (warning) and reconnects.
+    "mqtt": {
+        logging.WARNING: logging.DEBUG,
+        logging.ERROR: logging.DEBUG,
+        logging.CRITICAL: logging.WARNING,
+    },
 }
 
 #: loggers whose debug lines say nothing even when debugging the node (aiosqlite: two lines per
