@@ -79,13 +79,17 @@ install -m 0600 /dev/null "$ETC/homeassistant-mqtt.pass"
 printf '%s\n' "$ha_pw" > "$ETC/homeassistant-mqtt.pass"
 
 # -- start ---------------------------------------------------------------------------------------
-touch "$DATA/.provisioned"
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
-    systemctl enable mosquitto.service daisee-node.service
-    systemctl restart mosquitto.service
-    systemctl start --no-block daisee-node.service
+    # During boot this unit is ordered before mosquitto and the node: a blocking start or restart
+    # of either would wait for this very unit to finish, for ever. So only queue jobs: a running
+    # mosquitto (this script run by hand) re-reads the logins, and both start once this is done.
+    systemctl enable --quiet mosquitto.service daisee-node.service
+    systemctl try-reload-or-restart --no-block mosquitto.service
+    systemctl start --no-block mosquitto.service daisee-node.service
 else
     systemctl --root="${ROOT:-/}" enable daisee-node.service >/dev/null 2>&1 ||
         systemctl --root="${ROOT:-/}" enable daisee-node.service
 fi
+# Last: a first boot cut short runs again on the next boot (the key, once made, is kept).
+touch "$DATA/.provisioned"
 say "provisioned; daisee-node enabled"

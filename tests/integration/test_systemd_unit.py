@@ -21,7 +21,7 @@ def offline_root(tmp_path: Path) -> Path:
     (venv_bin / "daisee-node").write_text("#!/bin/sh\n")
     (venv_bin / "daisee-node").chmod(0o755)
     (root / "bin").mkdir()
-    shutil.copy("/bin/kill", root / "bin/kill")
+    shutil.copy("/bin/sh", root / "bin/sh")
     system = next(
         p
         for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
