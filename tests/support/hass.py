@@ -1,9 +1,10 @@
 """Home Assistant for the tests: a pinned release in its own environment, its MQTT discovery
 schemas, and a real instance talking to the test broker.
 
-Home Assistant needs a newer Python than the node: the environment (`.venv-hass/` in the
-project root) is made on first use with the first Python ≥ 3.13 found (`DAISEE_HASS_PYTHON`,
-then `python3.13`/`python3.14` on PATH, then pyenv's), and reused while the pin is the same. The
+Home Assistant needs a newer Python than the node: the environment (under `~/.cache/daisee-node/`,
+kept between runs and clones) is made on first use with the first Python ≥ 3.13 found
+(`DAISEE_HASS_PYTHON`, then `python3.13`/`python3.14` on PATH, then pyenv's), and reused while
+the pin is the same. The
 pinned release declares Python ≥ 3.13.2 but runs on 3.13.0, the newest pyenv has here: it is
 installed with `--ignore-requires-python` and started through `hass_launch.py`, which lowers
 only its start-up version check. No suitable Python is a test failure, never a skip.
@@ -28,14 +29,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 
 #: the release whose schemas the discovery payloads must pass (it knows `default_entity_id`)
 HASS_VERSION = "2025.10.4"
 #: installed beside it: what its MQTT integration would fetch at its first start, and the
 #: pycares its pinned aiodns was built for (pip would take a newer, incompatible one)
 HASS_EXTRAS = ("paho-mqtt==2.1.0", "pycares==4.11.0")
-VENV = ROOT / ".venv-hass"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "daisee-node"
+VENV = CACHE / f"hass-{HASS_VERSION}"
 HERE = Path(__file__).resolve().parent
 MIN_PYTHON = (3, 13)
 
@@ -75,7 +77,7 @@ def hass_python() -> Path:
     if stamp.exists() and python.exists():
         return python
     VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(ROOT / ".venv-hass.lock", "w") as lock:
+    with open(CACHE / f"hass-{HASS_VERSION}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time
         if stamp.exists() and python.exists():
             return python
