@@ -25,6 +25,8 @@ from daisee_node.ledger.settings import ChainSection
 from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
+from daisee_node.peers import PREFIX as PEER_PREFIX
+from daisee_node.peers import PeerConfig
 from daisee_node.readings import CHANNEL_RE
 from daisee_node.rules.engine import RuleConfig
 from daisee_node.rules.expressions import TIME_NAMES, Expression, ExpressionError, check
@@ -122,6 +124,9 @@ class Config(StrictModel):
     rules: list[RuleConfig] = Field(default_factory=list)
     chain: ChainSection | None = None
     mqtt: MqttSection | None = None
+    peers: list[PeerConfig] = Field(
+        default_factory=list, description="neighbours whose readings rules read as peer.<id>.…"
+    )
 
     def channel_names(self) -> set[str]:
         """Every channel the configured sensors publish."""
@@ -251,6 +256,7 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
     problems += _check_energy(config)
     problems += _check_relays_and_rules(config)
     problems += _check_chain(config)
+    problems += _check_peers(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
             if sensor.kind != "simulated" and getattr(sensor, "bus", None) != "fake":
@@ -348,6 +354,81 @@ def _check_chain(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def _check_peers(config: Config) -> list[ConfigProblem]:
+    """Peers are other nodes, each with its own key, heard over MQTT; `peer.` names them."""
+    if not config.peers:
+        return []
+    problems = _unique(
+        "peers",
+        "id",
+        [p.id for p in config.peers],
+        lambda v, j: f"{v!r} is already declared by peers[{j}]",
+    )
+    problems += _unique(
+        "peers",
+        "address",
+        [p.address.lower() for p in config.peers],
+        lambda v, j: f"{v} is already the key of peers[{j}]; each node has its own key",
+    )
+    for i, peer in enumerate(config.peers):
+        if peer.id == config.node.id:
+            problems.append(
+                ConfigProblem(f"peers[{i}].id", f"{peer.id!r} is this node's own id (node.id)")
+            )
+        try:
+            names = Expression(f"{PEER_PREFIX}{peer.id}.x.y > 0").names
+        except ExpressionError:
+            names = frozenset()
+        if names != {f"{PEER_PREFIX}{peer.id}.x.y"}:
+            problems.append(
+                ConfigProblem(
+                    f"peers[{i}].id",
+                    f"{peer.id!r} is a word of the rule language; rules could not name this peer",
+                )
+            )
+    if config.mqtt is None:
+        problems.append(
+            ConfigProblem("peers", "peers' readings come over MQTT: add an [mqtt] section")
+        )
+    for i, sensor in enumerate(config.sensors):
+        if sensor.name == PEER_PREFIX.rstrip("."):
+            problems.append(
+                ConfigProblem(
+                    f"sensors[{i}].name",
+                    "'peer' names the neighbours' readings in rules ([[peers]]); "
+                    "rename this sensor",
+                )
+            )
+    for name in config.derived:
+        if name.startswith(PEER_PREFIX):
+            problems.append(
+                ConfigProblem(
+                    f"derived.{name}",
+                    "'peer.' names the neighbours' readings in rules ([[peers]]); "
+                    "rename this value",
+                )
+            )
+    return problems
+
+
+def _peer_problems(names: list[str], peers: set[str]) -> list[str]:
+    """What is wrong with the `peer.…` names an expression reads, in words."""
+    problems = []
+    for name in sorted(set(names)):
+        pid, _, channel = name[len(PEER_PREFIX) :].partition(".")
+        if pid not in peers:
+            declared = f" (declared: {', '.join(sorted(peers))})" if peers else ""
+            problems.append(
+                f"{name}: {pid!r} is not a declared peer; add it to [[peers]]{declared}"
+            )
+        elif not CHANNEL_RE.match(channel):
+            problems.append(
+                f"{name}: a peer input is named peer.<node>.<sensor>.<quantity>, "
+                f"e.g. peer.{pid}.pv.power_w"
+            )
+    return problems
+
+
 def _derived_cycles(derived: dict[str, str]) -> list[ConfigProblem]:
     """Derived values that depend on each other in a circle can never be computed."""
     graph: dict[str, set[str]] = {}
@@ -407,9 +488,21 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
         )
     channels = config.channel_names()
     derived = set(config.derived)
+    peers = {p.id for p in config.peers}
+    peer_names: list[str] = []
 
     def known(name: str) -> bool:
-        return name in channels or name in derived or name in TIME_NAMES
+        if name in channels or name in derived or name in TIME_NAMES:
+            return True
+        if name.startswith(PEER_PREFIX):
+            peer_names.append(name)  # checked apart, with a reason of its own
+            return True
+        return False
+
+    def checked(text: str, result: Literal["condition", "number"]) -> list[str]:
+        peer_names.clear()
+        found = check(text, known, result=result)
+        return found + _peer_problems(peer_names, peers)
 
     for name, text in config.derived.items():
         if name in channels:
@@ -420,9 +513,7 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
                     f"derived.{name}", "must be named like a channel, e.g. 'home.surplus_w'"
                 )
             )
-        problems += [
-            ConfigProblem(f"derived.{name}", p) for p in check(text, known, result="number")
-        ]
+        problems += [ConfigProblem(f"derived.{name}", p) for p in checked(text, "number")]
     problems += _derived_cycles(config.derived)
     problems += _unique(
         "rules",
@@ -435,8 +526,7 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
             text = getattr(rule, key)
             if text is not None:
                 problems += [
-                    ConfigProblem(f"rules[{i}].{key}", p)
-                    for p in check(text, known, result="condition")
+                    ConfigProblem(f"rules[{i}].{key}", p) for p in checked(text, "condition")
                 ]
         for key in ("then", "otherwise"):
             action = getattr(rule, key)

@@ -4,6 +4,7 @@
                                  │
                                  └──▶ rules ──(control)──▶ relays
     MQTT observes through a narrow view (`mqtt.service.NodeView`) and sends relay commands back.
+    Peers' signed readings (`peers`) come in over MQTT straight to the rules, never to the store.
 
 Every long-running part is a named task under the supervisor (`store.writer`, one
 `sampler.<sensor>` per sensor, `relays.worker`, `rules.tick`, `ledger.*`, `mqtt`,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from daisee_node.ledger.commitment import Commitment
     from daisee_node.ledger.service import LedgerService
     from daisee_node.mqtt.service import NodeMqtt
+    from daisee_node.peers import PeerInbox
 
 SHUTDOWN_S = 5.0
 #: past SHUTDOWN_S plus this, a stop that still hangs ends the process (see `request_stop`)
@@ -106,11 +108,27 @@ class Node:
                 config.chain, self.store, self.clock, data_dir, config.rules, config.derived
             )
         self.bus.filters.append(self._flag_late)
+        #: the declared peers' messages (None: the config declares no peers)
+        self.peers: PeerInbox | None = None
         self.mqtt: NodeMqtt | None = None
         if config.mqtt is not None:
             from daisee_node.mqtt.service import NodeMqtt
 
-            self.mqtt = NodeMqtt(MqttView(self), config.mqtt)
+            exchange = None
+            if config.peers:
+                from daisee_node.peers import PeerExchange, PeerInbox
+
+                self.peers = PeerInbox(
+                    config.peers,
+                    base_topic=config.mqtt.base_topic,
+                    now_ms=self.clock.now_ms,
+                    deliver=self._peer_readings,
+                    events=self.store,
+                )
+                # A node shares its readings with its peers only when it declares some.
+                unlock = self.ledger.unlock if self.ledger is not None else None
+                exchange = PeerExchange(self.peers, unlock, self.clock.now_ms)
+            self.mqtt = NodeMqtt(MqttView(self), config.mqtt, peers=exchange)
         self.supervisor = Supervisor(
             self.log, on_crash=lambda name: self.store.add_counter(f"task.{name}.crashes", 1)
         )
@@ -170,6 +188,12 @@ class Node:
         for r in readings:
             latest[r.channel] = r
 
+    def _peer_readings(self, readings: Sequence[Reading]) -> None:
+        """A peer's checked readings: for the rules only (the neighbour's data is neither
+        stored nor committed here, so they skip the reading bus)."""
+        self._remember(readings)
+        self.control.on_readings(readings)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -226,6 +250,10 @@ class Node:
                         data_dir=str(data_dir),
                         pid=os.getpid(),
                     )
+                    if self.config.peers and self.ledger is None:
+                        self.log.warning(
+                            "no node key ([chain]): this node's readings are not sent to its peers"
+                        )
                     self.started.set()
                     await self._stop.wait()
                     await self._shutdown()
@@ -411,6 +439,8 @@ class Node:
                 changed.append("relays/gpio")
             if new.chain != old.chain:
                 changed.append("chain")
+            if new.peers != old.peers:
+                changed.append("peers")  # MQTT subscriptions are made once, at the start
             if changed:
                 self.log.error("config reload rejected: these need a restart", keys=changed)
                 return False

@@ -213,6 +213,14 @@ def _report(
         for entry in rules.values():
             # What the rule last decided, while the node ran: it asks nothing of a stopped node.
             entry["stopped"] = True
+    peers: dict[str, dict[str, Any]] = {}
+    for name, value in counters.items():
+        if name.startswith("peer."):  # peer.<id>.<what>, kept by daisee_node.peers
+            peer, _, what = name[len("peer.") :].rpartition(".")
+            peers.setdefault(peer, {})[what] = value
+    for (kind, key), (_, reason, t_ms) in last_events.items():
+        if kind == "peer" and key in peers:
+            peers[key]["last_reason"], peers[key]["reason_ms"] = reason, t_ms
     sensors: dict[str, dict[str, int]] = {}
     for name, value in counters.items():
         if name.startswith("sensor."):
@@ -242,6 +250,9 @@ def _report(
         "latest": latest,
         "relays": relays,
         "rules": rules,
+        "peers": peers,
+        "peers_sent": counters.get("peers.sent", 0),
+        "peers_undeclared": counters.get("peers.rejected_undeclared", 0),
         "ledger": ledger,
     }
 
@@ -396,6 +407,7 @@ def render_status(report: dict[str, Any]) -> str:
             active = "yes" if r.get("active") else "no"
             rows.append((name, active, asks, errors, r.get("reason", "")))
         lines += _table(rows)
+    lines += _peer_lines(report)
     ledger = report.get("ledger")
     if ledger:
         lines.append("")
@@ -413,6 +425,38 @@ def render_status(report: dict[str, Any]) -> str:
         if ledger["relayed_for_peers"]:
             lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
     return "\n".join(lines)
+
+
+def _peer_lines(report: dict[str, Any]) -> list[str]:
+    """Each peer: when its last kept message came, its readings, and what was refused."""
+    peers = report.get("peers") or {}
+    if not peers and not report.get("peers_sent"):
+        return []
+    lines = [""]
+    if peers:
+        rows = [("PEER", "LAST MESSAGE", "READINGS", "MESSAGES", "REJECTED", "LAST REJECTED")]
+        for name, p in sorted(peers.items()):
+            last = _when(p["last_ms"]) if p.get("last_ms") else "never"
+            why = p.get("last_reason") or "-"
+            age = time.time() - p["reason_ms"] / 1000 if p.get("reason_ms") else -1.0
+            if age >= 0:
+                why += f" ({_age(age)} ago)"
+            rows.append(
+                (
+                    name,
+                    last,
+                    f"{p.get('readings', 0):,}",
+                    f"{p.get('messages', 0):,}",
+                    f"{p.get('rejected', 0):,}",
+                    why if p.get("rejected") else "-",
+                )
+            )
+        lines += _table(rows)
+    if report.get("peers_undeclared"):
+        lines.append(f"  from undeclared peers: {report['peers_undeclared']:,} messages refused")
+    if report.get("peers_sent"):
+        lines.append(f"peers           {report['peers_sent']:,} signed messages sent to peers")
+    return lines
 
 
 def value_text(value: float, unit: str) -> tuple[str, str]:

@@ -5,7 +5,8 @@ Topics under `<base_topic>/<node id>/`: `status` (retained online/offline, the l
 read publishes nothing, so the last good value stays and Home Assistant's `expire_after` shows
 the entity unavailable), `relay/<name>` (retained ON/OFF) with `relay/<name>/attributes` (mode,
 reason, override duration and end), `relay/<name>/set` (commands), `rule/<name>` and `ledger`
-(retained JSON), `commitment` (signed commitments for relays).
+(retained JSON), `commitment` (signed commitments for relays), `peer` (signed readings for the
+neighbours that declare this node a peer: see `daisee_node.peers`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from daisee_node.secretfiles import read_secret
 
 if TYPE_CHECKING:
     from daisee_node.ledger.commitment import Commitment
+    from daisee_node.peers import PeerExchange, PeerPublisher
 
 DISCOVERY_META_KEY = "mqtt_discovery_topics"
 #: relay → seconds an ON / OFF without an expiry lasts (set from Home Assistant; 0: until AUTO)
@@ -268,7 +270,9 @@ class NodeView(Protocol):
 class NodeMqtt:
     """The node's MQTT face: state out, commands in, discovery kept in step with the config."""
 
-    def __init__(self, node: NodeView, settings: MqttSection) -> None:
+    def __init__(
+        self, node: NodeView, settings: MqttSection, *, peers: PeerExchange | None = None
+    ) -> None:
         self.node = node
         self.settings = settings
         password = None
@@ -300,6 +304,10 @@ class NodeMqtt:
                 ledger.on_sealed(self._share_commitment)
             if ledger.relays_peers:
                 self.link.subscribe(f"{settings.base_topic}/+/commitment", self._on_peer_commitment)
+        #: signs and sends this node's readings for its peers (None: no peers, or no key)
+        self.peer_publisher: PeerPublisher | None = None
+        if peers is not None:
+            self._wire_peers(peers)
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -313,6 +321,8 @@ class NodeMqtt:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt.link")
                 tg.create_task(self._state_loop(), name="mqtt.state")
+                if self.peer_publisher is not None:
+                    tg.create_task(self.peer_publisher.run(), name="mqtt.peers")
         except Exception:
             if self.link.stopping:
                 # Cancelled on the way out as a child failed: a TaskGroup then raises the
@@ -579,6 +589,33 @@ class NodeMqtt:
         self.commands_refused += 1
         self.node.add_counter("mqtt.commands_refused", 1)
         self._warn_refused(topic=topic[:200], error=str(exc))
+
+    # -- peers ---------------------------------------------------------------------------------
+
+    def _wire_peers(self, peers: PeerExchange) -> None:
+        from daisee_node.peers import TOPIC, PeerPublisher
+
+        if peers.inbox is not None:
+            for topic in peers.inbox.topics():
+                self.link.subscribe(topic, peers.inbox.receive)
+        if peers.unlock is None:
+            return
+        topic = f"{self.base}/{TOPIC}"
+        self.peer_publisher = PeerPublisher(
+            self.node_id,
+            peers.unlock,
+            self._own_readings,
+            lambda payload: self.link.publish(topic, payload, qos=0),
+            now_ms=peers.now_ms,
+            interval_s=max(STATE_LOOP_S, self.settings.reading_interval_s),
+            connected=self.link.connected.is_set,
+            count=self.node.add_counter,
+        )
+
+    def _own_readings(self) -> dict[str, Reading]:
+        """The newest reading of each of the node's own channels (never a peer's)."""
+        latest = self.node.latest
+        return {c.name: latest[c.name] for c in self.node.channels() if c.name in latest}
 
     # -- commitments -----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ A rule is `active` while its `when` holds (or, with `until`, from when `when` be
 acts on it; the rule then stays in its new state at least `min_on_s` / `min_off_s`. An active rule
 asks for `then`, an inactive one for `otherwise` (or nothing). If an input is missing, bad or older
 than `stale_after_s`, the rule asks for its `fallback` at once: safety comes before hold and
-minimum times. Among the rules that ask something of one relay, the highest `priority` wins
+minimum times. Inputs named `peer.<node>.<channel>` are a neighbour's readings, heard over MQTT
+(`daisee_node.peers`), stamped with the neighbour's times: the same staleness and fallback apply
+to them. Among the rules that ask something of one relay, the highest `priority` wins
 (the first in the file on a tie). A relay under manual override suspends its rules.
 
 An evaluation that fails (a division by a value that turned zero, a derived value that cannot be
@@ -410,6 +412,9 @@ _QUALITY_WORDS = {
 def _unusable(name: str, r: Reading | None, now_ms: int, stale_after_s: float) -> str:
     """Why one input cannot be used, in an operator's words (never a bare `None`)."""
     if r is None:
+        if name.startswith("peer."):  # a neighbour's (daisee_node.peers): say where it comes from
+            peer = name.split(".", 2)[1]
+            return f"{name} has no reading (nothing kept from peer {peer} yet)"
         return f"{name} has no reading"
     if not r.good:
         return f"{name} has no good reading ({_QUALITY_WORDS.get(r.quality, r.quality.name)})"

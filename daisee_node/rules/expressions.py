@@ -2,8 +2,9 @@
 
 Channel names keep their dots (`battery.soc_pct < 20 and time.hour >= 18`). rule-engine reads
 `a.b` as an attribute of `a`, so a context of our own resolves dotted names against the node's
-values. Besides channels: `time.hour` (local hour of day, with its fraction), `time.weekday`
-(0 = Monday) and the node's derived values.
+values. A neighbour's channel is read as `peer.<node>.<channel>` (`peer.house2.pv.power_w`),
+resolved the same way. Besides channels: `time.hour` (local hour of day, with its fraction),
+`time.weekday` (0 = Monday) and the node's derived values.
 
 What a rule may say is bounded before the parser sees it. rule-engine folds constant parts while
 it parses (so a regular expression over two literals runs inside `check-config`) and builds its

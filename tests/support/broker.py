@@ -92,10 +92,20 @@ def make_tls_files(workdir: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-class Broker:
-    """mosquitto with users `node`, `ha` (may command relays) and `viewer` (read only)."""
+#: with `node_logins`: each node login may write only under its own name (`%u` is the login, the
+#: node id) and read its own topics (relay commands) and every node's signed peer messages
+NODE_PATTERNS = [
+    "pattern write daisee/%u/#",
+    "pattern read daisee/%u/#",
+    "pattern read daisee/+/peer",
+]
 
-    def __init__(self, workdir: Path, tls: bool = False) -> None:
+
+class Broker:
+    """mosquitto with users `node`, `ha` (may command relays) and `viewer` (read only); with
+    `node_logins`, one more login per node id, held to its own topics by `NODE_PATTERNS`."""
+
+    def __init__(self, workdir: Path, tls: bool = False, node_logins: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -103,15 +113,19 @@ class Broker:
         self.log = workdir / "mosquitto.log"
         passwd = workdir / "passwd"
         passwd.touch(mode=0o600)
-        for user, (password, _) in USERS.items():
+        self.passwords = {user: password for user, (password, _) in USERS.items()}
+        self.passwords.update({login: f"{login}-secret" for login in node_logins})
+        for user, password in self.passwords.items():
             subprocess.run(
                 [_binary("mosquitto_passwd"), "-b", str(passwd), user, password],
                 check=True,
                 capture_output=True,
             )
         acl = workdir / "acl"
+        patterns = "".join(f"{line}\n" for line in NODE_PATTERNS) + "\n" if node_logins else ""
         acl.write_text(
-            "".join(f"user {u}\n" + "\n".join(lines) + "\n\n" for u, (_, lines) in USERS.items())
+            patterns
+            + "".join(f"user {u}\n" + "\n".join(lines) + "\n\n" for u, (_, lines) in USERS.items())
         )
         self.ca: Path | None = None
         tls_lines = ""
@@ -133,7 +147,7 @@ class Broker:
 
     def password_file(self, user: str) -> Path:
         path = self.workdir / f"{user}.pass"
-        path.write_text(USERS[user][0] + "\n")
+        path.write_text(self.passwords[user] + "\n")
         path.chmod(0o600)  # the node refuses a password others can read
         return path
 
