@@ -5,7 +5,9 @@ continuous-conversion mode), on a worker thread so the event loop never waits on
 
 - `mode = "dc"`: the mean current over `window_s`, signed (a battery's charge and discharge);
 - `mode = "ac"`: the true RMS over `window_cycles` whole mains cycles, around the window's own mean
-  (so a drifting bias does not count as current).
+  (so a drifting bias does not count as current). Each sample is weighted by the part of the mains
+  cycle it stands for, from the instant it was read: conversions missed while the thread was
+  descheduled (a loaded Pi) leave no bias as long as other cycles of the window saw those phases.
 
 Power is current times a configured voltage (`voltage_v`) or the latest value of a measured one
 (`voltage_channel`); import and export energy are integrated into Wh counters that continue from the
@@ -25,7 +27,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +184,9 @@ class _Chip:
         self.lock = threading.Lock()
         self.selected: tuple[int, float, int] | None = None
 
-    def select(self, mux: int, gain: float, data_rate: int) -> None:
+    def select(
+        self, mux: int, gain: float, data_rate: int, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         """Point the chip's continuous conversions at one input.
 
         Adafruit's driver (3.0.5) does not do this itself in continuous mode: its config write
@@ -202,7 +206,7 @@ class _Chip:
         )
         self.selected = None
         d._write_register(_REG_CONFIG, word)
-        time.sleep(2.0 / data_rate)
+        sleep(2.0 / data_rate)
         d.get_last_result(False)  # moves the pointer to the conversion register
         self.selected = (mux, gain, data_rate)
 
@@ -321,6 +325,66 @@ def save_calibration(data_dir: Path, name: str, entry: dict[str, Any]) -> Path:
     return path
 
 
+def cycle_stats(times: Sequence[float], values: Sequence[float], hz: float) -> tuple[float, float]:
+    """Mean and RMS deviation over one cycle of a periodic signal, from samples at any instants.
+
+    Each sample is placed at its phase in the cycle (its time modulo the period) and the cycle is
+    integrated by the trapezoid rule over phase, around the circle. A plain average over a span
+    of whole cycles is biased as soon as part of the span is missing (the phases it would have
+    shown are under-counted), and interpolating over the gap in time is worse (a chord across a
+    peak); folded onto one cycle, the other cycles of the window fill the phases it left out.
+    """
+    n = len(values)
+    if n < 2:
+        return (float(values[0]) if n else math.nan), 0.0
+    t0 = times[0]
+    points = sorted(zip([(t - t0) * hz % 1.0 for t in times], values, strict=True))
+    centre = sum(values) / n  # squares of uncentred codes would lose the variance to rounding
+    first = second = 0.0  # twice the integrals of (v - centre) and (v - centre)² over phase
+    before, v = points[-1]
+    before -= 1.0  # the last sample, one cycle back: the first gap closes the circle
+    a = v - centre
+    for phase, v in points:
+        b = v - centre
+        gap = phase - before
+        first += gap * (a + b)
+        second += gap * (a * a + b * b)
+        before, a = phase, b
+    mean = first / 2
+    return centre + mean, math.sqrt(max(0.0, second / 2 - mean * mean))
+
+
+def _mid_conversion(
+    device: Any, perf: Callable[[], float], sleep: Callable[[float], None], period: float
+) -> float:
+    """When to start reading so that the reads fall half-way between the chip's conversions.
+
+    A read close to the end of a conversion gets that result or the one before it depending on a
+    few µs of wake-up delay, so its stamp is a period off the instant it stands for at random; a
+    chip converting at the read rate stays that close for a whole window. Its conversions are
+    found by polling until the result changes (for at most two periods); on a quiet input that
+    never changes, or a thread too often away to bracket a change, reading starts at once.
+    """
+    buf = bytearray(2)
+
+    def code() -> int:
+        with device:
+            device.readinto(buf, end=2)
+        return buf[0] << 8 | buf[1]
+
+    before, last = perf(), code()
+    for _ in range(16):
+        sleep(period / 8)
+        t = perf()
+        value = code()
+        if value != last and t - before <= period / 2:
+            completed = (before + t) / 2  # a conversion completed between the two reads
+            lag = perf() - completed - period / 2
+            return completed + period / 2 + max(0, math.ceil(lag / period)) * period
+        before, last = t, value
+    return perf()
+
+
 class Window:
     """What one sampling window saw."""
 
@@ -374,6 +438,10 @@ class Ads1115Sensor(Sensor):
         self.energy = EnergyCounter(max_gap_s=max(60.0, 10 * config.interval_s))
         self.samples_taken = 0
         self.sample_cpu_s = 0.0
+        #: the sampling thread's steady clock and blocking sleep: the chip converts on physical
+        #: time, whatever the node's clock says (a test drives both by hand)
+        self.thread_clock: Callable[[], float] = time.perf_counter
+        self.thread_sleep: Callable[[float], None] = time.sleep
 
     @property
     def channels(self) -> Sequence[Channel]:
@@ -410,7 +478,7 @@ class Ads1115Sensor(Sensor):
         with chip.lock:
             try:
                 if chip.selected != wanted:
-                    chip.select(*wanted)
+                    chip.select(*wanted, sleep=self.thread_sleep)
                 # The transaction the driver's `get_last_result(fast=True)` makes (read the
                 # conversion register, the pointer already on it), through the driver's own
                 # I2C device and its bus lock, minus three Python calls per sample: each is
@@ -419,12 +487,16 @@ class Ads1115Sensor(Sensor):
                 readinto = device.readinto
                 buf = bytearray(2)
                 raw: list[int] = []
-                append = raw.append
-                perf, sleep = time.perf_counter, time.sleep
+                stamps: list[float] = []
+                append, stamp = raw.append, stamps.append
+                perf, sleep = self.thread_clock, self.thread_sleep
                 start = perf()
+                if self.cfg.mode == "ac":
+                    start = _mid_conversion(device, perf, sleep, period)
                 # The window is a span of time (whole mains cycles), not a count: a thread
-                # woken late skips the conversions it missed instead of bunching its reads,
-                # so the samples still cover whole cycles and the RMS stays unbiased.
+                # woken late skips the conversions it missed instead of bunching its reads
+                # (several reads of one result). What it missed is a gap in time, which the AC
+                # statistics fill from the other cycles (`cycle_stats`): each read is stamped.
                 i = 0
                 while i < n:
                     late = perf() - (start + i * period)
@@ -434,6 +506,9 @@ class Ads1115Sensor(Sensor):
                         i += int(late / period)
                         if i >= n:
                             break
+                    # Stamped before the transaction: the chip answers with the last result it
+                    # had when the transaction began, and a real bus may block during it.
+                    stamp(perf())
                     with device:
                         readinto(buf, end=2)
                     append(buf[0] << 8 | buf[1])
@@ -443,15 +518,19 @@ class Ads1115Sensor(Sensor):
                 chip.selected = None  # the chip's state is unknown after a bus error
                 raise
         self.sample_cpu_s += time.thread_time() - cpu0
+        if not raw:
+            raise OSError(f"{self.name}: the sampling thread was away for the whole window")
         codes = [r - 0x10000 if r & 0x8000 else r for r in raw]  # two's complement
         n = len(codes)
         self.samples_taken += n
         scale = self.fsr / 32768.0
-        total = sum(codes)
-        mean_code = total / n
-        var = sum((c - mean_code) ** 2 for c in codes) / n
+        if self.cfg.mode == "ac":
+            mean_code, rms_code = cycle_stats(stamps, codes, self.cfg.mains_hz)
+        else:
+            mean_code = sum(codes) / n
+            rms_code = math.sqrt(sum((c - mean_code) ** 2 for c in codes) / n)
         saturated = max(codes) >= 32767 or min(codes) <= -32768
-        return Window(mean_code * scale, math.sqrt(var) * scale, n, saturated, seconds)
+        return Window(mean_code * scale, rms_code * scale, n, saturated, seconds)
 
     def _voltage(self) -> float | None:
         c = self.cfg

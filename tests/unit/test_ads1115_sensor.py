@@ -14,6 +14,7 @@ from daisee_node.clock import Clock
 from daisee_node.readings import Quality, Reading
 from daisee_node.sensors.ads1115 import Ads1115Config, Ads1115Sensor, load_calibration
 from daisee_node.sensors.base import SensorContext
+from daisee_node.sensors.fake_i2c import FakeADS1115, FakeI2C
 
 
 def config(**kw: Any) -> Ads1115Config:
@@ -73,6 +74,72 @@ async def test_ac_true_rms_over_whole_cycles(
     true_rms = rms * math.sqrt(1 + (h3 / 100) ** 2)  # orthogonal harmonics add in quadrature
     assert current.value == pytest.approx(true_rms, rel=0.02)
     assert s.window_samples == round(10 / 50 * 860)
+
+
+class BusyMachine:
+    """Steady time for the sampling thread and its chip that moves only when the thread sleeps.
+
+    During the `away` spans the CPU is taken from the thread: a sleep due to end inside one ends
+    at its end instead, as a thread woken on a loaded machine waits for a core.
+    """
+
+    def __init__(self, away: list[tuple[float, float]], start: float = 100.0) -> None:
+        self.t = start
+        self.away = away
+        self.late_wakes = 0
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+        for begin, end in self.away:
+            if begin <= self.t < end:
+                self.t = end
+                self.late_wakes += 1
+
+
+CYCLE = 1 / 50
+
+
+def around(phase: float, cycles: tuple[int, ...] = (1, 3, 6, 8)) -> list[tuple[float, float]]:
+    """6 ms around one phase of the current (0.25: its positive peak) in several cycles."""
+    return [
+        (100.0 + (k + phase) * CYCLE - 0.003, 100.0 + (k + phase) * CYCLE + 0.003) for k in cycles
+    ]
+
+
+@pytest.mark.parametrize(
+    "away",
+    [
+        around(0.25),
+        around(0.0),
+        [(100.0 + k * 0.031, 100.0 + k * 0.031 + 0.005) for k in range(10)],
+    ],
+    ids=["peaks", "zero-crossings", "5-ms-of-every-31"],
+)
+async def test_ac_rms_holds_when_the_thread_misses_parts_of_the_window(
+    away: list[tuple[float, float]], tmp_path: Path
+) -> None:
+    """A descheduled sampling thread loses spans of the window (the chip's clock and the
+    thread's are the same fake one, which moves only when the thread sleeps). With a plain
+    average the phases under-counted that way moved the RMS by 3–4 %: low when peaks are lost,
+    high when zero crossings are."""
+    machine = BusyMachine(away)
+    bus = FakeI2C()
+    bus.attach(0x48, FakeADS1115(clock=machine.clock))
+    ctx = SensorContext(Clock(), tmp_path)
+    ctx.resources[("i2c", "fake")] = bus
+    s = Ads1115Sensor(
+        config(current_sensor="sct013-030", mode="ac", fake={"ac_rms_a": 10.0, "noise_a": 0.02}),
+        ctx,
+    )
+    s.thread_clock, s.thread_sleep = machine.clock, machine.sleep
+    await s.setup()
+    current = by_channel(await s.read())["current_a"]
+    assert machine.late_wakes >= 4  # the window did lose spans …
+    assert s.samples_taken <= s.window_samples - 10
+    assert current.value == pytest.approx(10.0, rel=0.02)  # … and the RMS did not move
 
 
 async def test_ac_rms_ignores_a_drifted_bias(tmp_path: Path) -> None:

@@ -110,3 +110,28 @@ def test_the_status_bit_stays_busy_for_one_conversion_time() -> None:
     assert register(1) & 0x8000  # ready
     assert register(0) == round(1.0 / 2.048 * 32768)
     assert chip.conversions == 1
+
+
+def test_continuous_results_are_the_input_at_each_conversion_instant() -> None:
+    """As a real chip: a conversion completes every 1/rate s (counted here from the config
+    write) and the register holds the input as it was at the latest one, however late or
+    irregular the reads (a late reader skips results; it never gets the missed ones bunched)."""
+    now = [50.0]
+    bus = FakeI2C()
+    chip = bus.attach(0x48, FakeADS1115(clock=lambda: now[0]))
+    chip.set_input(0, lambda t: t - 50.0)  # a ramp: each result tells when it was converted
+    # AIN0 against GND, ±4.096 V, continuous, 860 SPS, comparator off
+    word = 0b100 << 12 | 0b001 << 9 | 0b111 << 5 | 0x0003
+    bus.writeto(0x48, bytes([1, word >> 8, word & 0xFF]))
+    bus.writeto(0x48, bytes([0]))
+    period = 1 / 860
+    seen = []
+    for wait in (1.3, 0.2, 0.1, 4.7, 1.0, 9.5, 0.6):  # in conversion periods
+        now[0] += wait * period
+        out = bytearray(2)
+        bus.readfrom_into(0x48, out)
+        done = math.floor((now[0] - 50.0) / period)
+        assert out[0] << 8 | out[1] == round(((50.0 + done * period) - 50.0) / 4.096 * 32768)
+        seen.append(done)
+    assert seen == [1, 1, 1, 6, 7, 16, 17]
+    assert chip.conversions == len(set(seen))  # one result per completed conversion looked at
