@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.errors import ConfigError, ConfigProblem
-from daisee_node.ledger.settings import ChainSection
+from daisee_node.ledger.settings import ChainSection, MarketSection
 from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
@@ -123,6 +123,7 @@ class Config(StrictModel):
     )
     rules: list[RuleConfig] = Field(default_factory=list)
     chain: ChainSection | None = None
+    market: MarketSection | None = None
     mqtt: MqttSection | None = None
     peers: list[PeerConfig] = Field(
         default_factory=list, description="neighbours whose readings rules read as peer.<id>.…"

@@ -60,6 +60,12 @@ def add_parsers(sub: Any, default_config: Path) -> None:
     key_options(deploy, "the deployer")
     deploy.add_argument("--governance", default=None, help="registry owner (default: deployer)")
     deploy.add_argument("--wh-per-credit", type=int, default=1000)
+    deploy.add_argument(
+        "--market",
+        action="store_true",
+        help="also deploy the energy market beside the ledger (default settings; "
+        "`market deploy` sets them)",
+    )
     deploy.set_defaults(func=cmd_deploy)
 
     register = sub.add_parser("register-node", help="add (or --remove) a node in the registry")
@@ -182,6 +188,10 @@ def add_parsers(sub: Any, default_config: Path) -> None:
     )
     spec.set_defaults(func=cmd_chain_spec)
 
+    from daisee_node.ledger.market_commands import add_parsers as add_market_parsers
+
+    add_market_parsers(sub)
+
 
 # -- keys ------------------------------------------------------------------------------------
 
@@ -253,6 +263,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "governance": to_checksum_address(args.governance or account.address),
         "block": w3.eth.block_number,
     }
+    if args.market:
+        from daisee_node.ledger import market
+
+        out["market"] = market.deploy(w3, account, address)
+        out["block"] = w3.eth.block_number
     print(json.dumps(out))
     return EXIT_OK
 

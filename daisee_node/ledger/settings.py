@@ -67,3 +67,15 @@ class ChainSection(StrictModel):
 
     def password_path(self, data_dir: Path) -> Path:
         return self.password_file or data_dir / "node-key.pass"
+
+
+class MarketSection(StrictModel):
+    """`[market]`: the energy market contract the node buys and sells on (needs `[chain]`)."""
+
+    address: str = Field(pattern=ADDRESS_PATTERN, description="the deployed EnergyMarket")
+    from_block: int = Field(
+        0,
+        ge=0,
+        description="the block the market (or the ledger) was deployed in: logs are read from "
+        "there, so long chains are not searched from the start",
+    )
