@@ -17,6 +17,9 @@ from tests.conftest import free_port, wait_for, write_config
 from tests.support import hass as hass_support
 from tests.support.meters import EmulatedMeter, ThreadedMeterServer
 
+# Home Assistant's own environment is built on first use: run beside the rest (`./run test`).
+pytestmark = pytest.mark.beside
+
 NODE = "hass1"
 #: 1,234,567.8 Wh as the meter holds it: a uint32 of tenths of Wh
 TENTHS = 12_345_678

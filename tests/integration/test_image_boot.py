@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.image import Machine, installed_root
 
-pytestmark = [pytest.mark.slow, pytest.mark.image]
+pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.beside]
 
 UNIT = "daisee-node.service"
 HISTORY = "/var/lib/daisee-node/mock-gpio/history.log"

@@ -17,6 +17,9 @@ from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import Channel, Reading
 from tests.support import hass
 
+# Home Assistant's own environment is built on first use: run beside the rest (`./run test`).
+pytestmark = pytest.mark.beside
+
 CHANNELS = [
     Channel("grid.power_w", "W"),
     Channel("grid.import_wh", "Wh", "total_increasing"),
