@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import graphlib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -20,8 +21,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, Field, ValidationError
 
 from daisee_node.actuators.relays import GpioSection, RelayConfig
+from daisee_node.delivery import CHANNELS as MARKET_CHANNELS
 from daisee_node.errors import ConfigError, ConfigProblem
-from daisee_node.ledger.settings import ChainSection, MarketSection
+from daisee_node.ledger.settings import ADDRESS_PATTERN, ChainSection, MarketSection
 from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
@@ -258,6 +260,7 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
     problems += _check_relays_and_rules(config)
     problems += _check_chain(config)
     problems += _check_peers(config)
+    problems += _check_market(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
         for i, sensor in enumerate(config.sensors):
             if sensor.kind != "simulated" and getattr(sensor, "bus", None) != "fake":
@@ -412,6 +415,103 @@ def _check_peers(config: Config) -> list[ConfigProblem]:
     return problems
 
 
+def _input_checker(
+    config: Config, names: set[str]
+) -> Callable[[str, Literal["condition", "number"]], list[str]]:
+    """Checks an expression over `names`, the declared peers' inputs and, with `[market]`, the
+    market's; peer and market names that cannot be read get a reason of their own."""
+    peers = {p.id for p in config.peers}
+    peer_names: list[str] = []
+    market_names: list[str] = []
+
+    def known(name: str) -> bool:
+        if name in names:
+            return True
+        if name.startswith(PEER_PREFIX):
+            peer_names.append(name)  # checked apart, with a reason of its own
+            return True
+        if name in MARKET_CHANNELS:
+            market_names.append(name)
+            return True
+        return False
+
+    def checked(text: str, result: Literal["condition", "number"]) -> list[str]:
+        peer_names.clear()
+        market_names.clear()
+        found = check(text, known, result=result)
+        found += _peer_problems(peer_names, peers)
+        if config.market is None:
+            found += [
+                f"{name}: the market's inputs need a [market] section" for name in market_names
+            ]
+        return found
+
+    return checked
+
+
+def _check_market(config: Config) -> list[ConfigProblem]:
+    """`[market]` acts on the chain with the node key; its channels, peers and buy entries."""
+    market = config.market
+    if market is None:
+        return []
+    problems: list[ConfigProblem] = []
+    if config.chain is None:
+        problems.append(
+            ConfigProblem("market", "the market is on the chain, with the node key: add [chain]")
+        )
+    peers = {p.id for p in config.peers}
+    declared = f" (declared: {', '.join(sorted(peers))})" if peers else " (none declared)"
+    for i, who in enumerate(market.accept_from):
+        if who not in peers and not re.match(ADDRESS_PATTERN, who):
+            problems.append(
+                ConfigProblem(
+                    f"market.accept_from[{i}]",
+                    f"{who!r} is neither a [[peers]] id{declared} nor a 0x… address",
+                )
+            )
+    channels = config.channel_names()
+    for key in ("battery_channel", "seller_meter", "buyer_meter"):
+        name = getattr(market, key)
+        if name is not None and name not in channels:
+            hint = difflib.get_close_matches(name, sorted(channels), n=1)
+            more = f"; did you mean {hint[0]!r}?" if hint else ""
+            problems.append(ConfigProblem(f"market.{key}", f"no sensor publishes {name!r}{more}"))
+    if market.keep_battery_above_pct is not None and market.battery_channel is None:
+        problems.append(
+            ConfigProblem(
+                "market.battery_channel",
+                "keep_battery_above_pct needs the battery's channel, e.g. 'battery.soc_pct'",
+            )
+        )
+    problems += _unique(
+        "market.buy",
+        "name",
+        [b.name for b in market.buy],
+        lambda v, j: f"{v!r} is already the name of market.buy[{j}]",
+    )
+    checked = _input_checker(config, channels)
+    for i, entry in enumerate(market.buy):
+        if entry.seller not in peers:
+            problems.append(
+                ConfigProblem(
+                    f"market.buy[{i}].seller",
+                    f"{entry.seller!r} is not a declared peer{declared}; add it to [[peers]]",
+                )
+            )
+        problems += [
+            ConfigProblem(f"market.buy[{i}].when", p) for p in checked(entry.when, "condition")
+        ]
+    if market.buy and market.buyer_meter is None:
+        problems.append(
+            ConfigProblem(
+                "market.buyer_meter",
+                "[[market.buy]] needs the counter that meters what the node buys, "
+                "e.g. 'grid.import_wh'",
+            )
+        )
+    return problems
+
+
 def _peer_problems(names: list[str], peers: set[str]) -> list[str]:
     """What is wrong with the `peer.…` names an expression reads, in words."""
     problems = []
@@ -489,21 +589,7 @@ def _check_relays_and_rules(config: Config) -> list[ConfigProblem]:
         )
     channels = config.channel_names()
     derived = set(config.derived)
-    peers = {p.id for p in config.peers}
-    peer_names: list[str] = []
-
-    def known(name: str) -> bool:
-        if name in channels or name in derived or name in TIME_NAMES:
-            return True
-        if name.startswith(PEER_PREFIX):
-            peer_names.append(name)  # checked apart, with a reason of its own
-            return True
-        return False
-
-    def checked(text: str, result: Literal["condition", "number"]) -> list[str]:
-        peer_names.clear()
-        found = check(text, known, result=result)
-        return found + _peer_problems(peer_names, peers)
+    checked = _input_checker(config, channels | derived | set(TIME_NAMES))
 
     for name, text in config.derived.items():
         if name in channels:

@@ -46,6 +46,7 @@ from daisee_node.systemd import Notifier
 if TYPE_CHECKING:
     from daisee_node.ledger.commitment import Commitment
     from daisee_node.ledger.service import LedgerService
+    from daisee_node.market_node import MarketService
     from daisee_node.mqtt.service import NodeMqtt
     from daisee_node.peers import PeerInbox
 
@@ -111,23 +112,42 @@ class Node:
         #: the declared peers' messages (None: the config declares no peers)
         self.peers: PeerInbox | None = None
         self.mqtt: NodeMqtt | None = None
+        exchange = None
+        if config.mqtt is not None and config.peers:
+            from daisee_node.peers import PeerExchange, PeerInbox
+
+            self.peers = PeerInbox(
+                config.peers,
+                base_topic=config.mqtt.base_topic,
+                now_ms=self.clock.now_ms,
+                deliver=self._peer_readings,
+                events=self.store,
+            )
+            # A node shares its readings with its peers only when it declares some.
+            unlock = self.ledger.unlock if self.ledger is not None else None
+            exchange = PeerExchange(self.peers, unlock, self.clock.now_ms)
+        #: the node on the energy market (None: no [market])
+        self.market: MarketService | None = None
+        if config.market is not None and self.ledger is not None and config.chain is not None:
+            from daisee_node.market_node import MarketService
+
+            inbox = self.peers
+            self.market = MarketService(
+                config.market,
+                ledger=self.ledger,
+                store=self.store,
+                clock=self.clock,
+                latest=self.latest,
+                peers={p.address: p.id for p in config.peers},
+                deliver=self._peer_readings,
+                peer_age_s=inbox.heard_age_s if inbox is not None else lambda peer: None,
+                period_s=config.chain.period_s,
+                confirmations=config.chain.confirmations,
+            )
+            self.bus.subscribe(self.market.on_readings)
         if config.mqtt is not None:
             from daisee_node.mqtt.service import NodeMqtt
 
-            exchange = None
-            if config.peers:
-                from daisee_node.peers import PeerExchange, PeerInbox
-
-                self.peers = PeerInbox(
-                    config.peers,
-                    base_topic=config.mqtt.base_topic,
-                    now_ms=self.clock.now_ms,
-                    deliver=self._peer_readings,
-                    events=self.store,
-                )
-                # A node shares its readings with its peers only when it declares some.
-                unlock = self.ledger.unlock if self.ledger is not None else None
-                exchange = PeerExchange(self.peers, unlock, self.clock.now_ms)
             self.mqtt = NodeMqtt(MqttView(self), config.mqtt, peers=exchange)
         self.supervisor = Supervisor(
             self.log, on_crash=lambda name: self.store.add_counter(f"task.{name}.crashes", 1)
@@ -285,6 +305,9 @@ class Node:
         if self.ledger is not None:
             spawn("ledger.sealer", self.ledger.seal_loop)
             spawn("ledger.submitter", self.ledger.submit_loop)
+        if self.market is not None:
+            spawn("market.tick", self.market.tick_loop)
+            spawn("market.watch", self.market.run)
         if self.mqtt is not None:
             spawn("mqtt", self.mqtt.run)
         spawn("systemd.watchdog", self._watchdog, supervise=False)
@@ -336,8 +359,23 @@ class Node:
         tasks = self.supervisor
         samplers = [t for name, t in tasks.tasks.items() if name.startswith("sampler.")]
         await tasks.cancel(samplers, wait_s=(deadline - time.monotonic()) / 2)
-        stopping = tasks.named(("rules.tick", "relays.worker", "ledger.sealer", "ledger.submitter"))
+        stopping = tasks.named(
+            (
+                "rules.tick",
+                "relays.worker",
+                "ledger.sealer",
+                "ledger.submitter",
+                "market.tick",
+                "market.watch",
+            )
+        )
         await tasks.cancel(stopping, wait_s=(deadline - time.monotonic()) / 3)
+        if self.market is not None:
+            try:  # what the meters counted for each order outlives the process
+                async with asyncio.timeout(0.5):
+                    await self.market.save()
+            except Exception as exc:
+                self.log.warning("market state not saved", error=repr(exc))
         if self.relays is not None:
             self._safe_done = await self._relays_safe()
         if self.mqtt is not None:
@@ -441,6 +479,8 @@ class Node:
                 changed.append("chain")
             if new.peers != old.peers:
                 changed.append("peers")  # MQTT subscriptions are made once, at the start
+            if new.market != old.market:
+                changed.append("market")
             if changed:
                 self.log.error("config reload rejected: these need a restart", keys=changed)
                 return False
@@ -484,6 +524,7 @@ class MqttView:
         self.node_id = node.config.node.id
         self.latest: Mapping[str, Reading] = node.latest
         self.ledger = LedgerFace(node.ledger) if node.ledger is not None else None
+        self.market = MarketFace(node.market) if node.market is not None else None
 
     @property
     def started(self) -> bool:
@@ -544,3 +585,18 @@ class LedgerFace:
 
     async def accept_peer(self, commitment: Commitment, signature: bytes) -> bool:
         return await self._ledger.accept_peer(commitment, signature)
+
+
+class MarketFace:
+    """The market as MQTT sees it: what `status` shows, as the retained `market` state."""
+
+    def __init__(self, market: MarketService) -> None:
+        self._market = market
+
+    def state(self) -> dict[str, Any]:
+        """The active order, its delivered and remaining Wh, and the credits when known."""
+        full = self._market.status()
+        keys = ("order_active", "active_order", "delivered_wh", "remaining_wh")
+        state = {k: full[k] for k in keys}
+        state["orders"] = len(full["orders"])
+        return state

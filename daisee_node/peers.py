@@ -341,6 +341,14 @@ class PeerInbox:
         if self.events is not None:
             self.events.put_event(now_ms, "peer", pid, None, "rejected", reason)
 
+    def heard_age_s(self, peer_id: str) -> float | None:
+        """Seconds since peer `peer_id`'s last kept message arrived (None: never heard, or not
+        a declared peer): its heartbeat."""
+        state = self.peers.get(peer_id)
+        if state is None or state.seen_ms is None:
+            return None
+        return max(0.0, (self.now_ms() - state.seen_ms) / 1000)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Each peer: when its last message came, how many readings it had, refusals."""
         return {

@@ -113,13 +113,14 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         ]
         last_events = _last_events(conn)
         ledger = _ledger(conn)
+        market = _market(conn)
     except sqlite3.Error as exc:
         # A damaged page: say so, with what could be read, rather than fail.
         error = f"cannot read {path}: {exc}"
         return _report(data_dir, pid, health, error, counters, [], {}, None, (None, None), 0, size)
     finally:
         conn.close()
-    return _report(
+    report = _report(
         data_dir,
         pid,
         health,
@@ -132,6 +133,20 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         aggregates,
         size,
     )
+    report["market"] = market
+    return report
+
+
+def _market(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    """The node's orders and credits as its market service last kept them (None: no market)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'market.status'").fetchone()
+    if row is None:
+        return None
+    try:
+        market = json.loads(row[0])
+    except ValueError:
+        return None
+    return market if isinstance(market, dict) else None
 
 
 def _last_events(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[Any, ...]]:
@@ -254,6 +269,7 @@ def _report(
         "peers_sent": counters.get("peers.sent", 0),
         "peers_undeclared": counters.get("peers.rejected_undeclared", 0),
         "ledger": ledger,
+        "market": None,
     }
 
 
@@ -424,7 +440,47 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"  last tx       {tx['hash']} nonce {tx['nonce']} {tx['state']}")
         if ledger["relayed_for_peers"]:
             lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
+    lines += _market_lines(report.get("market"))
     return "\n".join(lines)
+
+
+def _credits(units: str | None, decimals: int) -> str:
+    if units is None:
+        return "unknown"
+    return f"{Decimal(int(units)).scaleb(-decimals).normalize():f} credits"
+
+
+def _market_lines(market: dict[str, Any] | None) -> list[str]:
+    """The node's orders (role, peer, amount, delivered, state, why the flow is off or what
+    the policy decided) and its credits."""
+    if not market:
+        return []
+    decimals = int(market.get("decimals") or 18)
+    lines = [
+        "",
+        f"market          balance {_credits(market.get('balance_units'), decimals)}; "
+        f"escrowed {_credits(market.get('escrowed_units'), decimals)}",
+    ]
+    if market.get("error"):
+        lines.append(f"  chain         {market['error']}")
+    rows = [("ORDER", "ROLE", "PEER", "AMOUNT", "DELIVERED", "STATE", "WHY")]
+    for o in market.get("orders") or ():
+        delivered = o.get("delivered_wh")
+        why = o.get("flow") if o.get("state") == "accepted" else None
+        rows.append(
+            (
+                str(o["id"]),
+                str(o["role"]),
+                str(o["peer"]),
+                f"{o['amount_wh']} Wh",
+                "-" if delivered is None else f"{delivered:g} Wh",
+                str(o["state"]),
+                str(why or o.get("decision") or "-"),
+            )
+        )
+    if len(rows) > 1:
+        lines += _table(rows)
+    return lines
 
 
 def _peer_lines(report: dict[str, Any]) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from daisee_node.models import StrictModel
+from daisee_node.models import NAME_PATTERN, StrictModel
 
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 
@@ -69,6 +69,24 @@ class ChainSection(StrictModel):
         return self.password_file or data_dir / "node-key.pass"
 
 
+class BuyEntry(StrictModel):
+    """`[[market.buy]]`: an order the node opens by itself while `when` holds."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="names the entry in logs and status")
+    when: str = Field(description="a condition over the node's inputs, as in rules")
+    seller: str = Field(description="the [[peers]] id of the seller")
+    amount_wh: int = Field(gt=0, le=10_000_000)
+    max_price: float = Field(gt=0, description="the price offered, in credits per kWh")
+    window_min: float = Field(gt=0, le=7 * 24 * 60, description="the delivery window's length")
+    lead_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="the window starts at the first period boundary this long after the order "
+        "is opened (the seller's node needs a few blocks to accept)",
+    )
+
+
 class MarketSection(StrictModel):
     """`[market]`: the energy market contract the node buys and sells on (needs `[chain]`)."""
 
@@ -78,4 +96,32 @@ class MarketSection(StrictModel):
         ge=0,
         description="the block the market (or the ledger) was deployed in: logs are read from "
         "there, so long chains are not searched from the start",
+    )
+    accept_from: list[str] = Field(
+        default_factory=list,
+        description="the buyers this node sells to: [[peers]] ids or addresses (empty: nobody, "
+        "so every order is refused)",
+    )
+    min_price: float = Field(0.0, ge=0, description="the lowest price accepted, in credits per kWh")
+    keep_battery_above_pct: float | None = Field(
+        None, ge=0, le=100, description="refuse orders while the battery is below this level"
+    )
+    battery_channel: str | None = Field(
+        None, description="the battery's state of charge in %, e.g. 'battery.soc_pct'"
+    )
+    max_wh_per_day: int | None = Field(
+        None, gt=0, description="the most Wh accepted for delivery windows starting on one day"
+    )
+    seller_meter: str | None = Field(
+        None, description="the counter that meters what this node sells, e.g. 'grid.export_wh'"
+    )
+    buyer_meter: str | None = Field(
+        None, description="the counter that meters what this node buys, e.g. 'grid.import_wh'"
+    )
+    poll_s: float = Field(1.0, gt=0, le=60, description="how often the market's events are read")
+    heartbeat_s: float = Field(
+        10.0, gt=0, le=3600, description="a peer silent this long pauses its orders' flow"
+    )
+    buy: list[BuyEntry] = Field(
+        default_factory=list, description="[[market.buy]]: orders the node places by itself"
     )

@@ -104,6 +104,14 @@ LEDGER_FIELDS = (
 )
 
 
+#: the retained `market` state's numbers, each its own entity (nodes with a `[market]`)
+MARKET_FIELDS = (
+    LedgerField("active_order", "Active energy order", "mdi:transmission-tower-export"),
+    LedgerField("delivered_wh", "Energy order delivered", "mdi:counter", "Wh"),
+    LedgerField("remaining_wh", "Energy order remaining", "mdi:timer-sand", "Wh"),
+)
+
+
 def object_id(name: str) -> str:
     """A name made safe for a discovery topic and a unique id."""
     return re.sub(r"[^a-zA-Z0-9_-]", "_", name)
@@ -293,6 +301,15 @@ def ledger_config(node_id: str, base: str, field: LedgerField) -> dict[str, Any]
     return config
 
 
+def market_config(node_id: str, base: str, field: LedgerField) -> dict[str, Any]:
+    """One number of the retained market state (unknown while no order flows: 'None')."""
+    config = ledger_config(node_id, base, field)
+    config.update(_common(node_id, base, "sensor", f"market_{field.key}"))
+    config["state_topic"] = f"{base}/market"
+    del config["entity_category"]  # what the node buys or sells is no diagnostic
+    return config
+
+
 def config_topic(prefix: str, component: str, node_id: str, name: str) -> str:
     return f"{prefix}/{component}/daisee_{node_id}/{object_id(name)}/config"
 
@@ -314,9 +331,11 @@ def entities(
     relays: Iterable[str],
     rules: Iterable[str],
     ledger_keys: Iterable[str] | None,
+    market: bool = False,
 ) -> list[Entity]:
-    """Every entity of a node: channels with how often each is published, relays, rules, and
-    the ledger's fields present in its state (None: the node has no ledger)."""
+    """Every entity of a node: channels with how often each is published, relays, rules, the
+    ledger's fields present in its state (None: the node has no ledger) and, with `market`,
+    the market's active order and its delivered and remaining Wh."""
     out: list[Entity] = []
     for channel, every in channels:
         out.append(
@@ -372,4 +391,13 @@ def entities(
                         owns,
                     )
                 )
+    if market:
+        for field in MARKET_FIELDS:
+            out.append(
+                Entity(
+                    config_topic(prefix, "sensor", node_id, f"market_{field.key}"),
+                    market_config(node_id, base, field),
+                    (f"{base}/market",) if field.key == "active_order" else (),
+                )
+            )
     return out

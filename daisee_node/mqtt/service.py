@@ -4,8 +4,9 @@ Topics under `<base_topic>/<node id>/`: `status` (retained online/offline, the l
 `reading/<channel>` (retained exact decimal number, at most every `reading_interval_s`; a failed
 read publishes nothing, so the last good value stays and Home Assistant's `expire_after` shows
 the entity unavailable), `relay/<name>` (retained ON/OFF) with `relay/<name>/attributes` (mode,
-reason, override duration and end), `relay/<name>/set` (commands), `rule/<name>` and `ledger`
-(retained JSON), `commitment` (signed commitments for relays), `peer` (signed readings for the
+reason, override duration and end), `relay/<name>/set` (commands), `rule/<name>`, `ledger` and
+`market` (retained JSON; `market` on nodes with a `[market]`: the active order, its delivered and
+remaining Wh), `commitment` (signed commitments for relays), `peer` (signed readings for the
 neighbours that declare this node a peer: see `daisee_node.peers`).
 """
 
@@ -226,6 +227,14 @@ class LedgerView(Protocol):
     async def accept_peer(self, commitment: Commitment, signature: bytes) -> bool: ...
 
 
+class MarketView(Protocol):
+    """What MQTT shows of the market (a node's view has it as `market` when it has one)."""
+
+    def state(self) -> dict[str, Any]:
+        """The retained `market` state: `order_active`, `active_order`, `delivered_wh`,
+        `remaining_wh`, `orders`."""
+
+
 class NodeView(Protocol):
     """Everything the MQTT face may read of the node or ask of it, and nothing more."""
 
@@ -417,6 +426,9 @@ class NodeMqtt:
             self._publish_if_changed(suffix, payload)
         for name, snap in (self.node.rule_states() or {}).items():
             self._publish_if_changed(f"rule/{name}", json.dumps(snap, sort_keys=True))
+        market = self._market()
+        if market is not None and self.node.started:
+            self._publish_if_changed("market", json.dumps(market.state(), sort_keys=True))
         if quick:
             return
         if self.node.ledger is not None and self.node.started and now >= self._ledger_due:
@@ -461,7 +473,11 @@ class NodeMqtt:
             for c in self.node.channels()
         )
         rules = tuple(self.node.rule_states() or ())
-        return channels, tuple(self.node.relay_names()), rules, self._ledger_keys
+        return channels, tuple(self.node.relay_names()), rules, self._ledger_keys, self._market()
+
+    def _market(self) -> MarketView | None:
+        # Optional on a view: nodes (and views) without a market need not name it.
+        return getattr(self.node, "market", None)
 
     def _publish_every_s(self, channel: str) -> float:
         """How often a good reading of `channel` reaches the broker, at the slowest."""
@@ -484,6 +500,7 @@ class NodeMqtt:
             self.node.relay_names(),
             list(self.node.rule_states() or ()),
             ledger_keys,
+            market=self._market() is not None,
         )
 
     def discovery_messages(self) -> dict[str, str]:

@@ -1,0 +1,567 @@
+"""The node on the energy market: it watches the chain, sells by its policy, buys by its rules,
+meters its accepted orders itself and settles them afterwards.
+
+    chain events ──▶ orders of this node ──▶ seller: accept / refuse (`Policy`)
+                                       └──▶ accepted: `DeliveryTracker` ──▶ market.* rule inputs
+    node inputs ──▶ `[[market.buy]]` `when` (`BuyTrigger`) ──▶ open an order (escrow)
+    window over ──▶ settle the periods both sides committed; after the grace time, refund
+
+The chain is polled (`[market] poll_s`) on the ledger's chain thread; every poll re-reads the
+last `[chain] confirmations` blocks and checks the hash of the newest block it read, so a reorg
+is read again. Orders are acted on from their state as the chain holds it now (`Market.order`),
+never from an event alone, so reading an event twice does nothing twice.
+
+Switching never waits for the chain: the tracker's inputs are handed to the rules on every
+reading of an order's meter and on a tick (`TICK_S`), so the rule that closes a supply relay on
+`market.order_active == 1` opens it again as soon as the meter has counted the ordered Wh. The
+tracker's state is kept in the store's meta table (`DELIVERY_KEY`) across restarts; what `status`
+shows of the market is kept there too (`STATUS_KEY`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from daisee_node.delivery import DeliveryTracker
+from daisee_node.delivery import Order as Delivery
+from daisee_node.ledger.settings import BuyEntry, MarketSection
+from daisee_node.logs import get_logger
+from daisee_node.readings import Reading
+from daisee_node.rules.expressions import EvaluationError, Expression
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from daisee_node.clock import Clock
+    from daisee_node.ledger.market import Market, Order
+    from daisee_node.ledger.service import LedgerService
+    from daisee_node.store import Store
+
+#: the market's inputs are handed to the rules at least this often (s)
+TICK_S = 0.25
+#: meta keys: the tracker's snapshot, what `status` shows, the buy entries' open orders
+DELIVERY_KEY = "market.delivery"
+STATUS_KEY = "market.status"
+BUYS_KEY = "market.buys"
+#: an input older than this does not count for a policy or a buy condition (s)
+INPUT_MAX_AGE_S = 60.0
+#: after a failed purchase an entry waits this long before trying again (s)
+BUY_RETRY_S = 30.0
+#: settlement and refunds are tried at most this often per order: a fifth of a period, within
+#: these bounds (s); a period's commitments reach the chain a submission interval after it
+SETTLE_EVERY_S = (1.0, 60.0)
+#: the balance and escrow shown are refreshed this often (s)
+BALANCE_EVERY_S = 10.0
+#: a reorg deeper than the confirmations: read this many blocks again
+REORG_REREAD = 64
+#: a closed order's delivery is kept (for `status`) this long after its window (ms)
+FORGET_AFTER_MS = 86_400_000
+#: contract states and modes (daisee_node.ledger.market, not imported before the chain is used)
+OPEN, ACCEPTED, GRID = 1, 2, 0
+STATES = ("none", "open", "accepted", "refused", "cancelled", "expired", "closed")
+
+
+def credit_units(credits: float, decimals: int) -> int:
+    """Credits (per kWh) as the token's base units, exactly as the decimal number reads."""
+    return int(Decimal(str(credits)) * 10**decimals)
+
+
+def _fresh(r: Reading | None, now_ms: int) -> bool:
+    return (
+        r is not None
+        and r.good
+        and math.isfinite(r.value)
+        and now_ms - r.t_ms <= INPUT_MAX_AGE_S * 1000
+    )
+
+
+def _day(t_ms: int) -> str:
+    return datetime.fromtimestamp(t_ms / 1000, UTC).date().isoformat()
+
+
+class Policy:
+    """Whether this node, as the seller, accepts an order: `refusal` says why not, or None.
+
+    `peers` maps the declared peers' addresses (lower case) to their ids; `accept_from` takes
+    either. The battery's level is read from `latest`; an unknown or old level refuses, as a
+    low one does."""
+
+    def __init__(
+        self,
+        settings: MarketSection,
+        peers: Mapping[str, str],
+        latest: Mapping[str, Reading],
+        decimals: int = 18,
+    ) -> None:
+        self.settings = settings
+        self.peers = peers
+        self.latest = latest
+        self.decimals = decimals
+        self.min_price = credit_units(settings.min_price, decimals)
+        by_id = {pid: address for address, pid in peers.items()}
+        self.allowed = {by_id.get(who, who).lower() for who in settings.accept_from}
+
+    def refusal(self, order: Order, accepted_wh: int, now_ms: int) -> str | None:
+        """Why `order` is refused (None: accepted); `accepted_wh` is what this node already
+        accepted to deliver in windows starting on the order's day (UTC)."""
+        s = self.settings
+        buyer = order.buyer.lower()
+        who = f"peer {self.peers[buyer]!r}" if buyer in self.peers else buyer
+        if order.mode != GRID:
+            return "only GRID orders are accepted automatically (LINE: market accept)"
+        if buyer not in self.allowed:
+            return f"buyer {who} is not in market.accept_from"
+        if order.price < self.min_price:
+            price = Decimal(order.price).scaleb(-self.decimals).normalize()
+            return f"price {price:f} credits/kWh is below market.min_price {s.min_price:g}"
+        if s.keep_battery_above_pct is not None and s.battery_channel is not None:
+            r = self.latest.get(s.battery_channel)
+            if r is None or not _fresh(r, now_ms):
+                return f"battery level unknown ({s.battery_channel} has no recent good reading)"
+            if r.value < s.keep_battery_above_pct:
+                return (
+                    f"battery at {r.value:.0f} % is below market.keep_battery_above_pct "
+                    f"{s.keep_battery_above_pct:g} %"
+                )
+        if s.max_wh_per_day is not None and accepted_wh + order.amount_wh > s.max_wh_per_day:
+            return (
+                f"{order.amount_wh} Wh more would exceed market.max_wh_per_day "
+                f"{s.max_wh_per_day} ({accepted_wh} Wh already accepted for {_day(order.t0)})"
+            )
+        return None
+
+
+class BuyTrigger:
+    """The `[[market.buy]]` entries: which want an order now (their `when` holds over fresh
+    inputs) and may place one (none of theirs is open or accepted, none failed just now)."""
+
+    def __init__(self, entries: Sequence[BuyEntry], latest: Mapping[str, Reading]) -> None:
+        self.entries = list(entries)
+        self.latest = latest
+        self.conditions = {e.name: Expression(e.when, result="condition") for e in entries}
+        #: entry → monotonic time before which it does not try again
+        self.retry_at: dict[str, float] = {}
+
+    def holds(self, entry: BuyEntry, now_ms: int) -> bool:
+        """Whether `when` holds; a missing, bad or old input makes it false."""
+        condition = self.conditions[entry.name]
+        values: dict[str, float] = {}
+        for name in condition.names:
+            r = self.latest.get(name)
+            if r is None or not _fresh(r, now_ms):
+                return False
+            values[name] = r.value
+        try:
+            return condition.test(values)
+        except EvaluationError:
+            return False
+
+    def due(self, busy: set[str], now_ms: int, mono: float | None = None) -> list[BuyEntry]:
+        """The entries to buy for now; `busy` names those with an order open or accepted."""
+        mono = time.monotonic() if mono is None else mono
+        return [
+            e
+            for e in self.entries
+            if e.name not in busy
+            and self.retry_at.get(e.name, 0.0) <= mono
+            and self.holds(e, now_ms)
+        ]
+
+    def failed(self, name: str, mono: float | None = None) -> None:
+        self.retry_at[name] = (time.monotonic() if mono is None else mono) + BUY_RETRY_S
+
+
+def buy_window(entry: BuyEntry, chain_now_ms: int, period_ms: int) -> tuple[int, int]:
+    """The delivery window of a purchase: whole periods, starting `lead_s` from now at least."""
+    t0 = -(-(chain_now_ms + int(entry.lead_s * 1000) + 1) // period_ms) * period_ms
+    t1 = -(-(t0 + int(entry.window_min * 60_000)) // period_ms) * period_ms
+    return t0, t1
+
+
+@dataclass
+class Known:
+    """One order of this node, as the chain holds it, and what the node did with it."""
+
+    order: Order
+    role: str  # "seller" or "buyer"
+    peer: str  # the other side's peer id (or its address when undeclared)
+    decision: str | None = None  # why it was refused, or "accepted by policy"
+    settle_at: float = 0.0  # monotonic time of the next settlement or refund attempt
+    settled_all: bool = False  # every period of the window is settled
+
+
+class MarketService:
+    """The market inside the daemon: `run` watches the chain and acts, `tick_loop` hands the
+    tracker's inputs to the rules, `on_readings` takes the meters' readings (a bus sink)."""
+
+    def __init__(
+        self,
+        settings: MarketSection,
+        *,
+        ledger: LedgerService,
+        store: Store,
+        clock: Clock,
+        latest: Mapping[str, Reading],
+        peers: Mapping[str, str],
+        deliver: Callable[[list[Reading]], None],
+        peer_age_s: Callable[[str], float | None],
+        period_s: int,
+        confirmations: int,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.store = store
+        self.clock = clock
+        self.latest = latest
+        self.peers = {address.lower(): pid for address, pid in peers.items()}
+        self.deliver = deliver
+        self.period_ms = period_s * 1000
+        self.settle_every_s = min(max(period_s / 5, SETTLE_EVERY_S[0]), SETTLE_EVERY_S[1])
+        self.confirmations = confirmations
+        self.log = get_logger("market")
+        self.tracker = DeliveryTracker(peer_age_s=peer_age_s, heartbeat_s=settings.heartbeat_s)
+        self.policy = Policy(settings, self.peers, latest)
+        self.trigger = BuyTrigger(settings.buy, latest)
+        self.orders: dict[int, Known] = {}
+        #: buy entry → the id of the order it placed last
+        self.buys: dict[str, int] = {}
+        self.market: Market | None = None
+        self.account: LocalAccount | None = None
+        self.address: str | None = None
+        self.decimals = 18
+        self.grace_ms = 0
+        self.balance: int | None = None
+        self.escrowed: int | None = None
+        self.error: str | None = None
+        self._next_block = settings.from_block
+        self._scanned: tuple[int, bytes] | None = None
+        self._restored = asyncio.Event()
+        self._saved: str | None = None
+        self._balance_at = 0.0
+
+    # -- rules' inputs ----------------------------------------------------------------------
+
+    def on_readings(self, readings: Sequence[Reading]) -> None:
+        """A bus sink: a meter's reading updates the orders' delivery, and the rules at once."""
+        if not self.tracker.flows:
+            return
+        inputs = self.tracker.on_readings(readings, self.clock.now_ms())
+        if inputs:
+            self.deliver(inputs)
+
+    async def tick_loop(self) -> None:
+        """The tracker's inputs to the rules every `TICK_S` (windows open and close, peers go
+        silent between readings); its state to the store when it changed."""
+        await self.restore()
+        last_save = 0.0
+        while True:
+            self.deliver(self.tracker.inputs(self.clock.now_ms()))
+            if time.monotonic() - last_save >= 1.0:
+                last_save = time.monotonic()
+                await self.save()
+            await asyncio.sleep(TICK_S)
+
+    async def restore(self) -> None:
+        if self._restored.is_set():
+            return
+        saved = await self.store.get_meta(DELIVERY_KEY)
+        if saved:
+            self.tracker.restore(json.loads(saved))
+        buys = await self.store.get_meta(BUYS_KEY)
+        if buys:
+            self.buys = {str(k): int(v) for k, v in json.loads(buys).items()}
+        self._restored.set()
+
+    async def save(self) -> None:
+        """Keep the tracker's state, the buy entries' orders and the status, if they changed."""
+        text = json.dumps(
+            {"delivery": self.tracker.snapshot(), "buys": self.buys, "status": self.status()},
+            sort_keys=True,
+        )
+        if text == self._saved:
+            return
+        self._saved = text
+        await self.store.set_meta(DELIVERY_KEY, json.dumps(self.tracker.snapshot()))
+        await self.store.set_meta(BUYS_KEY, json.dumps(self.buys, sort_keys=True))
+        await self.store.set_meta(STATUS_KEY, json.dumps(self.status(), sort_keys=True))
+
+    def status(self) -> dict[str, Any]:
+        """What `status` and MQTT show: each order with its role, peer, delivery and state."""
+        flows = self.tracker.flows
+        orders = []
+        for oid, k in sorted(self.orders.items()):
+            o, flow = k.order, flows.get(oid)
+            orders.append(
+                {
+                    "id": oid,
+                    "role": k.role,
+                    "peer": k.peer,
+                    "amount_wh": o.amount_wh,
+                    "price_units": str(o.price),
+                    "t0_ms": o.t0,
+                    "t1_ms": o.t1,
+                    "state": STATES[o.state],
+                    "delivered_wh": round(flow.delivered_wh, 3) if flow else None,
+                    "flow": flow.state if flow else None,
+                    "decision": k.decision,
+                    "settled_wh": o.delivered_wh,
+                }
+            )
+        inputs = {r.channel: r.value for r in self.tracker.inputs(self.clock.now_ms())}
+        active = [f.order.order_id for f in sorted(flows.values(), key=lambda f: f.order.order_id)]
+        flowing = [oid for oid in active if flows[oid].state == "flowing"]
+        return {
+            "address": self.address,
+            "balance_units": str(self.balance) if self.balance is not None else None,
+            "escrowed_units": str(self.escrowed) if self.escrowed is not None else None,
+            "decimals": self.decimals,
+            "orders": orders,
+            "order_active": int(inputs.get("market.order_active", 0)),
+            "active_order": flowing[0] if flowing else None,
+            "delivered_wh": round(inputs.get("market.delivered_wh", 0.0), 3),
+            "remaining_wh": round(inputs.get("market.remaining_wh", 0.0), 3),
+            "error": self.error,
+        }
+
+    # -- the chain --------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.ledger.worker.call(fn, *args)
+
+    async def connect(self) -> None:
+        """Wait for the ledger's chain connection and the node key; then find the market."""
+        # The ledger connects (and retries) in its submitter's task; it has no event to share.
+        while self.ledger.ledger is None or self.ledger.submitter is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        self.account = await self.ledger.unlock()
+        self.address = self.account.address
+        from daisee_node.ledger.market import Market
+
+        market = Market(self.ledger.ledger.w3, self.settings.address)
+        await self._call(market.check_deployed)
+        self.decimals = await self._call(market.decimals)
+        self.grace_ms = await self._call(market.grace_ms)
+        self.policy = Policy(self.settings, self.peers, self.latest, self.decimals)
+        self.market = market
+        self.log.info("market ready", market=market.address, node=self.address)
+
+    async def run(self) -> None:
+        """Watch the market and act, every `poll_s`; a chain that fails is retried."""
+        await self.restore()
+        failures = 0
+        while True:
+            try:
+                if self.market is None:
+                    await self.connect()
+                await self.poll()
+                if failures:
+                    self.log.info("market reachable again")
+                failures, self.error = 0, None
+            except Exception as exc:  # the chain comes and goes; switching goes on locally
+                failures += 1
+                self.error = str(exc)[:200]
+                log = self.log.warning if failures == 1 else self.log.debug
+                log("market not readable; orders flow on as metered", error=self.error)
+            await asyncio.sleep(self.settings.poll_s * min(failures + 1, 10))
+
+    async def poll(self) -> None:
+        """One look at the chain: new and changed orders, then what to do with each."""
+        market = self.market
+        assert market is not None and self.address is not None
+        head = await self._call(market.w3.eth.get_block, "latest")
+        number, chain_now = int(head["number"]), int(head["timestamp"]) * 1000
+        if self._scanned is not None and self._scanned[0] <= number:
+            seen = await self._call(market.w3.eth.get_block, self._scanned[0])
+            if bytes(seen["hash"]) != self._scanned[1]:
+                self.log.warning("chain reorganised; reading the market again", block=number)
+                self._next_block = max(self.settings.from_block, self._next_block - REORG_REREAD)
+        start = max(self.settings.from_block, self._next_block - self.confirmations - 1)
+        events = await self._call(market.events, start, number, ("OrderOpened",))
+        me = self.address.lower()
+        ids = {
+            int(e.args["id"])
+            for e in events
+            if me in (str(e.args["buyer"]).lower(), str(e.args["seller"]).lower())
+        }
+        ids |= {oid for oid, k in self.orders.items() if k.order.state in (OPEN, ACCEPTED)}
+        for oid in sorted(ids):
+            self._learn(await self._call(market.order, oid))
+        self._next_block = number + 1
+        self._scanned = (number, bytes(head["hash"]))
+        for oid in sorted(ids):
+            await self._act(self.orders[oid], chain_now)
+        await self._buy(chain_now)
+        if time.monotonic() >= self._balance_at:
+            self._balance_at = time.monotonic() + BALANCE_EVERY_S
+            self.balance = await self._call(market.balance, self.address)
+            escrowed = 0
+            for oid, k in self.orders.items():
+                if k.role == "buyer" and k.order.state in (OPEN, ACCEPTED):
+                    escrowed += await self._call(market.escrow_of, oid)
+            self.escrowed = escrowed
+
+    def _learn(self, order: Order) -> None:
+        assert self.address is not None
+        role = "seller" if order.seller.lower() == self.address.lower() else "buyer"
+        other = order.buyer if role == "seller" else order.seller
+        known = self.orders.get(order.id)
+        if known is None:
+            known = self.orders[order.id] = Known(order, role, self.peers.get(other.lower(), other))
+        known.order = order
+        meter = self.settings.seller_meter if role == "seller" else self.settings.buyer_meter
+        if order.state == ACCEPTED and meter is not None and order.id not in self.tracker.flows:
+            self.tracker.add(
+                Delivery(order.id, role, known.peer, order.amount_wh, order.t0, order.t1, meter)  # type: ignore[arg-type]
+            )
+            self.log.info("order accepted: metering it", order=order.id, role=role, meter=meter)
+        elif (
+            order.state not in (OPEN, ACCEPTED)
+            and order.id in self.tracker.flows
+            and self.clock.now_ms() >= order.t1 + FORGET_AFTER_MS
+        ):
+            self.tracker.remove(order.id)
+
+    def _event(self, order_id: int, state: str, reason: str) -> None:
+        self.store.put_event(
+            self.clock.now_ms(), "market", f"order.{order_id}", None, state, reason
+        )
+
+    async def _act(self, known: Known, chain_now: int) -> None:
+        order = known.order
+        if known.role == "seller" and order.state == OPEN and known.decision is None:
+            await self._decide(known, chain_now)
+        elif order.state == ACCEPTED and chain_now >= order.t1:
+            if time.monotonic() >= known.settle_at:
+                known.settle_at = time.monotonic() + self.settle_every_s
+                await self._settle(known, chain_now)
+        elif (
+            known.role == "buyer"
+            and order.state == OPEN
+            and chain_now >= order.t0
+            and time.monotonic() >= known.settle_at
+        ):
+            known.settle_at = time.monotonic() + self.settle_every_s * 12
+            await self._try(known, "expire", "escrow returned: never accepted")
+
+    async def _decide(self, known: Known, chain_now: int) -> None:
+        order, market, account = known.order, self.market, self.account
+        assert market is not None and account is not None
+        if chain_now >= order.t0:
+            known.decision = "its window has begun: too late to accept"
+            return
+        day = _day(order.t0)
+        accepted_wh = sum(
+            k.order.amount_wh
+            for k in self.orders.values()
+            if k.role == "seller" and k.order.state == ACCEPTED and _day(k.order.t0) == day
+        )
+        reason = self.policy.refusal(order, accepted_wh, self.clock.now_ms())
+        action = market.accept if reason is None else market.refuse
+        known.decision = reason or "accepted by policy"
+        try:
+            await self._call(action, account, order.id)
+        except Exception as exc:
+            known.decision = f"{known.decision}; but the chain refused: {str(exc)[:160]}"
+            self.log.warning("order decision not sent", order=order.id, error=str(exc)[:200])
+            self._event(order.id, "error", known.decision)
+            return
+        state = "accepted" if reason is None else "refused"
+        self.log.info(f"order {state}", order=order.id, buyer=known.peer, reason=known.decision)
+        self._event(order.id, state, known.decision)
+        self._learn(await self._call(market.order, order.id))
+
+    async def _settle(self, known: Known, chain_now: int) -> None:
+        """Settle every period both sides committed; the buyer's node refunds after grace."""
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        order = known.order
+        if chain_now >= order.t1 + self.grace_ms:  # too late to settle: the rest is refunded
+            if known.role == "buyer":
+                await self._try(known, "refund", "undelivered escrow returned")
+            return
+        if known.settled_all or order.mode != GRID:  # LINE: `market settle` with proofs
+            return
+        try:
+            periods = await self._call(market.periods, order, self.settings.from_block)
+        except Exception as exc:
+            self.log.debug("periods not readable", order=order.id, error=str(exc)[:200])
+            return
+        settled = sum(p.settled for p in periods.both)
+        for pair in periods.both:
+            if pair.settled:
+                continue
+            try:
+                done = await self._call(
+                    market.settle_grid, account, order.id, pair.seller, pair.buyer
+                )
+            except Exception as exc:  # the other side may have settled it first
+                self.log.debug("period not settled", order=order.id, error=str(exc)[:200])
+                continue
+            self.log.info(
+                "period settled", order=order.id, t0=done.t0, delivered_wh=done.delivered_wh
+            )
+            self._event(order.id, "settled", f"{done.delivered_wh} Wh paid for {done.t0}")
+            settled += 1
+        known.settled_all = settled * self.period_ms >= order.t1 - order.t0
+        self._learn(await self._call(market.order, order.id))
+
+    async def _try(self, known: Known, action: str, words: str) -> None:
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        try:
+            await self._call(getattr(market, action), account, known.order.id)
+        except Exception as exc:
+            self.log.debug(f"{action} not done", order=known.order.id, error=str(exc)[:200])
+            return
+        self.log.info(words, order=known.order.id)
+        self._event(known.order.id, action, words)
+        self._learn(await self._call(market.order, known.order.id))
+
+    async def _buy(self, chain_now: int) -> None:
+        """Open an order for each `[[market.buy]]` entry whose condition holds and that has
+        none open or accepted."""
+        if not self.trigger.entries:
+            return
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        busy = {
+            name
+            for name, oid in self.buys.items()
+            if oid not in self.orders or self.orders[oid].order.state in (OPEN, ACCEPTED)
+        }
+        by_id = {pid: address for address, pid in self.peers.items()}
+        for entry in self.trigger.due(busy, self.clock.now_ms()):
+            t0, t1 = buy_window(entry, chain_now, self.period_ms)
+            price = credit_units(entry.max_price, self.decimals)
+            try:
+                oid = await self._call(
+                    market.open, account, by_id[entry.seller], entry.amount_wh, price, t0, t1
+                )
+            except Exception as exc:
+                self.trigger.failed(entry.name)
+                self.log.warning("order not opened", entry=entry.name, error=str(exc)[:200])
+                self.store.put_event(
+                    self.clock.now_ms(), "market", f"buy.{entry.name}", None, "error", str(exc)
+                )
+                continue
+            self.buys[entry.name] = oid
+            self.log.info(
+                "order opened",
+                entry=entry.name,
+                order=oid,
+                seller=entry.seller,
+                amount_wh=entry.amount_wh,
+                t0=t0,
+                t1=t1,
+            )
+            self._event(oid, "opened", f"[[market.buy]] {entry.name}: {entry.when}")
+            self._learn(await self._call(market.order, oid))
+            await self.save()
