@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -54,6 +54,8 @@ from daisee_node.readings import CHANNEL_RE, Reading
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+
+    from daisee_node.control import EventLog
 
 MESSAGE_TYPE = "daisee.peer.v1"
 #: the topic under `<base_topic>/<node id>/`
@@ -138,25 +140,6 @@ def message(node_id: str, t_ms: int, readings: Mapping[str, Reading]) -> dict[st
         "t_ms": t_ms,
         "readings": {name: [r.t_ms, r.value] for name, r in sorted(readings.items())},
     }
-
-
-class EventLog(Protocol):
-    """Where peer counters and rejections are recorded (the store), for `status`."""
-
-    def put_event(
-        self,
-        t_ms: int,
-        kind: str,
-        name: str,
-        target: str | None,
-        state: str | None,
-        reason: str,
-        data: str | None = None,
-    ) -> None: ...
-
-    def add_counter(self, name: str, delta: int) -> None: ...
-
-    def set_counter(self, name: str, value: int) -> None: ...
 
 
 @dataclass

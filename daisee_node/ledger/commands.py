@@ -4,38 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import sys
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daisee_node.errors import ConfigError, ConfigProblem, DaiseeError
+from daisee_node.ledger.cli_errors import chain_errors as _chain_errors
 
 if TYPE_CHECKING:
     from daisee_node.config import Config
 
 EXIT_OK, EXIT_INVALID = 0, 1
-
-
-def _chain_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn a chain that cannot be reached or refuses into one clear line, not a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        import requests
-        from web3.exceptions import Web3Exception
-
-        try:
-            return fn(args)
-        except requests.RequestException as exc:
-            raise DaiseeError(f"cannot reach the chain: {exc.__class__.__name__}") from None
-        except Web3Exception as exc:
-            raise DaiseeError(f"the chain refused: {exc}") from None
-
-    return wrapper
 
 
 def add_parsers(sub: Any, default_config: Path) -> None:

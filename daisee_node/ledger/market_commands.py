@@ -9,7 +9,6 @@ why the contract would refuse it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import re
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daisee_node.errors import DaiseeError
+from daisee_node.ledger.cli_errors import chain_errors
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -34,24 +34,6 @@ _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(wh|kwh|mwh)\s*$", re.IGNOREC
 _RELATIVE = re.compile(r"^\+\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)\s*$", re.IGNORECASE)
 _UNIT_MS = {"s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 _WH_PER = {"wh": 1, "kwh": 1000, "mwh": 1_000_000}
-
-
-def _market_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """One clear line for a chain that cannot be reached or that refuses, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        import requests
-        from web3.exceptions import Web3Exception
-
-        try:
-            return fn(args)
-        except requests.RequestException as exc:
-            raise DaiseeError(f"cannot reach the chain: {exc.__class__.__name__}") from None
-        except Web3Exception as exc:
-            raise DaiseeError(f"the chain refused: {exc}") from None
-
-    return wrapper
 
 
 def add_parsers(sub: Any) -> None:
@@ -74,7 +56,7 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--market", default=None, help="the market's address (over the config)")
         p.add_argument("--keystore", type=Path, default=None, help="the node key's keystore")
         p.add_argument("--password-file", type=Path, default=None, help="its password file")
-        p.set_defaults(func=_market_errors(func))
+        p.set_defaults(func=chain_errors(func))
         return p
 
     def window(p: Any) -> None:
