@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eth_hash.auto import keccak
 
 from daisee_node.actuators.mockpins import pin_history
-from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger import market as marketlib
-from daisee_node.ledger.commitment import Commitment, sign
-from daisee_node.ledger.keys import load_account, new_keystore
+from daisee_node.ledger.keys import new_keystore
 from tests.conftest import db_rows, run_cli, wait_for, write_config
 from tests.support.broker import Broker
 from tests.support.chains import AnvilLedger
+from tests.support.market_nodes import at, earn_credits, readings, sunny_longitude
 
 pytestmark = pytest.mark.slow
 
@@ -47,28 +44,6 @@ def node_broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
-
-
-def sunny_longitude() -> float:
-    """A longitude where the sun is at its highest now: the simulated PV produces."""
-    utc_hours = (time.time() / 3600) % 24
-    return ((12 - utc_hours) * 15 + 180) % 360 - 180
-
-
-def earn_credits(chain: AnvilLedger, keystore: Path, password: Path, export_wh: int) -> None:
-    """The node's first commitment, signed with its key: a past period that exported
-    `export_wh` (one credit per 1000 Wh). Its daemon goes on from this head."""
-    account = load_account(keystore, password)
-    ledger = chain.ledger
-    t0 = (int(time.time() * 1000) // 900_000 - 4) * 900_000
-    c = Commitment(
-        account.address, 1, t0, t0 + 900_000, keccak(b"r"), 1, 0, export_wh, b"\0" * 32, b"\0" * 32
-    )
-    items = [(c, sign(c, account.key, ledger.chain_id, ledger.address))]
-    receipt = chainlib.send(
-        chain.w3, account, {"to": ledger.address, "data": ledger.batch_data(items)}
-    )
-    assert ledger.outcome(receipt)[1] == []
 
 
 def node_config(
@@ -136,26 +111,6 @@ def node_config(
     if buy is not None:
         sections["market.buy"] = buy
     return write_config(tmp_path / f"{name}.toml", sections)
-
-
-def readings(db: Path, channel: str) -> list[tuple[int, float]]:
-    return [
-        (int(t), float(v))
-        for t, v in db_rows(
-            db,
-            "SELECT r.t_ms, r.value FROM readings r JOIN channels c ON c.id = r.channel_id "
-            "WHERE c.name = ? ORDER BY r.t_ms",
-            (channel,),
-        )
-    ]
-
-
-def at(series: list[tuple[int, float]], t_ms: int) -> float:
-    """A counter's value at `t_ms`, between the readings either side (as the tracker counts)."""
-    for (ta, va), (tb, vb) in itertools.pairwise(series):
-        if ta <= t_ms <= tb:
-            return va + (vb - va) * (t_ms - ta) / (tb - ta) if tb > ta else vb
-    raise AssertionError(f"no readings around {t_ms}")
 
 
 def test_battery_low_buys_the_producer_accepts_meters_and_settles(
