@@ -22,7 +22,7 @@ from tests.support.broker import Broker
 from tests.support.chains import AnvilLedger
 from tests.support.market_nodes import at, earn_credits, readings, sunny_longitude
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.beside]  # waits on daemons and the chain
 
 PERIOD_S = 10
 AMOUNT_WH = 10
