@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -47,6 +49,12 @@ NOT_REGISTERED, STALE_SEQ, NOT_NEXT = REJECT_REASONS[2], REJECT_REASONS[3], REJE
 RESEALABLE = frozenset({REJECT_REASONS[4], REJECT_REASONS[5], REJECT_REASONS[7]})
 #: the contract keeps this many low bits of the last commitment's hash
 HASH_LOW_BITS = 88
+#: set while the daemon runs a market action (`LedgerService.transact`): the node key's address
+#: and the function that sends for it, so that `send` takes the daemon's one nonce sequence
+#: instead of reading its own from the chain
+NODE_SENDER: ContextVar[tuple[str, Callable[[dict[str, Any]], Any]] | None] = ContextVar(
+    "node_sender", default=None
+)
 
 
 class ChainError(DaiseeError):
@@ -132,6 +140,9 @@ def estimate_gas(w3: Web3, tx: dict[str, Any], fallback: int) -> int:
 
 def send(w3: Web3, account: LocalAccount, tx: dict[str, Any]) -> Any:
     """Sign locally, send, wait for the receipt; raise ChainError if it reverted."""
+    route = NODE_SENDER.get()
+    if route is not None and route[0] == account.address:
+        return route[1](tx)
     tx = {"from": account.address, "chainId": w3.eth.chain_id, **tx}
     tx.setdefault("nonce", w3.eth.get_transaction_count(account.address, "pending"))
     if "gas" not in tx:

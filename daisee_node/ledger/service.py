@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daisee_node.backoff import Backoff
 from daisee_node.clock import Clock
@@ -32,6 +33,10 @@ EMBEDDED_FUNDS_WEI = 10**20
 #: ones the chain does not have yet: a relay that was not listening when they were first shared
 #: (starting, or cut off from the broker) gets them, and in-order acceptance is never stuck
 RESHARE_MAX = 4
+#: a market transaction's receipt is waited for at least this long (s)
+RECEIPT_WAIT_S = 120.0
+
+T = TypeVar("T")
 
 
 class LedgerService:
@@ -63,6 +68,8 @@ class LedgerService:
         self.key_error: str | None = None
         self.outbox = Outbox(store)
         self.worker = ChainThread()
+        #: where market actions run: they wait for receipts, and the chain thread must not
+        self._tx_worker: ChainThread | None = None
         self.chain_id: int | None = settings.chain_id
         self.contract: str | None = settings.ledger_address
         self.ledger: chainlib.Ledger | None = None
@@ -154,6 +161,8 @@ class LedgerService:
             self.worker,
         )
         self.submitter.reseal = self._reseal
+        # Whatever else signs with the node key (the market) goes through the submitter too.
+        self.worker.signer, self.worker.sends = self.account, self.transact
         self._connected.set()
 
     def _connect(self) -> None:
@@ -229,6 +238,42 @@ class LedgerService:
                 dropped=dropped,
             )
             await self._sync_head()
+
+    async def transact(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking action that sends with the node key (a `Market` method) on a thread of
+        its own. Its transactions take their nonces from the submitter, the one sender of the
+        node key, and are recorded and followed there; waiting for their receipts holds neither
+        the chain thread nor the batches."""
+        from daisee_node.ledger import chain as chainlib
+
+        submitter = self.submitter
+        if submitter is None:
+            raise chainlib.ChainError("the chain is not connected yet")
+        if self._tx_worker is None:
+            self._tx_worker = ChainThread("chain-tx")
+        loop = asyncio.get_running_loop()
+        wait_s = max(RECEIPT_WAIT_S, 2 * self.settings.stuck_after_s)
+
+        def send(tx: dict[str, Any]) -> Any:
+            sent = asyncio.run_coroutine_threadsafe(submitter.send_transaction(tx), loop)
+            try:
+                receipt = sent.result().result(timeout=wait_s)
+            except FutureTimeout:
+                raise chainlib.ChainError(f"no receipt after {wait_s:.0f} s") from None
+            if receipt["status"] != 1:
+                raise chainlib.ChainError(
+                    f"transaction 0x{bytes(receipt['transactionHash']).hex()} reverted"
+                )
+            return receipt
+
+        def run() -> T:
+            token = chainlib.NODE_SENDER.set((self.address, send))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                chainlib.NODE_SENDER.reset(token)
+
+        return await self._tx_worker.call(run)
 
     # -- loops ---------------------------------------------------------------------------------
 

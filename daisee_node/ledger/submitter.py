@@ -19,6 +19,15 @@ oldest period ended `submit_interval_s` ago, or when it is full (`batch_max`). C
 were sent before (a reorg, a dropped or refused transaction), and the first batch after a start
 or a reseal, go at once. Peers' commitments (with `relay_peers`) ride along, or go by the same
 age rule.
+
+The node key signs the market's transactions too, and one account has one run of nonces: every
+transaction of the node key goes through `send_transaction` or the batch sender here, which take
+the next nonce under one lock (the chain's pending count, or one after the highest nonce still in
+flight in `ledger_txs`), record it, broadcast and let go. A market transaction's receipt is waited
+for outside the lock, so it never holds up a batch longer than its own send. Market transactions
+are followed like batches: replaced with a higher fee when stuck, broadcast again when the chain
+node forgot them, and kept in flight until their block is `confirmations` deep, so one a reorg
+took off the chain is sent again with its nonce.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
@@ -101,6 +111,11 @@ class Submitter:
         # mined: after a start or a reseal, what is pending is late already (and an unusable
         # setup, such as an unregistered node, shows at once).
         self._prompt = True
+        #: held from choosing a nonce until its transaction is broadcast (or refused)
+        self.send_lock = asyncio.Lock()
+        #: a market transaction's nonce → its first receipt, for the thread that sent it
+        self._waiters: dict[int, Future[Any]] = {}
+        self._market_in_flight = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -158,7 +173,7 @@ class Submitter:
         unsettled = await self._follow_included()
         heads = await self._reconcile()
         sent = await self._send_batch(heads)
-        return unsettled or sent
+        return unsettled or sent or self._market_in_flight
 
     # -- in-flight transaction -----------------------------------------------------------------
 
@@ -169,34 +184,63 @@ class Submitter:
         )
 
     async def _follow_in_flight(self) -> bool:
+        """Follow every transaction in flight, nonce by nonce. True while a batch is."""
         txs = await self._in_flight()
-        if not txs:
-            return False
-        if await self._any_mined(txs):
-            return False
+        groups: dict[int, list[tuple[Any, ...]]] = {}
+        for tx in txs:
+            groups.setdefault(int(tx[1]), []).append(tx)
+        batch_busy = market_busy = False
+        mined_nonce: int | None = None
+        for nonce in sorted(groups):
+            group = groups[nonce]
+            market = _is_market(group[-1][4])
+            if await self._any_mined(group):
+                market_busy |= market and await self._market_unconfirmed(nonce)
+                continue
+            if mined_nonce is None:
+                mined_nonce = await self.call(
+                    self.w3.eth.get_transaction_count, self.account.address
+                )
+            if await self._follow_unmined(group, mined_nonce):
+                market_busy |= market
+                batch_busy |= not market
+        self._market_in_flight = market_busy
+        return batch_busy
+
+    async def _follow_unmined(self, txs: list[tuple[Any, ...]], mined_nonce: int) -> bool:
+        """One nonce's transactions, none with a receipt: True while they are still in flight."""
         _, nonce, tx_hash, raw, items, fee, sent_ms = txs[-1]
-        mined_nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address)
         if mined_nonce > nonce:
             # Ours may have been mined between the receipt lookups and the nonce read: look again.
             if await self._any_mined(txs):
-                return False
+                return _is_market(items) and await self._market_unconfirmed(nonce)
             # Another transaction took this nonce (one we lost track of): send the batch again.
             await self._set_tx_state([t[0] for t in txs], "dropped")
-            await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
+            if _is_market(items):
+                self._resolve(nonce, ChainError(f"market transaction with nonce {nonce} dropped"))
+            else:
+                await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
             return False
         if self.clock.now_ms() - sent_ms > self.settings.stuck_after_s * 1000:
-            await self._replace(nonce, json.loads(items), fee)
+            if _is_market(items):
+                await self._replace_market(nonce, json.loads(items), fee)
+            else:
+                await self._replace(nonce, json.loads(items), fee)
         elif await self.call(self._tx_known, bytes(tx_hash)) is False:
-            # The chain node forgot it (restarted without its pool): broadcast it again.
+            # The chain node forgot it (restarted without its pool, or a reorg dropped it):
+            # broadcast it again.
             await self.call(self.w3.eth.send_raw_transaction, bytes(raw))
         return True
 
     async def _any_mined(self, txs: list[tuple[Any, ...]]) -> bool:
         """Records the first of the nonce's transactions that has a receipt, if one has."""
-        for tx_id, _nonce, tx_hash, _raw, items, _fee, _sent in txs:
+        for tx_id, nonce, tx_hash, _raw, items, _fee, _sent in txs:
             receipt = await self.call(self._receipt, bytes(tx_hash))
             if receipt is not None:
-                await self._mined(tx_id, receipt, json.loads(items))
+                if _is_market(items):
+                    await self._market_mined(tx_id, nonce, receipt)
+                else:
+                    await self._mined(tx_id, nonce, receipt, json.loads(items))
                 return True
         return False
 
@@ -213,15 +257,15 @@ class Submitter:
             return False
         return True
 
-    async def _mined(self, tx_id: int, receipt: Any, items: list[list[Any]]) -> None:
+    async def _mined(self, tx_id: int, nonce: int, receipt: Any, items: list[list[Any]]) -> None:
         included, rejected = self.ledger.outcome(receipt)
         if any(inc.node == self.account.address for inc in included):
             self._prompt = False
         async with self.store.transaction() as db:
             await db.execute(
                 "UPDATE ledger_txs SET state = CASE WHEN id = ? THEN 'mined' ELSE 'replaced' END "
-                "WHERE state = 'sent'",
-                (tx_id,),
+                "WHERE state = 'sent' AND nonce = ?",
+                (tx_id, nonce),
             )
         for inc in included:
             await self.outbox.update(
@@ -390,9 +434,20 @@ class Submitter:
         batch = await self._batch(heads)
         if not batch or not self._due(batch):
             return False
-        nonce = await self.call(self.w3.eth.get_transaction_count, self.account.address, "pending")
-        await self._sign_and_send(batch, nonce, bump=1.0)
+        async with self.send_lock:
+            nonce = await self._next_nonce()
+            await self._sign_and_send(batch, nonce, bump=1.0)
         return True
+
+    async def _next_nonce(self) -> int:
+        """The node key's next nonce (call with `send_lock` held): the chain's pending count,
+        or one after the highest nonce in flight, when the chain node does not count it yet."""
+        pending = await self.call(
+            self.w3.eth.get_transaction_count, self.account.address, "pending"
+        )
+        rows = await self.store.query("SELECT max(nonce) FROM ledger_txs WHERE state = 'sent'")
+        recorded = rows[0][0] if rows else None
+        return int(pending) if recorded is None else max(int(pending), int(recorded) + 1)
 
     def _due(self, batch: list[Entry]) -> bool:
         """Whether the batch is worth its transaction now (see the module's docstring)."""
@@ -410,7 +465,8 @@ class Submitter:
         batch = [e for e in entries if e is not None]
         self.store.add_counter("ledger.fee_bumps", 1)
         self.log.warning("batch transaction stuck; replacing it with a higher fee", nonce=nonce)
-        await self._sign_and_send(batch, nonce, bump=self.settings.fee_bump, floor=old_fee)
+        async with self.send_lock:
+            await self._sign_and_send(batch, nonce, bump=self.settings.fee_bump, floor=old_fee)
 
     async def _sign_and_send(
         self, batch: list[Entry], nonce: int, *, bump: float, floor: int = 0
@@ -426,17 +482,7 @@ class Submitter:
         tx["gas"] = await self.call(
             chainlib.estimate_gas, self.w3, tx, BATCH_GAS_BASE + BATCH_GAS_EACH * len(batch)
         )
-        fees = await self.call(chainlib.fee_fields, self.w3)
-        key = "maxFeePerGas" if "maxFeePerGas" in fees else "gasPrice"
-        if floor:
-            # A replacement must outbid the transaction it replaces, tip included; rounded up,
-            # since a fee a fraction of a wei under the bump is refused as underpriced.
-            outbid = math.ceil(floor * bump)
-            fees[key] = max(fees[key], outbid)
-            if "maxPriorityFeePerGas" in fees:
-                fees["maxPriorityFeePerGas"] = max(
-                    math.ceil(fees["maxPriorityFeePerGas"] * bump), outbid // 2
-                )
+        fees, key = await self._fees(bump, floor)
         tx.update(fees)
         signed = self.account.sign_transaction(tx)
         tx_hash = bytes(signed.hash)
@@ -468,6 +514,122 @@ class Submitter:
             "batch sent", tx=self.last_tx, nonce=nonce, commitments=len(batch), gas_limit=tx["gas"]
         )
 
+    async def _fees(self, bump: float, floor: int) -> tuple[dict[str, int], str]:
+        """The chain's fees, above `floor` by `bump` for a replacement; and the fee's key."""
+        fees = await self.call(chainlib.fee_fields, self.w3)
+        key = "maxFeePerGas" if "maxFeePerGas" in fees else "gasPrice"
+        if floor:
+            # A replacement must outbid the transaction it replaces, tip included; rounded up,
+            # since a fee a fraction of a wei under the bump is refused as underpriced.
+            outbid = math.ceil(floor * bump)
+            fees[key] = max(fees[key], outbid)
+            if "maxPriorityFeePerGas" in fees:
+                fees["maxPriorityFeePerGas"] = max(
+                    math.ceil(fees["maxPriorityFeePerGas"] * bump), outbid // 2
+                )
+        return fees, key
+
+    # -- market transactions ----------------------------------------------------------------
+
+    async def send_transaction(self, tx: dict[str, Any]) -> Future[Any]:
+        """Sign and broadcast one of the node key's other transactions (`to`, `data`, and
+        optionally `value`, `gas`) with the next nonce, recorded in `ledger_txs` first. Returns
+        a future of its first receipt (a replacement's, if it was replaced), which the caller
+        waits for without holding anything here. Raises ChainError when the chain refuses it."""
+        body = {k: tx[k] for k in ("to", "data", "value", "gas") if tx.get(k) is not None}
+        if isinstance(body.get("data"), bytes | bytearray):
+            body["data"] = "0x" + bytes(body["data"]).hex()
+        async with self.send_lock:
+            nonce = await self._next_nonce()
+            done: Future[Any] = Future()
+            self._waiters[nonce] = done
+            try:
+                await self._sign_market(body, nonce, bump=1.0, floor=0)
+            except BaseException:
+                self._waiters.pop(nonce, None)
+                raise
+        self._market_in_flight = True
+        self.wake.set()  # follow it every second from now on
+        return done
+
+    async def _sign_market(
+        self, body: dict[str, Any], nonce: int, *, bump: float, floor: int
+    ) -> None:
+        tx: dict[str, Any] = {
+            "from": self.account.address,
+            "nonce": nonce,
+            "chainId": self.ledger.chain_id,
+            **body,
+        }
+        if "gas" not in tx:
+            tx["gas"] = body["gas"] = await self.call(chainlib.estimate_gas, self.w3, tx, 6_000_000)
+        fees, key = await self._fees(bump, floor)
+        tx.update(fees)
+        signed = self.account.sign_transaction(tx)
+        tx_hash = bytes(signed.hash)
+        async with self.store.transaction() as db:
+            await db.execute(
+                "INSERT INTO ledger_txs (nonce, tx_hash, raw, items, fee, sent_ms, state) "
+                "VALUES (?,?,?,?,?,?,'sent')",
+                (
+                    nonce,
+                    tx_hash,
+                    bytes(signed.raw_transaction),
+                    json.dumps(body, sort_keys=True),
+                    fees[key],
+                    self.clock.now_ms(),
+                ),
+            )
+        try:
+            await self.call(self.w3.eth.send_raw_transaction, signed.raw_transaction)
+        except Web3RPCError as exc:
+            await self._set_tx_state_by_hash(tx_hash, "failed")
+            raise ChainError(f"transaction refused by the chain: {exc}") from exc
+        self.store.add_counter("market.txs_sent", 1)
+        self.log.info("market transaction sent", tx="0x" + tx_hash.hex(), nonce=nonce)
+
+    async def _replace_market(self, nonce: int, body: dict[str, Any], old_fee: int) -> None:
+        self.store.add_counter("ledger.fee_bumps", 1)
+        self.log.warning("market transaction stuck; replacing it with a higher fee", nonce=nonce)
+        async with self.send_lock:
+            await self._sign_market(body, nonce, bump=self.settings.fee_bump, floor=old_fee)
+
+    async def _market_mined(self, tx_id: int, nonce: int, receipt: Any) -> None:
+        """Hand the first receipt to the sender; the nonce is settled (`mined`, the others
+        `replaced`) once its block is `confirmations` deep: until then a reorg that takes it
+        off the chain finds it still in flight, and it is broadcast again."""
+        self._resolve(nonce, receipt)
+        latest = await self.call(self.w3.eth.get_block_number)
+        if latest - int(receipt["blockNumber"]) < self.settings.confirmations:
+            return
+        async with self.store.transaction() as db:
+            await db.execute(
+                "UPDATE ledger_txs SET state = CASE WHEN id = ? THEN 'mined' ELSE 'replaced' END "
+                "WHERE state = 'sent' AND nonce = ?",
+                (tx_id, nonce),
+            )
+        self.store.add_counter("market.txs_mined", 1)
+
+    async def _market_unconfirmed(self, nonce: int) -> bool:
+        rows = await self.store.query(
+            "SELECT 1 FROM ledger_txs WHERE state = 'sent' AND nonce = ? LIMIT 1", (nonce,)
+        )
+        return bool(rows)
+
+    def _resolve(self, nonce: int, outcome: Any) -> None:
+        done = self._waiters.pop(nonce, None)
+        if done is None or done.done():
+            return
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
+
     async def _set_tx_state_by_hash(self, tx_hash: bytes, state: str) -> None:
         async with self.store.transaction() as db:
             await db.execute("UPDATE ledger_txs SET state = ? WHERE tx_hash = ?", (state, tx_hash))
+
+
+def _is_market(items: str) -> bool:
+    """A market transaction's row keeps its body (a JSON object); a batch's, its commitments."""
+    return items.lstrip().startswith("{")

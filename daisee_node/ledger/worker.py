@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -19,13 +19,19 @@ class ChainThread:
     """Runs blocking web3 calls one at a time on a daemon thread.
 
     A daemon thread, so a chain that does not answer never holds up the process's exit.
+
+    A call given `signer` (the node key's account) is one that signs with it, such as a market
+    action: it goes to `sends` instead, which gives its transactions the node key's next nonces
+    and waits for their receipts elsewhere, so this thread is never held by a receipt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "chain") -> None:
         self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="chain", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        self.signer: object | None = None
+        self.sends: Callable[..., Awaitable[Any]] | None = None
 
     def _loop(self) -> None:
         while True:
@@ -41,6 +47,11 @@ class ChainThread:
                 fut.set_exception(exc)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        signs = self.signer is not None and any(
+            arg is self.signer for arg in (*args, *kwargs.values())
+        )
+        if signs and self.sends is not None:
+            return cast(T, await self.sends(fn, *args, **kwargs))
         fut: Future[T] = Future()
         with self._cv:
             self._jobs.append((lambda: fn(*args, **kwargs), fut))
