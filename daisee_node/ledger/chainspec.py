@@ -18,7 +18,8 @@ from typing import Any
 import rlp
 from eth_utils import to_checksum_address
 
-DEFAULT_CHAIN_ID = 1_337_714
+from daisee_node.ledger import DEFAULT_CHAIN_ID
+
 DEFAULT_GAS_LIMIT = 30_000_000
 FILES = {
     "qbft": "besu-qbft-genesis.json",

@@ -148,7 +148,7 @@ def add_parsers(sub: Any, default_config: Path) -> None:
         default=Path("chain-spec"),
         help="folder the files are written to (default ./chain-spec)",
     )
-    from daisee_node.ledger.chainspec import DEFAULT_CHAIN_ID
+    from daisee_node.ledger import DEFAULT_CHAIN_ID
 
     spec.add_argument(
         "--chain-id", type=int, default=None, help=f"the chain's id (default {DEFAULT_CHAIN_ID})"

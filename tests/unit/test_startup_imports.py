@@ -117,6 +117,27 @@ def test_check_config_of_the_house_example_loads_no_chain_or_rule_library(
     assert [m for m in ("rule_engine", "web3", "eth_account", "aiomqtt") if m in modules] == []
 
 
+def test_safe_state_loads_the_pins_and_no_chain_library(tmp_path: Path) -> None:
+    # safe-state runs after every crash (ExecStopPost): each library it loads delays the relays
+    # (10 s on emulated arm64 when it loaded the genesis writer's rlp and eth-utils).
+    config = write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "safe", "data_dir": str(tmp_path / "data")},
+            "gpio": {"backend": "mock"},
+            "relays": [{"name": "r1", "pin": 17}],
+        },
+    )
+    output, seen = _loaded(["safe-state", "-c", str(config)], tmp_path)
+    assert seen["code"] in (0, None), output
+    assert "r1: off" in output
+    modules = seen["modules"]
+    assert isinstance(modules, list)
+    assert "gpiozero" in modules
+    chain = ("web3", "eth_account", "eth_utils", "rlp", "rule_engine", "aiomqtt", "pymodbus")
+    assert [m for m in chain if m in modules] == []
+
+
 def test_rule_parser_tables_are_cached_and_read_back(tmp_path: Path) -> None:
     first = _check_rule(tmp_path)
     tables = tmp_path / "daisee-node" / "rule-parser-tables.marshal"
