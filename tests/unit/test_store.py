@@ -310,18 +310,23 @@ async def test_flush_returns_under_a_steady_stream(store: Store) -> None:
             await asyncio.sleep(0)
 
     task = asyncio.create_task(producer())
-    await asyncio.sleep(0.1)
-    marker = Reading("s.marker", T0, 42.0, Quality.GOOD)
-    store.put(marker)
-    await asyncio.wait_for(store.flush(), 5)
-    stored = rows(
-        store.path,
-        "SELECT count(*) FROM readings r JOIN channels c "
-        "ON c.id = r.channel_id WHERE c.name = 's.marker'",
-    )
-    assert stored == [(1,)]
-    stop.set()
-    await task
+    try:
+        await asyncio.sleep(0.1)
+        marker = Reading("s.marker", T0, 42.0, Quality.GOOD)
+        store.put(marker)
+        # A bound for "it returns at all", not a speed: the producer never yields the loop for
+        # long, and on a loaded 2-core machine the writer thread shares the GIL with it.
+        await asyncio.wait_for(store.flush(), 30)
+        stored = rows(
+            store.path,
+            "SELECT count(*) FROM readings r JOIN channels c "
+            "ON c.id = r.channel_id WHERE c.name = 's.marker'",
+        )
+        assert stored == [(1,)]
+    finally:
+        # Stopped whatever happened: an endless producer would hold the store's close for ever.
+        stop.set()
+        await task
 
 
 async def test_a_writer_cancelled_while_beginning_leaves_no_transaction_open(store: Store) -> None:
