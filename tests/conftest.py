@@ -150,6 +150,17 @@ def db_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
         conn.close()
 
 
+@pytest.fixture
+def anvil(tmp_path: Path) -> Iterator[Any]:
+    """anvil with 1 s blocks and the ledger deployed (`tests.support.chains.AnvilLedger`),
+    stopped after the test."""
+    from tests.support.chains import AnvilLedger
+
+    chain = AnvilLedger(tmp_path, block_time_s=1)
+    yield chain
+    chain.anvil.stop()
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (on loopback)."""
     import socket

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,6 @@ pytestmark = pytest.mark.slow
 PERIOD_MS = 900_000
 T0 = 1_781_000_000_000 // PERIOD_MS * PERIOD_MS
 ZERO = b"\0" * 32
-
-
-@pytest.fixture
-def anvil(tmp_path: Path) -> Iterator[AnvilLedger]:
-    chain = AnvilLedger(tmp_path, block_time_s=1)
-    yield chain
-    chain.anvil.stop()
 
 
 def period(node: Any, seq: int, prev: bytes, export_wh: int = 0) -> Commitment:

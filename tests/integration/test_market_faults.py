@@ -52,13 +52,6 @@ PRODUCER_GROUP = {"feed": [GroupPin(GRID_PIN), GroupPin(FEED)]}
 
 
 @pytest.fixture
-def anvil(tmp_path: Path) -> Iterator[AnvilLedger]:
-    chain = AnvilLedger(tmp_path, block_time_s=1)
-    yield chain
-    chain.anvil.stop()
-
-
-@pytest.fixture
 def node_broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path, node_logins=("producer", "consumer"))
     b.start()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,6 @@ ACCEPTED_ORDERS = 3
 REFUSED_ORDERS = 2
 REFUSED = 3  # the contract's state of a refused order
 ZERO = b"\0" * 32
-
-
-@pytest.fixture
-def anvil(tmp_path: Path) -> Iterator[AnvilLedger]:
-    chain = AnvilLedger(tmp_path, block_time_s=1)
-    yield chain
-    chain.anvil.stop()
 
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float = 45.0) -> Any:
