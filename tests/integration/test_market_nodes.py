@@ -20,7 +20,8 @@ from daisee_node.ledger.keys import new_keystore
 from tests.conftest import db_rows, run_cli, wait_for, write_config
 from tests.support.broker import Broker
 from tests.support.chains import AnvilLedger
-from tests.support.market_nodes import at, earn_credits, readings, sunny_longitude
+from tests.support.clocks import sunny_longitude
+from tests.support.market_nodes import at, earn_credits, readings
 
 pytestmark = [pytest.mark.slow, pytest.mark.beside]  # waits on daemons and the chain
 

@@ -18,6 +18,7 @@ from daisee_node.peers import message, sign
 from daisee_node.readings import Reading
 from tests.conftest import db_rows, run_cli, until, write_config
 from tests.support.broker import Broker
+from tests.support.clocks import sunny_longitude
 
 
 @pytest.fixture
@@ -27,12 +28,6 @@ def node_broker(tmp_path: Path) -> Any:
     b.start()
     yield b
     b.stop()
-
-
-def sunny_longitude() -> float:
-    """A longitude where the sun is at its highest now: the simulated PV produces."""
-    utc_hours = (time.time() / 3600) % 24
-    return ((12 - utc_hours) * 15 + 180) % 360 - 180
 
 
 def mqtt_section(broker: Broker, login: str) -> dict[str, Any]:

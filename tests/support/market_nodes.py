@@ -16,15 +16,10 @@ from daisee_node.ledger.keys import load_account, new_keystore
 from tests.conftest import db_rows, write_config
 from tests.support.broker import Broker
 from tests.support.chains import AnvilLedger
+from tests.support.clocks import sunny_longitude
 
 #: a node's key: keystore, password file, address
 Key = tuple[Path, Path, str]
-
-
-def sunny_longitude() -> float:
-    """A longitude where the sun is at its highest now: the simulated PV produces."""
-    utc_hours = (time.time() / 3600) % 24
-    return ((12 - utc_hours) * 15 + 180) % 360 - 180
 
 
 def make_keys(tmp_path: Path, chain: AnvilLedger, names: tuple[str, ...]) -> dict[str, Key]:

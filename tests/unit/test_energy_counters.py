@@ -18,6 +18,7 @@ from daisee_node.readings import Channel, Quality, Reading
 from daisee_node.sensors.base import EnergySpec
 from daisee_node.sensors.energy import EnergyIntegrator
 from tests.conftest import until, write_config
+from tests.support.clocks import sunny_longitude
 
 POWER = Channel("battery.power_w", "W", min=-5000, max=5000)
 SPEC = EnergySpec.model_validate(
@@ -104,8 +105,12 @@ def node_file(tmp_path: Path) -> Path:
         {
             "node": {"id": "e1", "data_dir": str(tmp_path / "data")},
             "store": {"flush_interval_s": 0.05},
-            # the sun is up at every hour of the test: solar noon follows the clock
-            "simulation": {"longitude_deg": 90.0, "latitude_deg": 0.0, "noise_pct": 0.0},
+            # solar noon now, wherever the test's clock stands: the roof produces
+            "simulation": {
+                "longitude_deg": sunny_longitude(),
+                "latitude_deg": 0.0,
+                "noise_pct": 0.0,
+            },
             "sensors": [
                 {
                     "name": "pv",
