@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from daisee_node.models import NAME_PATTERN, StrictModel
 
@@ -85,6 +86,17 @@ class BuyEntry(StrictModel):
         description="the window starts at the first period boundary this long after the order "
         "is opened (the seller's node needs a few blocks to accept)",
     )
+    mode: Literal["grid", "line"] = Field(
+        "grid",
+        description="'grid': delivered through the shared grid, matched from both nodes' "
+        "committed totals; 'line': over the direct line, metered at both ends on the line's "
+        "counter (needs market.line_meter)",
+    )
+    seller_line_meter: str | None = Field(
+        None,
+        description="'line' orders: the line's counter at the seller's end (default: the same "
+        "name as this node's market.line_meter)",
+    )
 
 
 class MarketSection(StrictModel):
@@ -118,6 +130,12 @@ class MarketSection(StrictModel):
     buyer_meter: str | None = Field(
         None, description="the counter that meters what this node buys, e.g. 'grid.import_wh'"
     )
+    line_meter: str | None = Field(
+        None,
+        description="the counter (Wh) of the direct line to the neighbours, e.g. "
+        "'line.energy_wh': LINE orders name it at this node's end; the node meters them on it, "
+        "anchors and settles them with proofs of its readings",
+    )
     poll_s: float = Field(1.0, gt=0, le=60, description="how often the market's events are read")
     heartbeat_s: float = Field(
         10.0, gt=0, le=3600, description="a peer silent this long pauses its orders' flow"
@@ -125,3 +143,14 @@ class MarketSection(StrictModel):
     buy: list[BuyEntry] = Field(
         default_factory=list, description="[[market.buy]]: orders the node places by itself"
     )
+
+    @model_validator(mode="after")
+    def _line_needs_meter(self) -> MarketSection:
+        if self.line_meter is None:
+            for i, entry in enumerate(self.buy):
+                if entry.mode == "line":
+                    raise ValueError(
+                        f"market.buy[{i}] ({entry.name}) buys over the line: set "
+                        "market.line_meter, the line's counter at this end"
+                    )
+        return self
