@@ -470,7 +470,7 @@ def _check_market(config: Config) -> list[ConfigProblem]:
                 )
             )
     channels = config.channel_names()
-    for key in ("battery_channel", "seller_meter", "buyer_meter"):
+    for key in ("battery_channel", "seller_meter", "buyer_meter", "line_meter"):
         name = getattr(market, key)
         if name is not None and name not in channels:
             hint = difflib.get_close_matches(name, sorted(channels), n=1)
@@ -501,7 +501,15 @@ def _check_market(config: Config) -> list[ConfigProblem]:
         problems += [
             ConfigProblem(f"market.buy[{i}].when", p) for p in checked(entry.when, "condition")
         ]
-    if market.buy and market.buyer_meter is None:
+        if entry.mode == "line" and market.line_meter is None:
+            problems.append(
+                ConfigProblem(
+                    f"market.buy[{i}].mode",
+                    "buying over the line needs market.line_meter, the line's counter at this "
+                    "end, e.g. 'line.import_wh'",
+                )
+            )
+    if any(b.mode == "grid" for b in market.buy) and market.buyer_meter is None:
         problems.append(
             ConfigProblem(
                 "market.buyer_meter",

@@ -143,6 +143,7 @@ class Node:
                 peer_age_s=inbox.heard_age_s if inbox is not None else lambda peer: None,
                 period_s=config.chain.period_s,
                 confirmations=config.chain.confirmations,
+                prove=self._prove,
             )
             self.bus.subscribe(self.market.on_readings)
         if config.mqtt is not None:
@@ -207,6 +208,14 @@ class Node:
         latest = self.latest
         for r in readings:
             latest[r.channel] = r
+
+    async def _prove(self, channel: str, at_ms: int) -> dict[str, Any]:
+        """A proof of this node's reading of `channel` at or before `at_ms`, as `prove` writes
+        it; on a thread, since it reads the store and asks the chain."""
+        from daisee_node.ledger.proofs import build_proof
+
+        config = self.config
+        return await asyncio.to_thread(lambda: asyncio.run(build_proof(config, channel, at_ms)))
 
     def _peer_readings(self, readings: Sequence[Reading]) -> None:
         """A peer's checked readings: for the rules only (the neighbour's data is neither
@@ -600,3 +609,10 @@ class MarketFace:
         state = {k: full[k] for k in keys}
         state["orders"] = len(full["orders"])
         return state
+
+    def line_messages(self) -> dict[int, str]:
+        """This node's retained proofs of its LINE orders' readings, by order id."""
+        return self._market.line_messages()
+
+    def on_line_message(self, peer_id: str, order_id: int, payload: bytes) -> None:
+        self._market.on_line_message(peer_id, order_id, payload)

@@ -4,7 +4,9 @@ meters its accepted orders itself and settles them afterwards.
     chain events ──▶ orders of this node ──▶ seller: accept / refuse (`Policy`)
                                        └──▶ accepted: `DeliveryTracker` ──▶ market.* rule inputs
     node inputs ──▶ `[[market.buy]]` `when` (`BuyTrigger`) ──▶ open an order (escrow)
-    window over ──▶ settle the periods both sides committed; after the grace time, refund
+    window over ──▶ GRID: settle the periods both sides committed
+                └─▶ LINE: prove this end's line readings, swap proofs over MQTT, settle
+    after the grace time ──▶ refund (and close disputes past their deadline)
 
 The chain is polled (`[market] poll_s`) on the ledger's chain thread; every poll re-reads the
 last `[chain] confirmations` blocks and checks the hash of the newest block it read, so a reorg
@@ -16,6 +18,9 @@ reading of an order's meter and on a tick (`TICK_S`), so the rule that closes a 
 `market.order_active == 1` opens it again as soon as the meter has counted the ordered Wh. The
 tracker's state is kept in the store's meta table (`DELIVERY_KEY`) across restarts; what `status`
 shows of the market is kept there too (`STATUS_KEY`).
+
+LINE orders (`[market] line_meter`) are metered on the line's counter at each end and settled
+from both ends' proven readings: see `daisee_node.market_line`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from daisee_node.delivery import DeliveryTracker
 from daisee_node.delivery import Order as Delivery
+from daisee_node.errors import DaiseeError
 from daisee_node.ledger.settings import BuyEntry, MarketSection
 from daisee_node.logs import get_logger
+from daisee_node.market_line import EndProofs, LineMessageError, message, parse_message
 from daisee_node.readings import Reading
 from daisee_node.rules.expressions import EvaluationError, Expression
 
@@ -64,8 +71,10 @@ BALANCE_EVERY_S = 10.0
 REORG_REREAD = 64
 #: a closed order's delivery is kept (for `status`) this long after its window (ms)
 FORGET_AFTER_MS = 86_400_000
+#: the most line messages kept from peers before they are matched to an order
+LINE_HEARD_MAX = 256
 #: contract states and modes (daisee_node.ledger.market, not imported before the chain is used)
-OPEN, ACCEPTED, GRID = 1, 2, 0
+OPEN, ACCEPTED, GRID, LINE = 1, 2, 0, 1
 STATES = ("none", "open", "accepted", "refused", "cancelled", "expired", "closed")
 
 
@@ -81,6 +90,13 @@ def _fresh(r: Reading | None, now_ms: int) -> bool:
         and math.isfinite(r.value)
         and now_ms - r.t_ms <= INPUT_MAX_AGE_S * 1000
     )
+
+
+def channel_id(name: str) -> bytes:
+    """A line counter's id as orders and commitments name it (keccak of its name)."""
+    from daisee_node.ledger import merkle
+
+    return merkle.channel_id(name)
 
 
 def _day(t_ms: int) -> str:
@@ -115,8 +131,11 @@ class Policy:
         s = self.settings
         buyer = order.buyer.lower()
         who = f"peer {self.peers[buyer]!r}" if buyer in self.peers else buyer
-        if order.mode != GRID:
-            return "only GRID orders are accepted automatically (LINE: market accept)"
+        if order.mode == LINE:
+            if s.line_meter is None:
+                return "a LINE order, and this node has no market.line_meter"
+            if order.seller_channel != channel_id(s.line_meter):
+                return f"a LINE order on a channel other than market.line_meter {s.line_meter!r}"
         if buyer not in self.allowed:
             return f"buyer {who} is not in market.accept_from"
         if order.price < self.min_price:
@@ -215,6 +234,7 @@ class MarketService:
         peer_age_s: Callable[[str], float | None],
         period_s: int,
         confirmations: int,
+        prove: Callable[[str, int], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -226,6 +246,8 @@ class MarketService:
         self.period_ms = period_s * 1000
         self.settle_every_s = min(max(period_s / 5, SETTLE_EVERY_S[0]), SETTLE_EVERY_S[1])
         self.confirmations = confirmations
+        #: a proof of this node's reading of a channel at or before a time (`build_proof`)
+        self.prove = prove
         self.log = get_logger("market")
         self.tracker = DeliveryTracker(peer_age_s=peer_age_s, heartbeat_s=settings.heartbeat_s)
         self.policy = Policy(settings, self.peers, latest)
@@ -246,6 +268,15 @@ class MarketService:
         self._restored = asyncio.Event()
         self._saved: str | None = None
         self._balance_at = 0.0
+        #: LINE orders: this end's proofs, the other end's (heard over MQTT), what was published
+        self.line_mine: dict[int, EndProofs] = {}
+        self.line_theirs: dict[int, EndProofs] = {}
+        self._line_published: set[int] = set()
+        self._line_heard: dict[tuple[str, int], bytes] = {}
+        self._line_unprovable: set[int] = set()
+        #: order → the chain time (ms) at which its next open dispute may be closed
+        self._dispute_due: dict[int, int] = {}
+        self.line_slack_ms = 60_000
 
     # -- rules' inputs ----------------------------------------------------------------------
 
@@ -349,6 +380,7 @@ class MarketService:
         await self._call(market.check_deployed)
         self.decimals = await self._call(market.decimals)
         self.grace_ms = await self._call(market.grace_ms)
+        self.line_slack_ms = await self._call(market.line_slack_ms)
         self.policy = Policy(self.settings, self.peers, self.latest, self.decimals)
         self.market = market
         self.log.info("market ready", market=market.address, node=self.address)
@@ -416,7 +448,10 @@ class MarketService:
         if known is None:
             known = self.orders[order.id] = Known(order, role, self.peers.get(other.lower(), other))
         known.order = order
-        meter = self.settings.seller_meter if role == "seller" else self.settings.buyer_meter
+        if order.mode == LINE:
+            meter = self.settings.line_meter
+        else:
+            meter = self.settings.seller_meter if role == "seller" else self.settings.buyer_meter
         if order.state == ACCEPTED and meter is not None and order.id not in self.tracker.flows:
             self.tracker.add(
                 Delivery(order.id, role, known.peer, order.amount_wh, order.t0, order.t1, meter)  # type: ignore[arg-type]
@@ -483,11 +518,17 @@ class MarketService:
         market, account = self.market, self.account
         assert market is not None and account is not None
         order = known.order
+        if order.open_disputes and chain_now >= self._dispute_due.get(order.id, 0):
+            await self._close_disputes(known, chain_now)
+            order = known.order
         if chain_now >= order.t1 + self.grace_ms:  # too late to settle: the rest is refunded
             if known.role == "buyer":
                 await self._try(known, "refund", "undelivered escrow returned")
             return
-        if known.settled_all or order.mode != GRID:  # LINE: `market settle` with proofs
+        if known.settled_all:
+            return
+        if order.mode == LINE:
+            await self._settle_line(known)
             return
         try:
             periods = await self._call(market.periods, order, self.settings.from_block)
@@ -512,6 +553,149 @@ class MarketService:
             settled += 1
         known.settled_all = settled * self.period_ms >= order.t1 - order.t0
         self._learn(await self._call(market.order, order.id))
+
+    # -- LINE orders ------------------------------------------------------------------------
+
+    def line_messages(self) -> dict[int, str]:
+        """What to publish, retained, for each LINE order: this end's proofs while the order
+        is being settled, then "" once (which clears the retained message)."""
+        out: dict[int, str] = {}
+        for oid, ends in list(self.line_mine.items()):
+            known = self.orders.get(oid)
+            if known is not None and known.order.state == ACCEPTED:
+                out[oid] = message(oid, ends)
+            else:
+                del self.line_mine[oid]
+                self.line_theirs.pop(oid, None)
+        for oid in self._line_published - out.keys():
+            out[oid] = ""
+        self._line_published = {oid for oid, text in out.items() if text}
+        return out
+
+    def on_line_message(self, peer_id: str, order_id: int, payload: bytes) -> None:
+        """A peer's retained proofs of an order's line readings (checked when settling)."""
+        if not payload:
+            self._line_heard.pop((peer_id, order_id), None)
+            return
+        self._line_heard[(peer_id, order_id)] = payload
+        while len(self._line_heard) > LINE_HEARD_MAX:  # a noisy peer cannot fill the memory
+            del self._line_heard[next(iter(self._line_heard))]
+        known = self.orders.get(order_id)
+        if known is not None:
+            known.settle_at = 0.0  # settle on the next poll, not a round later
+
+    def _their_proofs(self, known: Known) -> EndProofs | None:
+        """The other end's proofs of `known`, heard from that peer and fit for the order."""
+        oid = known.order.id
+        if oid in self.line_theirs:
+            return self.line_theirs[oid]
+        payload = self._line_heard.get((known.peer, oid))
+        if payload is None:
+            return None
+        side = "buyer" if known.role == "seller" else "seller"
+        try:
+            ends = parse_message(payload, known.order, side)
+        except LineMessageError as exc:
+            del self._line_heard[(known.peer, oid)]
+            self.log.warning("line proofs refused", order=oid, peer=known.peer, reason=str(exc))
+            self._event(oid, "error", f"line proofs from {known.peer} refused: {exc}")
+            return None
+        self.line_theirs[oid] = ends
+        return ends
+
+    async def _prove_line(self, order: Order) -> EndProofs | None:
+        """This end's proofs: the line counter's last reading at or before the window's start,
+        and its last one inside the window; None until both periods are on chain."""
+        line = self.settings.line_meter
+        if self.prove is None or line is None or self.address is None:
+            return None
+        try:
+            anchor = await self.prove(line, order.t0)
+            end = await self.prove(line, order.t1 - 1)
+        except DaiseeError as exc:  # mostly: the periods are not on the chain yet
+            self.log.debug("line readings not provable yet", order=order.id, reason=str(exc))
+            return None
+        except Exception as exc:  # the chain: tried again next round
+            self.log.debug("line readings not proven", order=order.id, error=str(exc)[:200])
+            return None
+        if not order.t0 - self.line_slack_ms <= int(anchor["t_ms"]) < int(end["t_ms"]):
+            reason = (
+                f"no reading of {line} within {self.line_slack_ms / 1000:g} s before the "
+                "window, or none inside it: the line cannot be settled from this end"
+            )
+            if order.id not in self._line_unprovable:
+                self._line_unprovable.add(order.id)
+                self.log.warning("line not provable", order=order.id, reason=reason)
+                self._event(order.id, "error", reason)
+            return None
+        return EndProofs(self.address, anchor, end)
+
+    async def _settle_line(self, known: Known) -> None:
+        """Prove this end (its proofs then go out over MQTT); with the other end's proofs,
+        anchor the line and settle it up to the window's end."""
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        order = known.order
+        mine = self.line_mine.get(order.id)
+        if mine is None:
+            mine = await self._prove_line(order)
+            if mine is None:
+                return
+            self.line_mine[order.id] = mine
+            self.log.info("line readings proven; sent to the other end", order=order.id)
+        theirs = self._their_proofs(known)
+        if theirs is None:
+            return
+        seller, buyer = (mine, theirs) if known.role == "seller" else (theirs, mine)
+        (s_anchor, s_end), (b_anchor, b_end) = seller.as_args(), buyer.as_args()
+        end_t = int(s_end[2][1])
+        try:
+            seller_t, _ = await self._call(market.line_position, order.id)
+            if seller_t == 0:
+                await self._call(market.anchor_line, account, order.id, s_anchor, b_anchor)
+                self._event(order.id, "anchored", "line readings at the window's start fixed")
+            if seller_t < end_t:
+                dispute = await self._call(market.settle_line, account, order.id, s_end, b_end)
+                after = await self._call(market.order, order.id)
+                words = (
+                    f"the ends disagree beyond tolerance: dispute {dispute} opened"
+                    if dispute
+                    else f"{after.delivered_wh} Wh paid, as both ends of the line agree"
+                )
+                self.log.info("line settled", order=order.id, result=words)
+                self._event(order.id, "disputed" if dispute else "settled", words)
+        except Exception as exc:  # the other end may have got there first: read where it is
+            self.log.debug("line not settled here", order=order.id, error=str(exc)[:200])
+        seller_t, _ = await self._call(market.line_position, order.id)
+        known.settled_all = seller_t >= end_t
+        self._learn(await self._call(market.order, order.id))
+
+    async def _close_disputes(self, known: Known, chain_now: int) -> None:
+        """Close this order's disputes whose deadline passed undecided (the lower value
+        stands), so that the rest of the escrow can return."""
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        still_open = []
+        for d in await self._call(market.disputes_of, known.order.id):
+            if d.open and chain_now >= d.deadline:
+                await self._try_dispute(known, d.id)
+            elif d.open:
+                still_open.append(d.deadline)
+        # Disputes last a day by default: read them again only when the next one is due.
+        self._dispute_due[known.order.id] = min(still_open, default=0)
+        self._learn(await self._call(market.order, known.order.id))
+
+    async def _try_dispute(self, known: Known, dispute_id: int) -> None:
+        market, account = self.market, self.account
+        assert market is not None and account is not None
+        try:
+            await self._call(market.close_dispute, account, dispute_id)
+        except Exception as exc:
+            self.log.debug("dispute not closed", dispute=dispute_id, error=str(exc)[:200])
+            return
+        words = f"dispute {dispute_id} closed after its deadline: the lower value stands"
+        self.log.info(words, order=known.order.id)
+        self._event(known.order.id, "dispute closed", words)
 
     async def _try(self, known: Known, action: str, words: str) -> None:
         market, account = self.market, self.account
@@ -541,9 +725,21 @@ class MarketService:
         for entry in self.trigger.due(busy, self.clock.now_ms()):
             t0, t1 = buy_window(entry, chain_now, self.period_ms)
             price = credit_units(entry.max_price, self.decimals)
+            terms: tuple[Any, ...] = ()
+            if entry.mode == "line" and self.settings.line_meter is not None:
+                own = self.settings.line_meter
+                theirs = entry.seller_line_meter or own
+                terms = (LINE, (channel_id(theirs), channel_id(own)))
             try:
                 oid = await self._call(
-                    market.open, account, by_id[entry.seller], entry.amount_wh, price, t0, t1
+                    market.open,
+                    account,
+                    by_id[entry.seller],
+                    entry.amount_wh,
+                    price,
+                    t0,
+                    t1,
+                    *terms,
                 )
             except Exception as exc:
                 self.trigger.failed(entry.name)

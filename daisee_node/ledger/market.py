@@ -404,6 +404,17 @@ class Market:
         """True once a LINE order's starting readings are fixed (`anchorLine`)."""
         return int(self.contract.functions.lines(order_id).call()[0]) != 0
 
+    def line_position(self, order_id: int) -> tuple[int, int]:
+        """A LINE order's last settled reading time at the seller's and the buyer's end (ms;
+        zeros before `anchorLine`)."""
+        line = self.contract.functions.lines(order_id).call()
+        return int(line[0]), int(line[1])
+
+    def line_slack_ms(self) -> int:
+        """How far a line reading may lie from the window's ends, and the two ends' readings
+        from each other (ms)."""
+        return int(self.contract.functions.lineSlackMs().call())
+
     def period_settled(self, order_id: int, t0: int) -> bool:
         return bool(self.contract.functions.periodSettled(order_id, t0).call())
 

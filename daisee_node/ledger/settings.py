@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from daisee_node.models import NAME_PATTERN, StrictModel
 
@@ -143,14 +143,3 @@ class MarketSection(StrictModel):
     buy: list[BuyEntry] = Field(
         default_factory=list, description="[[market.buy]]: orders the node places by itself"
     )
-
-    @model_validator(mode="after")
-    def _line_needs_meter(self) -> MarketSection:
-        if self.line_meter is None:
-            for i, entry in enumerate(self.buy):
-                if entry.mode == "line":
-                    raise ValueError(
-                        f"market.buy[{i}] ({entry.name}) buys over the line: set "
-                        "market.line_meter, the line's counter at this end"
-                    )
-        return self

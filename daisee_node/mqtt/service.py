@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from daisee_node import safejson
 from daisee_node.errors import DaiseeError
 from daisee_node.logs import get_logger
+from daisee_node.market_line import TOPIC as LINE_TOPIC
 from daisee_node.mqtt import discovery
 from daisee_node.mqtt.link import OUTAGES, TIMEOUT_OR_OUTAGE, MqttLink
 from daisee_node.mqtt.settings import MqttSection
@@ -234,6 +235,12 @@ class MarketView(Protocol):
         """The retained `market` state: `order_active`, `active_order`, `delivered_wh`,
         `remaining_wh`, `orders`."""
 
+    def line_messages(self) -> dict[int, str]:
+        """LINE orders: this node's retained proofs by order id ("" clears one)."""
+
+    def on_line_message(self, peer_id: str, order_id: int, payload: bytes) -> None:
+        """A peer's proofs of a LINE order's readings (`market/line/<order>`)."""
+
 
 class NodeView(Protocol):
     """Everything the MQTT face may read of the node or ask of it, and nothing more."""
@@ -313,6 +320,8 @@ class NodeMqtt:
                 ledger.on_sealed(self._share_commitment)
             if ledger.relays_peers:
                 self.link.subscribe(f"{settings.base_topic}/+/commitment", self._on_peer_commitment)
+        if self._market() is not None:
+            self.link.subscribe(f"{settings.base_topic}/+/{LINE_TOPIC}/+", self._on_line_message)
         #: signs and sends this node's readings for its peers (None: no peers, or no key)
         self.peer_publisher: PeerPublisher | None = None
         if peers is not None:
@@ -429,6 +438,8 @@ class NodeMqtt:
         market = self._market()
         if market is not None and self.node.started:
             self._publish_if_changed("market", json.dumps(market.state(), sort_keys=True))
+            for order_id, text in market.line_messages().items():
+                self._publish_if_changed(f"{LINE_TOPIC}/{order_id}", text)
         if quick:
             return
         if self.node.ledger is not None and self.node.started and now >= self._ledger_due:
@@ -640,6 +651,14 @@ class NodeMqtt:
         from daisee_node.ledger.commitment import signed_to_json
 
         self.link.publish(f"{self.base}/commitment", signed_to_json(commitment, signature), qos=1)
+
+    async def _on_line_message(self, topic: str, payload: bytes) -> None:
+        market = self._market()
+        # <base_topic>/<node id>/market/line/<order id>: the base topic may hold slashes
+        node_id, _, order = topic[len(self.settings.base_topic) + 1 :].partition(f"/{LINE_TOPIC}/")
+        if market is None or node_id == self.node_id or not order.isdigit():
+            return
+        market.on_line_message(node_id, int(order), payload)
 
     async def _on_peer_commitment(self, topic: str, payload: bytes) -> None:
         from daisee_node.ledger.commitment import CommitmentError, signed_from_json

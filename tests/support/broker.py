@@ -98,6 +98,7 @@ NODE_PATTERNS = [
     "pattern write daisee/%u/#",
     "pattern read daisee/%u/#",
     "pattern read daisee/+/peer",
+    "pattern read daisee/+/market/line/+",
 ]
 
 

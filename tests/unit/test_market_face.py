@@ -13,6 +13,8 @@ from daisee_node.ledger.market import MarketEvent
 from daisee_node.ledger.market import Order as ChainOrder
 from daisee_node.ledger.settings import MarketSection
 from daisee_node.market_node import DELIVERY_KEY, STATUS_KEY, MarketService
+from daisee_node.mqtt.service import NodeMqtt
+from daisee_node.mqtt.settings import MqttSection
 from daisee_node.readings import Reading
 from daisee_node.status import _market_lines
 from tests.unit.test_discovery import FakeNode, node_mqtt
@@ -27,8 +29,18 @@ STATE = {
 
 
 class FakeMarket:
+    def __init__(self) -> None:
+        self.lines: dict[int, str] = {}
+        self.heard: list[tuple[str, int, bytes]] = []
+
     def state(self) -> dict[str, Any]:
         return dict(STATE)
+
+    def line_messages(self) -> dict[int, str]:
+        return dict(self.lines)
+
+    def on_line_message(self, peer_id: str, order_id: int, payload: bytes) -> None:
+        self.heard.append((peer_id, order_id, payload))
 
 
 def test_the_market_state_is_retained_and_has_its_entities() -> None:
@@ -64,6 +76,33 @@ async def test_the_market_state_is_published_when_it_changes() -> None:
     sent.clear()
     await mqtt.publish_state(quick=True)
     assert not [s for s in sent if s[0].endswith("/market")]  # unchanged: not sent again
+
+
+async def test_line_proofs_go_out_retained_and_peers_proofs_come_in() -> None:
+    node = FakeNode()
+    market = FakeMarket()
+    node.market = market  # type: ignore[attr-defined]
+    mqtt = NodeMqtt(node, MqttSection(reading_interval_s=5))  # type: ignore[arg-type]
+    sent: list[tuple[str, str, bool]] = []
+    mqtt.link.publish = lambda topic, payload, retain=False, **kw: sent.append(  # type: ignore[method-assign]
+        (topic, payload, retain)
+    )
+    market.lines = {7: '{"order":7}'}
+    await mqtt.publish_state(quick=True)
+    assert ("daisee/house-7/market/line/7", '{"order":7}', True) in sent
+    sent.clear()
+    market.lines = {7: ""}  # the order is over: its retained proofs are cleared
+    await mqtt.publish_state(quick=True)
+    assert [s for s in sent if "/line/" in s[0]] == [("daisee/house-7/market/line/7", "", True)]
+
+    # a peer's proofs reach the market with the sender's id from the topic; our own and
+    # malformed topics do not
+    handlers = mqtt.link._subscriptions
+    (handler,) = [h for f, (_, h) in handlers.items() if f == "daisee/+/market/line/+"]
+    await handler("daisee/house-8/market/line/7", b"{}")
+    await handler("daisee/house-7/market/line/7", b"{}")
+    await handler("daisee/house-8/market/line/seven", b"{}")
+    assert market.heard == [("house-8", 7, b"{}")]
 
 
 def test_status_lists_the_orders_and_the_credits() -> None:

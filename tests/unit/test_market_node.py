@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from eth_hash.auto import keccak
 
 from daisee_node.config import parse_config
 from daisee_node.errors import ConfigError
@@ -21,7 +22,13 @@ NOW = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 UNIT = 10**18
 
 
-def order(buyer: str = BUYER, amount_wh: int = 500, price: float = 0.5, mode: int = 0) -> Order:
+def order(
+    buyer: str = BUYER,
+    amount_wh: int = 500,
+    price: float = 0.5,
+    mode: int = 0,
+    seller_channel: bytes = b"\0" * 32,
+) -> Order:
     return Order(
         7,
         buyer=buyer,
@@ -34,8 +41,8 @@ def order(buyer: str = BUYER, amount_wh: int = 500, price: float = 0.5, mode: in
         price=credit_units(price, 18),
         delivered_wh=0,
         open_disputes=0,
-        seller_channel=b"\0" * 32,
-        buyer_channel=b"\0" * 32,
+        seller_channel=seller_channel,
+        buyer_channel=b"\0" * 32 if mode == 0 else keccak(b"line.import_wh"),
     )
 
 
@@ -91,9 +98,20 @@ def test_the_daily_limit_counts_what_is_already_accepted() -> None:
     )
 
 
-def test_line_orders_are_left_to_the_operator() -> None:
-    why = policy(accept_from=["b"]).refusal(order(mode=1), 0, NOW)
-    assert why is not None and why.startswith("only GRID orders")
+def test_a_line_order_is_accepted_on_the_nodes_own_line_counter_only() -> None:
+    ours = keccak(b"line.export_wh")
+    assert policy(accept_from=["b"]).refusal(order(mode=1, seller_channel=ours), 0, NOW) == (
+        "a LINE order, and this node has no market.line_meter"
+    )
+    p = policy(accept_from=["b"], line_meter="line.export_wh")
+    assert p.refusal(order(mode=1, seller_channel=ours), 0, NOW) is None
+    other = keccak(b"pv.energy_wh")
+    assert p.refusal(order(mode=1, seller_channel=other), 0, NOW) == (
+        "a LINE order on a channel other than market.line_meter 'line.export_wh'"
+    )
+    # the other terms still apply to LINE orders
+    why = p.refusal(order(mode=1, seller_channel=ours, buyer=STRANGER), 0, NOW)
+    assert why == f"buyer {STRANGER} is not in market.accept_from"
 
 
 def entry(**keys: Any) -> BuyEntry:
@@ -214,6 +232,32 @@ window_min = 30
         "market.buy[0].seller": "'z' is not a declared peer (declared: b); add it to [[peers]]",
         "market.seller_meter": "no sensor publishes 'grid.exported_wh'; did you mean "
         "'grid.export_wh'?",
+    }
+
+
+def test_a_line_purchase_needs_the_line_counter() -> None:
+    market = f"""
+[market]
+address = "{MARKET}"
+[[market.buy]]
+name = "low"
+when = "battery.soc_pct < 20"
+seller = "b"
+amount_wh = 500
+max_price = 1.5
+window_min = 30
+mode = "line"
+"""
+    assert problems_of(MARKET_NODE + CHAIN + market) == {
+        "market.buy[0].mode": "buying over the line needs market.line_meter, the line's counter "
+        "at this end, e.g. 'line.import_wh'"
+    }
+    metered = market.replace("[[market.buy]]", 'line_meter = "grid.import_wh"\n[[market.buy]]')
+    config = parse_config(MARKET_NODE + CHAIN + metered)
+    assert config.market is not None and config.market.buy[0].mode == "line"
+    wrong = metered.replace('line_meter = "grid.import_wh"', 'line_meter = "line.import_wh"')
+    assert problems_of(MARKET_NODE + CHAIN + wrong) == {
+        "market.line_meter": "no sensor publishes 'line.import_wh'; did you mean 'grid.import_wh'?"
     }
 
 
