@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, DEFAULT_CONFIG_PATH)
 
+    from daisee_node.ledger.chain_node_command import add_parser as add_chain_node_parser
+
+    add_chain_node_parser(sub, DEFAULT_CONFIG_PATH)
+
     status = sub.add_parser("status", help="what a node is doing, from its data dir")
     where = status.add_mutually_exclusive_group()
     where.add_argument(

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.delivery import CHANNELS as MARKET_CHANNELS
 from daisee_node.errors import ConfigError, ConfigProblem
+from daisee_node.ledger.chain_node import ChainNodeSection
 from daisee_node.ledger.settings import ADDRESS_PATTERN, ChainSection, MarketSection
 from daisee_node.models import NAME_PATTERN, StrictModel
 from daisee_node.mqtt.settings import MqttSection
@@ -125,6 +126,7 @@ class Config(StrictModel):
     )
     rules: list[RuleConfig] = Field(default_factory=list)
     chain: ChainSection | None = None
+    chain_node: ChainNodeSection | None = None
     market: MarketSection | None = None
     mqtt: MqttSection | None = None
     peers: list[PeerConfig] = Field(

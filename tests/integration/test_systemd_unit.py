@@ -8,9 +8,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 UNIT = ROOT / "systemd" / "daisee-node.service"
+CHAIN_UNIT = ROOT / "systemd" / "daisee-chain.service"
 
 
 def offline_root(tmp_path: Path) -> Path:
@@ -29,7 +32,8 @@ def offline_root(tmp_path: Path) -> Path:
     )
     shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
-    shutil.copy(UNIT, root / "etc/systemd/system/daisee-node.service")
+    for unit in (UNIT, CHAIN_UNIT):
+        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     return root
 
 
@@ -39,19 +43,16 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
 
 
-def verify(root: Path) -> subprocess.CompletedProcess[str]:
+def verify(root: Path, unit: str = "daisee-node.service") -> subprocess.CompletedProcess[str]:
     return analyze(
-        "verify",
-        f"--root={root}",
-        "--man=no",
-        "--generators=no",
-        "/etc/systemd/system/daisee-node.service",
+        "verify", f"--root={root}", "--man=no", "--generators=no", f"/etc/systemd/system/{unit}"
     )
 
 
-def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path):
+@pytest.mark.parametrize("unit", ["daisee-node.service", "daisee-chain.service"])
+def test_systemd_analyze_verify_accepts_the_unit_without_a_warning(tmp_path, unit):
     root = offline_root(tmp_path)
-    result = verify(root)
+    result = verify(root, unit)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "" and result.stdout.strip() == ""
 
@@ -69,16 +70,13 @@ def test_verify_would_catch_a_broken_unit(tmp_path):
     assert "@system-servic" in result.stderr
 
 
-def test_exposure_is_low(tmp_path):
+@pytest.mark.parametrize("unit", ["daisee-node.service", "daisee-chain.service"])
+def test_exposure_is_low(tmp_path, unit):
     root = offline_root(tmp_path)
     result = analyze(
-        "security",
-        "--offline=yes",
-        f"--root={root}",
-        "--no-pager",
-        "/etc/systemd/system/daisee-node.service",
+        "security", "--offline=yes", f"--root={root}", "--no-pager", f"/etc/systemd/system/{unit}"
     )
-    match = re.search(r"Overall exposure level for daisee-node.service: ([0-9.]+)", result.stdout)
+    match = re.search(rf"Overall exposure level for {unit}: ([0-9.]+)", result.stdout)
     assert match, result.stdout[-2000:] + result.stderr
     assert float(match.group(1)) <= 2.5  # systemd calls ≤ 3.9 "OK"; an unhardened unit is 9.6
 
@@ -101,3 +99,19 @@ def test_the_unit_keeps_its_promises():
     from daisee_node.config import NodeSection
 
     assert str(NodeSection.model_fields["data_dir"].default) == service["ReadWritePaths"]
+
+
+def test_the_chain_unit_runs_the_chain_client_in_its_own_data_dir():
+    parser = configparser.ConfigParser(strict=False, interpolation=None, dict_type=dict)  # type: ignore[arg-type]
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(CHAIN_UNIT.read_text())
+    service = parser["Service"]
+    assert service["ExecStart"].split()[1:4] == ["chain-node", "run", "-c"]
+    assert service["User"] == "daisee" and service["ProtectSystem"] == "strict"
+    assert service["Restart"] == "on-failure"
+    # the unit's writable dir is the one [chain_node] defaults to, and not the node's
+    from daisee_node.ledger.chain_node import ChainNodeSection
+
+    assert str(ChainNodeSection.model_fields["data_dir"].default) == service["ReadWritePaths"]
+    assert "daisee-node" not in service["ReadWritePaths"]
+    assert "Before" in parser["Unit"] and "daisee-node.service" in parser["Unit"]["Before"]

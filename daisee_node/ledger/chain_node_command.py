@@ -1,0 +1,43 @@
+"""`daisee-node chain-node run|id|args`: the chain client of `[chain_node]` (see
+`daisee_node.ledger.chain_node`; imported only when the command runs, so that every other
+command starts without the config models)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from daisee_node.errors import DaiseeError
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: Path) -> None:
+    """`daisee-node chain-node run|id|args`."""
+    p = sub.add_parser("chain-node", help="the community chain's client on this node (geth)")
+    p.add_argument(
+        "action",
+        choices=("run", "id", "args"),
+        help="run: prepare and become geth (what daisee-chain.service runs); id: this node's "
+        "enode and sealing address, for the other nodes; args: geth's command line",
+    )
+    p.add_argument("-c", "--config", type=Path, default=config, help=f"default {config}")
+    p.add_argument("--host", default="127.0.0.1", help="id: the address others reach it at")
+    p.set_defaults(func=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    from daisee_node.config import load_config
+    from daisee_node.ledger.chain_node import geth_args, identity, prepare, run
+
+    section = load_config(args.config).chain_node
+    if section is None:
+        raise DaiseeError(f"{args.config} has no [chain_node] section")
+    if args.action == "run":
+        run(section)
+    if args.action == "id":
+        me = identity(section, args.host)
+        print(f"enode  {me.enode}")
+        if me.signer is not None:
+            print(f"signer {me.signer}")
+        return 0
+    print(" ".join(geth_args(section, prepare(section))))
+    return 0
