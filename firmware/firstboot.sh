@@ -1,9 +1,12 @@
 #!/bin/bash
 # First boot of a daisee-node image (run once by daisee-firstboot.service, as root):
-# the node id, the node key, the MQTT passwords, then the service is enabled and started.
+# the node id, the node key, the MQTT passwords, the node's ACL and its bridge to the community
+# broker, then the service is enabled and started.
 #
 # The node id comes from /boot/firmware/daisee-node-id.txt when the operator wrote one there
-# before the first boot (lower-case letters, digits, '-', '_'); otherwise node-<machine id>.
+# before the first boot (lower-case letters, digits, '-', '_'); else from the `login` of the
+# community settings (/boot/firmware/daisee-community.txt, or those given to install-node.sh: the
+# community broker knows the node by that name); otherwise node-<machine id>.
 # The node's chain address is written to /boot/firmware/daisee-node-address.txt (readable from
 # any computer) for the community to register.
 #
@@ -37,6 +40,17 @@ if [ -f "$BOOT/daisee-node-id.txt" ]; then
         node_id=""
     fi
 fi
+# (settings given to install-node.sh are kept in $ETC/community.txt)
+for community in "$BOOT/daisee-community.txt" "$ETC/community.txt"; do
+    [ -z "$node_id" ] && [ -f "$community" ] || continue
+    # `login = …` (a file edited on any computer: a BOM, CR line ends, quotes are fine)
+    node_id=$(sed -n '1s/^\xef\xbb\xbf//; s/#.*//; s/^[[:space:]]*login[[:space:]]*=//p' \
+        "$community" | head -n1 | tr -d '[:space:]"'"'")
+    if [ -n "$node_id" ] && ! [[ "$node_id" =~ ^[a-z0-9][a-z0-9_-]{0,63}$ ]]; then
+        say "ignoring the community login '$node_id': not lower-case letters, digits, - and _"
+        node_id=""
+    fi
+done
 if [ -z "$node_id" ]; then
     machine=$(tr -dc 'a-f0-9' < "$ROOT/etc/machine-id" 2>/dev/null || true)
     [ -n "$machine" ] || machine=$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')
@@ -78,13 +92,20 @@ chmod 0640 "$ETC/mqtt.pass"
 install -m 0600 /dev/null "$ETC/homeassistant-mqtt.pass"
 printf '%s\n' "$ha_pw" > "$ETC/homeassistant-mqtt.pass"
 
+# -- the node's ACL and the bridge to the community broker ---------------------------------------
+# Settings that cannot work are said here (and in the journal); the node then runs standalone,
+# and the operator fixes them and runs `daisee-mosquitto-setup` again.
+ROOT="${ROOT:-/}" python3 "$ROOT/usr/local/sbin/daisee-mosquitto-setup" ||
+    say "no community bridge: see the line above; the node runs standalone"
+
 # -- start ---------------------------------------------------------------------------------------
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
     # During boot this unit is ordered before mosquitto and the node: a blocking start or restart
     # of either would wait for this very unit to finish, for ever. So only queue jobs: a running
-    # mosquitto (this script run by hand) re-reads the logins, and both start once this is done.
+    # mosquitto (this script run by hand) restarts (a reload would not start a new bridge), and
+    # both start once this is done.
     systemctl enable --quiet mosquitto.service daisee-node.service
-    systemctl try-reload-or-restart --no-block mosquitto.service
+    systemctl try-restart --no-block mosquitto.service
     systemctl start --no-block mosquitto.service daisee-node.service
 else
     systemctl --root="${ROOT:-/}" enable daisee-node.service >/dev/null 2>&1 ||

@@ -8,10 +8,20 @@
 # PACKAGE    what pip installs: the source tree (default: this script's repository) or a wheel
 # PIP_ARGS   extra pip arguments (for example an index)
 #
+# The community broker this node's mosquitto bridges to (optional; without it the node is
+# standalone; an image leaves these out and takes them from its boot partition on first boot,
+# see firmware/README.md "Community network"):
+# COMMUNITY_HOST            the broker's host name (or address), as its certificate names it
+# COMMUNITY_PORT            its TLS port (default 8883)
+# COMMUNITY_CA              the community's CA certificate, PEM (default: the system's CAs)
+# COMMUNITY_LOGIN           this node's login there: its node id (the default)
+# COMMUNITY_PASSWORD_FILE   a file holding this node's password there
+#
 # It creates the `daisee` system user (groups gpio, i2c, dialout), a venv in
-# /opt/daisee-node/venv, /etc/daisee-node/config.toml (kept if present), mosquitto's login and
-# ACL for the node, the service units, and enables the first-boot provisioning. It does not make
-# the node key or any password: every image is the same, each node gets its secrets on first boot.
+# /opt/daisee-node/venv, /etc/daisee-node/config.toml (kept if present), mosquitto's login-only
+# listener, the node's ACL and its bridge (daisee-mosquitto-setup), the service units, and
+# enables the first-boot provisioning. It does not make the node key or any password: every
+# image is the same, each node gets its secrets on first boot.
 set -euo pipefail
 
 ROOT=${ROOT:-/}
@@ -53,10 +63,17 @@ gid=$(awk -F: '$1 == "daisee" {print $4}' "$ROOT/etc/passwd")
 chown "0:$gid" "$ROOT/etc/daisee-node" "$ROOT/etc/daisee-node/config.toml"
 chown "$uid:$gid" "$ROOT/var/lib/daisee-node"
 
-# -- mosquitto: logins only, and an ACL ----------------------------------------------------------
-install -d -m 0755 "$ROOT/etc/mosquitto/conf.d"
-install -m 0644 "$HERE/files/mosquitto-daisee.conf" "$ROOT/etc/mosquitto/conf.d/daisee.conf"
-install -m 0644 "$HERE/files/mosquitto-daisee.acl" "$ROOT/etc/mosquitto/daisee.acl"
+# -- mosquitto: logins only, the node's ACL, the bridge to the community broker --------------------
+# The ACL names the node and the bridge logs in as the node: until the first boot names it,
+# daisee-mosquitto-setup writes the listener only (and keeps any COMMUNITY_* settings).
+share=/usr/local/share/daisee-node/mosquitto
+install -d -m 0755 "$ROOT$share" "$ROOT/etc/mosquitto/conf.d" "$ROOT/etc/mosquitto/certs"
+for template in mosquitto-daisee.conf mosquitto-daisee.acl mosquitto-bridge.conf \
+    community-broker.conf community-broker.acl; do
+    install -m 0644 "$HERE/files/$template" "$ROOT$share/$template"
+done
+install -m 0755 "$HERE/files/mosquitto-setup.py" "$ROOT/usr/local/sbin/daisee-mosquitto-setup"
+ROOT="${ROOT:-/}" python3 "$ROOT/usr/local/sbin/daisee-mosquitto-setup" --templates "$ROOT$share"
 
 # -- the Pi's interfaces: I2C for the ADS1115, the UART for RS485 HATs ----------------------------
 boot_config="$ROOT/boot/firmware/config.txt"
