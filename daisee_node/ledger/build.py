@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 CONTRACTS = HERE / "contracts"
 ARTIFACTS = HERE / "artifacts"
 PROJECT = HERE.parents[1]
-NAMES = ("DaiseeLedger", "EnergyCredit", "EnergyMarket")
+NAMES = ("DaiseeLedger", "EnergyCredit", "EnergyMarket", "CommunityRegistry")
 SOLC_VERSION = "0.8.28"
 EVM_VERSION = "paris"
 
