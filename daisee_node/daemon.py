@@ -108,6 +108,9 @@ class Node:
             self.ledger = LedgerService(
                 config.chain, self.store, self.clock, data_dir, config.rules, config.derived
             )
+            from daisee_node.conformity import attach
+
+            attach(self)  # each sealed period gets its signed conformity report
         self.bus.filters.append(self._flag_late)
         #: the declared peers' messages (None: the config declares no peers)
         self.peers: PeerInbox | None = None
@@ -499,6 +502,9 @@ class Node:
 
                 # Periods sealed from now on name the rules that now run.
                 self.ledger.sealer.rules_hash = rules_hash(new.rules, new.derived)
+                from daisee_node.conformity import conformity_spec
+
+                self.ledger.sealer.conformity = conformity_spec(new)
             self.log.info("config reloaded", sensors=sorted(self.sensors))
             return True
         finally:

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from daisee_node.conformity import last_verdict, verdict_line
 from daisee_node.datadir import running_pid
 from daisee_node.errors import DaiseeError
 from daisee_node.readings import Quality
@@ -114,6 +115,7 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         last_events = _last_events(conn)
         ledger = _ledger(conn)
         market = _market(conn)
+        verdict = last_verdict(conn)
     except sqlite3.Error as exc:
         # A damaged page: say so, with what could be read, rather than fail.
         error = f"cannot read {path}: {exc}"
@@ -134,6 +136,7 @@ def read_status(data_dir: Path) -> dict[str, Any]:
         size,
     )
     report["market"] = market
+    report["conformity"] = verdict
     return report
 
 
@@ -440,6 +443,7 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"  last tx       {tx['hash']} nonce {tx['nonce']} {tx['state']}")
         if ledger["relayed_for_peers"]:
             lines.append(f"  peers         {ledger['relayed_for_peers']} commitments relayed")
+        lines += verdict_line(report.get("conformity"))
     lines += _market_lines(report.get("market"))
     return "\n".join(lines)
 

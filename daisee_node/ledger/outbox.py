@@ -35,11 +35,18 @@ from daisee_node.store import Store, StoreError, connect_readonly
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
+    from daisee_node.conformity import ConformitySpec, PeriodCheck, PeriodContext
+
 T = TypeVar("T")
 ZERO32 = b"\x00" * 32
 SEALED_UNTIL_KEY = "ledger_sealed_until_ms"
 #: the ledger's numbered schema migrations (its tables), registered with the store
 MIGRATIONS_PACKAGE = "daisee_node.ledger.migrations"
+#: the conformity reports' table (see daisee_node/conformity.py), registered with the store too
+REPORTS_OWNER = "conformity"
+REPORTS_PACKAGE = "daisee_node.store.conformity_migrations"
+#: the store counter of readings stored with a time inside a sealed period
+LATE_COUNTER = "ledger.late_readings"
 #: how far back the baseline of a period's counter totals is looked for
 BASELINE_LOOKBACK_MS = 86_400_000
 #: at most one log line about late readings per this many seconds of node time
@@ -68,6 +75,22 @@ PENDING, SENT, INCLUDED, CONFIRMED, REJECTED = (
     "confirmed",
     "rejected",
 )
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """A period's conformity report as the node signed it (its leaf value is `digest`)."""
+
+    seq: int
+    t0: int
+    t1: int
+    digest: bytes
+    passed: bool
+    #: the report's canonical JSON
+    body: str
+
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
 
 
 @dataclass
@@ -109,6 +132,7 @@ class Outbox:
     def __init__(self, store: Store) -> None:
         self.store = store
         store.register_migrations("ledger", MIGRATIONS_PACKAGE)
+        store.register_migrations(REPORTS_OWNER, REPORTS_PACKAGE)
 
     def keep_unsealed_readings(self) -> None:
         """Have the store keep raw readings past retention until their period is sealed."""
@@ -120,9 +144,16 @@ class Outbox:
         return int(value) if value else 0
 
     async def add(
-        self, commitment: Commitment, signature: bytes, *, own: bool, sealed_ms: int
+        self,
+        commitment: Commitment,
+        signature: bytes,
+        *,
+        own: bool,
+        sealed_ms: int,
+        report: StoredReport | None = None,
     ) -> bool:
-        """Store a signed commitment; False when (node, seq) is already there."""
+        """Store a signed commitment (and the conformity report its root holds); False when
+        (node, seq) is already there."""
         async with self.store.transaction() as db:
             cur = await db.execute(
                 "INSERT OR IGNORE INTO commitments (node, seq, own, body, hash, signature, t0, t1,"
@@ -146,7 +177,53 @@ class Outbox:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (SEALED_UNTIL_KEY, str(commitment.t1)),
                 )
+            if added and report is not None:
+                await db.execute(
+                    "INSERT OR REPLACE INTO conformity_reports (node, seq, t0, t1, digest, passed,"
+                    " body) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        commitment.node,
+                        commitment.seq,
+                        report.t0,
+                        report.t1,
+                        report.digest,
+                        int(report.passed),
+                        report.body,
+                    ),
+                )
         return added
+
+    async def report(self, node: str, seq: int) -> StoredReport | None:
+        """The conformity report sealed with commitment (node, seq), if it has one."""
+        if not await self._has_reports():
+            return None
+        rows = await self.store.query(
+            "SELECT seq, t0, t1, digest, passed, body FROM conformity_reports "
+            "WHERE node = ? AND seq = ?",
+            (node, seq),
+        )
+        return _stored_report(rows[0]) if rows else None
+
+    async def last_report(self, node: str, before_seq: int | None = None) -> StoredReport | None:
+        """The newest conformity report of `node` (before `before_seq`)."""
+        if not await self._has_reports():
+            return None
+        below = 2**63 - 1 if before_seq is None else before_seq
+        rows = await self.store.query(
+            "SELECT seq, t0, t1, digest, passed, body FROM conformity_reports "
+            "WHERE node = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
+            (node, below),
+        )
+        return _stored_report(rows[0]) if rows else None
+
+    async def _has_reports(self) -> bool:
+        """False beside a file that never had the reports' table (read-only, an older node)."""
+        if not self.store.read_only:
+            return True
+        rows = await self.store.query(
+            "SELECT 1 FROM sqlite_master WHERE name = 'conformity_reports'"
+        )
+        return bool(rows)
 
     async def drop_own_after(self, seq: int) -> int | None:
         """Delete the node's own commitments after `seq` that are not on the chain (pending or
@@ -163,6 +240,13 @@ class Outbox:
             cur = await db.execute(
                 "DELETE FROM commitments WHERE own = 1 AND seq > ? AND state IN (?, ?)",
                 (seq, PENDING, REJECTED),
+            )
+            # Their reports go with them: the periods are sealed again, with new reports.
+            await db.execute(
+                "DELETE FROM conformity_reports WHERE seq > ? AND NOT EXISTS (SELECT 1 FROM "
+                "commitments c WHERE c.node = conformity_reports.node AND c.seq = "
+                "conformity_reports.seq)",
+                (seq,),
             )
             return cur.rowcount
 
@@ -228,6 +312,11 @@ class Outbox:
         }
 
 
+def _stored_report(row: tuple[Any, ...]) -> StoredReport:
+    seq, t0, t1, digest, passed, body = row
+    return StoredReport(seq, t0, t1, bytes(digest), bool(passed), str(body))
+
+
 def rules_hash(rules: list[Any], derived: dict[str, str]) -> bytes:
     """The hash of the rules that ran: anyone holding the same rules can recompute it."""
     canonical = json.dumps(
@@ -276,6 +365,7 @@ class Sealer:
         rules_hash: bytes,
         clock: Clock,
         capacity_w: int = DEFAULT_CAPACITY_W,
+        conformity: ConformitySpec | None = None,
     ) -> None:
         self.store = store
         self.outbox = outbox
@@ -295,6 +385,9 @@ class Sealer:
         self.clock = clock
         #: no period total claims more than this power over the period
         self.capacity_w = capacity_w
+        #: what each period's conformity report checks; None: periods are sealed without one
+        #: (their trees then hold the readings alone)
+        self.conformity = conformity
         #: the chain's head for this node, once known (see `ChainHead`)
         self.chain_head: ChainHead | None = None
         self._resumed_from_chain = False
@@ -385,13 +478,13 @@ class Sealer:
                 break
             self._sealing_until_ms = t1
             try:
-                commitment = await self._commitment(seq + 1, t0, t1, prev_hash)
+                commitment, report = await self._seal_period(seq + 1, t0, t1, prev_hash)
                 assert self.account is not None, "the node key is not unlocked yet"
                 signature = await asyncio.to_thread(
                     sign, commitment, self.account.key, chain_id, contract
                 )
                 await self.outbox.add(
-                    commitment, signature, own=True, sealed_ms=self.clock.now_ms()
+                    commitment, signature, own=True, sealed_ms=self.clock.now_ms(), report=report
                 )
             except BaseException:
                 self._sealing_until_ms = None  # the period stays open: sealed on the next round
@@ -404,6 +497,7 @@ class Sealer:
                 t1=t1,
                 readings=commitment.count,
                 export_wh=commitment.export_wh,
+                **({} if report is None else {"conformity": "pass" if report.passed else "fail"}),
             )
             sealed.append((commitment, signature))
             seq, prev_hash, after = commitment.seq, commitment.struct_hash(), t1
@@ -412,15 +506,47 @@ class Sealer:
         return sealed
 
     async def _commitment(self, seq: int, t0: int, t1: int, prev_hash: bytes) -> Commitment:
+        """The period's commitment (unsigned)."""
+        return (await self._seal_period(seq, t0, t1, prev_hash))[0]
+
+    async def _seal_period(
+        self, seq: int, t0: int, t1: int, prev_hash: bytes
+    ) -> tuple[Commitment, StoredReport | None]:
+        """The period's commitment (unsigned) and, with `conformity` set, its report, whose
+        digest is one more leaf of the tree (see daisee_node/conformity.py)."""
         turns = LoopTurns(asyncio.get_running_loop())
         node = self._node_bytes
+        spec = self.conformity
+        context = None if spec is None else await self._report_context(seq, t0, t1)
+        checks: list[PeriodCheck] = []
 
         def tree(chunks: Iterable[Sequence[tuple[Any, ...]]]) -> tuple[bytes, int]:
-            packed = packed_leaves(node, chunks, turns)
-            return merkle.packed_root(packed, turns), len(packed) // 32
+            if spec is None or context is None:
+                packed = packed_leaves(node, chunks, turns)
+                return merkle.packed_root(packed, turns), len(packed) // 32
+            from daisee_node.conformity import PeriodCheck
+
+            # A fresh check on every attempt: a read that failed half-way starts over.
+            check = PeriodCheck(spec, context, turns)
+            checks[:] = [check]
+            packed = packed_leaves(node, check.observe(chunks), turns, extra=check.leaf_entry)
+            return merkle.packed_root(packed, turns), len(packed) // 32 - 1
 
         tree_root, count = await self._in_worker(PERIOD_ROWS_SQL, (t0, t1), tree, turns)
-        return Commitment(
+        report = None
+        if checks:
+            from daisee_node.conformity import canonical
+
+            check = checks[0]
+            report = StoredReport(
+                seq,
+                t0,
+                t1,
+                check.digest(),
+                bool(check.report()["passed"]),
+                canonical(check.report()).decode(),
+            )
+        commitment = Commitment(
             node=self.node,
             seq=seq,
             t0=t0,
@@ -431,6 +557,52 @@ class Sealer:
             export_wh=await self._energy(self.export_channel, t0, t1, seq, turns),
             prev_hash=prev_hash,
             rules_hash=self.rules_hash,
+        )
+        return commitment, report
+
+    async def _report_context(self, seq: int, t0: int, t1: int) -> PeriodContext:
+        """What the report needs besides the period's readings (small queries, on the loop)."""
+        from daisee_node.conformity import PeriodContext
+
+        assert self.conformity is not None
+        store = self.store
+        classes = dict(await store.query("SELECT name, state_class FROM channels"))
+        recent = await store.query(
+            "SELECT c.name FROM latest l JOIN channels c ON c.id = l.channel_id WHERE l.t_ms >= ?",
+            (t0 - self.conformity.expect_lookback_ms,),
+        )
+        top = await store.query("SELECT coalesce(max(id), 0) FROM events")
+        events_upto = int(top[0][0])
+        late = await store.query("SELECT value FROM counters WHERE name = ?", (LATE_COUNTER,))
+        late_total = int(late[0][0]) if late else 0
+        previous = await self.outbox.last_report(self.node, seq)
+        cursor = previous.report().get("cursor", {}) if previous is not None else None
+        if cursor is not None:
+            steps = await store.query(
+                "SELECT id, t_ms, reason FROM events WHERE kind = 'clock' AND id > ? AND id <= ? "
+                "ORDER BY id",
+                (int(cursor.get("events_upto", 0)), events_upto),
+            )
+        else:
+            # The first report: the steps noticed from the period's start on.
+            steps = await store.query(
+                "SELECT id, t_ms, reason FROM events WHERE kind = 'clock' AND id <= ? "
+                "AND t_ms >= ? ORDER BY id",
+                (events_upto, t0),
+            )
+        return PeriodContext(
+            node=self.node,
+            seq=seq,
+            t0=t0,
+            t1=t1,
+            state_classes={str(k): str(v) for k, v in classes.items()},
+            recent=frozenset(str(n) for (n,) in recent),
+            clock_steps=[(int(i), int(t), str(r)) for i, t, r in steps],
+            events_upto=events_upto,
+            late_total=late_total,
+            late_before=None if cursor is None else int(cursor.get("late_total", 0)),
+            import_channel=self.import_channel,
+            export_channel=self.export_channel,
         )
 
     async def _in_worker(
@@ -600,13 +772,21 @@ def counter_total(
     return total
 
 
+#: (t_ms, channel id, value_micro, quality) of a leaf that is not a stored reading
+Keyed = tuple[int, bytes, int, int]
+
+
 def period_leaves(
-    node: bytes, rows: Sequence[tuple[Any, ...]], pause: Callable[[], None] = merkle.no_pause
+    node: bytes,
+    rows: Sequence[tuple[Any, ...]],
+    pause: Callable[[], None] = merkle.no_pause,
+    extra: Keyed | None = None,
 ) -> list[bytes]:
-    """Leaves of (t_ms, channel name, value, quality) rows in any order, in the ledger's."""
+    """Leaves of (t_ms, channel name, value, quality) rows in any order, in the ledger's;
+    `extra`: one more leaf, the period's conformity report (at the period's last ms)."""
     ordered = sorted(rows, key=_row_time)  # stable, and quick for rows already in time order
     chunks = (ordered[i : i + ROWS_PER_FETCH] for i in range(0, len(ordered), ROWS_PER_FETCH))
-    packed = packed_leaves(node, chunks, pause)
+    packed = packed_leaves(node, chunks, pause, None if extra is None else lambda: extra)
     return [packed[i : i + 32] for i in range(0, len(packed), 32)]
 
 
@@ -618,10 +798,12 @@ def packed_leaves(
     node: bytes,
     chunks: Iterable[Sequence[tuple[Any, ...]]],
     pause: Callable[[], None] = merkle.no_pause,
+    extra: Callable[[], Keyed] | None = None,
 ) -> bytes:
     """Leaves of (t_ms, channel name, value, quality) rows that come in time order, a chunk at
     a time, in the ledger's order, end to end (32 bytes each); `pause` is called every
-    `LEAVES_PER_PAUSE` leaves.
+    `LEAVES_PER_PAUSE` leaves. `extra`, called once every row has gone by, gives one more leaf
+    no earlier than the last row (the conformity report's): it takes its place in that order.
 
     Only the readings of one time need sorting among themselves (by channel id), so no row
     outlives its chunk by much, and the leaves sit in one flat buffer: a whole period held as
@@ -641,8 +823,9 @@ def packed_leaves(
         carry = rows[cut:]
         if cut:
             done_t = _add_leaves(node, rows[:cut], leaves, pause, done_t)
-    if carry:
-        _add_leaves(node, carry, leaves, pause, done_t)
+    more = extra() if extra is not None else None
+    if carry or more is not None:
+        _add_leaves(node, carry, leaves, pause, done_t, more)
     return bytes(leaves)
 
 
@@ -652,14 +835,25 @@ def _add_leaves(
     leaves: bytearray,
     pause: Callable[[], None],
     after: int | None,
+    extra: Keyed | None = None,
 ) -> int:
     """Append the leaves of `rows`, which hold every reading of their times, all later than
-    `after`; return their latest time."""
+    `after` (and of `extra`, no earlier than them); return their latest time."""
     keyed = sorted((t, merkle.channel_id(name), value, q) for t, name, value, q in rows)
-    if after is not None and keyed[0][0] <= after:
+    if keyed and after is not None and keyed[0][0] <= after:
         raise ValueError("rows are not in time order")
+    at = len(keyed)
+    if extra is not None:
+        if (keyed and extra[0] < keyed[-1][0]) or (after is not None and extra[0] <= after):
+            raise ValueError("the extra leaf comes before the period's last reading")
+        at = next((i for i, k in enumerate(keyed) if k[:2] > extra[:2]), len(keyed))
     for start in range(0, len(keyed), LEAVES_PER_PAUSE):
-        for t, cid, value, q in keyed[start : start + LEAVES_PER_PAUSE]:
+        for i, (t, cid, value, q) in enumerate(keyed[start : start + LEAVES_PER_PAUSE], start):
+            if i == at and extra is not None:
+                leaves += merkle.reading_leaf(node, extra[1], extra[0], extra[2], extra[3])
             leaves += merkle.reading_leaf(node, cid, t, merkle.value_micro(value), q)
         pause()
+    if extra is not None and at == len(keyed):
+        leaves += merkle.reading_leaf(node, extra[1], extra[0], extra[2], extra[3])
+        return int(extra[0])
     return int(keyed[-1][0])

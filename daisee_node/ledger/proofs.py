@@ -3,6 +3,10 @@
 `build_proof` finds a stored reading, rebuilds its period's Merkle tree, checks it against the
 commitment the node signed, and adds the batch proof of that commitment's transaction; anyone
 holding the result can `check_proof` it against the chain, with no node and no database.
+
+A period sealed with a conformity report has one more leaf, the report's (see
+daisee_node/conformity.py): `build_report_proof` proves it the same way, and `check_proof` of
+such a proof also checks that the report it carries is the one whose digest the leaf holds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from daisee_node.ledger import merkle
 
 if TYPE_CHECKING:
     from daisee_node.config import Config
+    from daisee_node.ledger import chain as chainlib
     from daisee_node.ledger.commitment import Commitment
+    from daisee_node.ledger.outbox import Entry
     from daisee_node.store import Store
 
 
@@ -60,9 +66,8 @@ async def build_proof(
 ) -> dict[str, Any]:
     """The reading of `channel` at or before `at_ms` (default: the newest one on the chain),
     its Merkle proof and its batch proof. `keep_in`: the folder of a kept embedded chain."""
-    from daisee_node.ledger import chain as chainlib
     from daisee_node.ledger.keys import keystore_address
-    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox, period_leaves
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox
     from daisee_node.store import Store, db_path
 
     if config.chain is None:
@@ -95,27 +100,15 @@ async def build_proof(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
             )
         c = entry.commitment
-        period = await store.query(
-            "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
-            "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
-            (c.t0, c.t1),
-        )
+        leaves, tree = await period_tree(store, node, entry)
     finally:
         await store.close()
     node_bytes = bytes.fromhex(node[2:])
-    leaves = period_leaves(node_bytes, period)
-    tree = merkle.levels(leaves)  # built once: it gives both the root and the proof
-    if tree[-1][0] != c.root:
-        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
     cid = merkle.channel_id(channel)
     micro = merkle.value_micro(value)
     leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
     index = leaves.index(leaf)
-    assert config.chain is not None
-    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
-    address = config.chain.ledger_address or _embedded_ledger(w3)
-    ledger = chainlib.Ledger(w3, address)
-    batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
+    ledger, batch_proof = _batch_proof(config, entry, keep_in)
     return {
         "node": node,
         "channel": channel,
@@ -131,6 +124,101 @@ async def build_proof(
         "ledger": ledger.address,
         "chain_id": ledger.chain_id,
     }
+
+
+async def period_tree(
+    store: Store, node: str, entry: Entry
+) -> tuple[list[bytes], list[list[bytes]]]:
+    """The leaves and the levels of a sealed period's Merkle tree, rebuilt from the buffer (and
+    the conformity report sealed with it), checked against the commitment's root."""
+    from daisee_node.conformity import leaf_entry
+    from daisee_node.ledger.outbox import Outbox, period_leaves
+
+    c = entry.commitment
+    period = await store.query(
+        "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
+        "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
+        (c.t0, c.t1),
+    )
+    report = await Outbox(store).report(node, c.seq)
+    extra = None if report is None else leaf_entry(c.t1, report.digest)
+    leaves = period_leaves(bytes.fromhex(node[2:]), period, extra=extra)
+    tree = merkle.levels(leaves)  # built once: it gives both the root and the proofs
+    if tree[-1][0] != c.root:
+        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
+    return leaves, tree
+
+
+def _batch_proof(
+    config: Config, entry: Entry, keep_in: Path | None
+) -> tuple[chainlib.Ledger, list[bytes]]:
+    """The node's ledger, and the proof of `entry`'s commitment in its batch on chain."""
+    from daisee_node.ledger import chain as chainlib
+
+    assert config.chain is not None and entry.tx_hash is not None
+    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
+    address = config.chain.ledger_address or _embedded_ledger(w3)
+    ledger = chainlib.Ledger(w3, address)
+    return ledger, ledger.batch_proof(entry.tx_hash, entry.commitment.struct_hash())
+
+
+async def build_report_proof(
+    config: Config, store: Store, node: str, entry: Entry, *, keep_in: Path | None = None
+) -> dict[str, Any]:
+    """A sealed period's conformity report with the proof of its leaf: the same form as a
+    reading's proof (`verify` checks it), plus the report itself."""
+    from daisee_node.conformity import REPORT_CHANNEL, REPORT_CHANNEL_ID, leaf_entry, report_leaf
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox
+
+    c = entry.commitment
+    report = await Outbox(store).report(node, c.seq)
+    if report is None:
+        raise DaiseeError(f"period seq {c.seq} was sealed without a conformity report")
+    if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
+        raise DaiseeError(f"that period (seq {c.seq}) is {entry.state}, not on the chain yet")
+    leaves, tree = await period_tree(store, node, entry)
+    t_ms, _, micro, quality = leaf_entry(c.t1, report.digest)
+    index = leaves.index(report_leaf(bytes.fromhex(node[2:]), c.t1, report.digest))
+    ledger, batch_proof = _batch_proof(config, entry, keep_in)
+    return {
+        "node": node,
+        "channel": REPORT_CHANNEL,
+        "channel_id": "0x" + REPORT_CHANNEL_ID.hex(),
+        "t_ms": t_ms,
+        "value": None,
+        "value_micro": micro,
+        "quality": quality,
+        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
+        "commitment": c.to_json(),
+        "tx": "0x" + entry.tx_hash.hex(),
+        "batch_proof": ["0x" + p.hex() for p in batch_proof],
+        "ledger": ledger.address,
+        "chain_id": ledger.chain_id,
+        "report": report.report(),
+    }
+
+
+def report_problems(data: dict[str, Any], commitment: Commitment) -> list[str]:
+    """What is wrong with the report a report proof carries (nothing for a reading's proof)."""
+    from daisee_node.conformity import REPORT_CHANNEL, digest, digest_value
+
+    if data.get("channel") != REPORT_CHANNEL:
+        return []
+    report = data.get("report")
+    if not isinstance(report, dict):
+        return ["a conformity report proof without its report"]
+    problems = []
+    if digest_value(digest(report)) != int(data["value_micro"]):
+        problems.append("the report is not the one whose digest the leaf holds")
+    if int(data["t_ms"]) != commitment.t1 - 1:
+        problems.append("the report's leaf is not at the period's last millisecond")
+    if (report.get("seq"), report.get("t0"), report.get("t1")) != (
+        commitment.seq,
+        commitment.t0,
+        commitment.t1,
+    ):
+        problems.append("the report names another period than the commitment")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -196,6 +284,7 @@ def check_proof(p: ReadingProof, rpc_url: str, *, keep_in: Path | None = None) -
         problems.append("value does not match value_micro")
     if to_checksum_address(data["node"]) != commitment.node:
         problems.append("node is not the commitment's node")
+    problems += report_problems(data, commitment)
     ledger = chainlib.Ledger(chainlib.connect(rpc_url, keep_in=keep_in), data["ledger"])
     ledger.check_deployed()
     if not ledger.verify_reading(commitment, p.batch_proof, reading, p.proof):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from daisee_node.config import load_config
+from daisee_node.conformity import leaf_entry
 from daisee_node.daemon import Node
 from daisee_node.ledger import merkle
 from daisee_node.ledger.keys import keystore_address, new_keystore
@@ -92,17 +93,20 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
             "ON c.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
             (c.t0, c.t1),
         ).fetchall()
-        # the root covers exactly the period's readings, as stored
+        # the root covers exactly the period's readings, as stored, and its conformity report
+        report = await svc.outbox.report(svc.address, seq)
+        assert report is not None
+        extra = leaf_entry(c.t1, report.digest)
         assert c.count == len(rows) > 0
-        assert merkle.root(period_leaves(node_bytes, rows)) == c.root
+        assert merkle.root(period_leaves(node_bytes, rows, extra=extra)) == c.root
         total_export += c.export_wh
 
         # and one reading of it proves against the chain; a tampered one does not
-        leaves = period_leaves(node_bytes, rows)
+        leaves = period_leaves(node_bytes, rows, extra=extra)
         ordered = sorted(rows, key=lambda r: (r[0], merkle.channel_id(r[1])))
-        i = len(ordered) // 2
-        t, name, value, q = ordered[i]
+        t, name, value, q = ordered[len(ordered) // 2]
         reading = (merkle.channel_id(name), t, merkle.value_micro(value), q)
+        i = leaves.index(merkle.reading_leaf(node_bytes, *reading))
         proof = merkle.proof(merkle.levels(leaves), i)
         assert entry.tx_hash is not None
         batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
