@@ -112,6 +112,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+    community = sub.add_parser(
+        "community-demo",
+        help="several simulated homes, each with its own daemon, trading on a three-signer chain",
+        description="A producer with a PV roof, consumers with batteries and a shared building "
+        "meter, each its own daemon with its own node key, on a chain of three geth signers and "
+        "a follower (anvil when geth is missing), with one MQTT broker, in real time. Every "
+        "period a line per home says what it committed and traded; Ctrl-C stops everything and "
+        "prints the community's statement from the chain. A fresh community every run.",
+    )
+    community.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("daisee-community"),
+        help="its homes, chain and broker (default ./daisee-community, emptied first)",
+    )
+    community.add_argument(
+        "--period", type=int, default=30, help="settlement period in seconds (default 30)"
+    )
+    community.add_argument(
+        "--duration", type=float, default=None, help="stop after this many seconds"
+    )
+    community.set_defaults(func=cmd_community_demo)
+
     calibrate = sub.add_parser(
         "calibrate",
         help="measure the zero-current output of ADS1115 current sensors "
@@ -159,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_chain_node_parser(sub, DEFAULT_CONFIG_PATH)
 
+    from daisee_node.conformity_command import add_parser as add_conformity_parser
+
+    add_conformity_parser(sub, DEFAULT_CONFIG_PATH)
+
+    from daisee_node.community.commands import add_parsers as add_community_parsers
+
+    add_community_parsers(sub)
+
     status = sub.add_parser("status", help="what a node is doing, from its data dir")
     where = status.add_mutually_exclusive_group()
     where.add_argument(
@@ -186,6 +217,14 @@ def _iso_time(text: str) -> datetime:
 
 
 # -- run / check-config ---------------------------------------------------------------------------
+
+
+def cmd_community_demo(args: argparse.Namespace) -> int:
+    from daisee_node import community_demo
+
+    if args.period < 10:
+        raise DaiseeError("--period: at least 10 s (the chain's shortest settlement period)")
+    return community_demo.run(args.data_dir, period_s=args.period, duration=args.duration)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
