@@ -98,6 +98,49 @@ printf '%s\n' "$ha_pw" > "$ETC/homeassistant-mqtt.pass"
 ROOT="${ROOT:-/}" python3 "$ROOT/usr/local/sbin/daisee-mosquitto-setup" ||
     say "no community bridge: see the line above; the node runs standalone"
 
+# -- the community chain: this node's role, from the boot partition -------------------------------
+# daisee-chain.txt (`role = signer|follower`, optional `bootnodes = enode://…,enode://…` and
+# `nat = extip:192.168.1.20`) makes this node run the chain client (geth, daisee-chain.service).
+# Its identity (enode, and a signer's sealing address) is written to daisee-chain-id.txt for the
+# community's genesis or vote. The client starts once daisee-genesis.json is there too (now, or
+# later in /etc/daisee-node/genesis.json, then `systemctl enable --now daisee-chain`).
+chain_txt="$BOOT/daisee-chain.txt"
+start_chain=""
+if [ -f "$chain_txt" ] && ! grep -q '^\[chain_node\]' "$ETC/config.toml"; then
+    value() { # `key = value` of the chain file (a BOM, CR line ends, quotes and comments are fine)
+        sed -n "1s/^\xef\xbb\xbf//; s/#.*//; s/\r//; s/^[[:space:]]*$1[[:space:]]*=//p" \
+            "$chain_txt" | head -n1 | tr -d '[:space:]"'"'"
+    }
+    role=$(value role)
+    if [ "$role" = signer ] || [ "$role" = follower ]; then
+        bootnodes=$(value bootnodes)
+        nat=$(value nat)
+        {
+            printf '\n[chain_node]\nrole = "%s"\n' "$role"
+            [ -z "$bootnodes" ] || printf 'bootnodes = ["%s"]\n' "${bootnodes//,/\", \"}"
+            [ -z "$nat" ] || printf 'nat = "%s"\n' "$nat"
+        } >> "$ETC/config.toml"
+        install -d -m 0700 -o "$uid" -g "$gid" "$ROOT/var/lib/daisee-chain"
+        if [ -f "$BOOT/daisee-genesis.json" ]; then
+            install -m 0644 "$BOOT/daisee-genesis.json" "$ETC/genesis.json"
+        fi
+        # The identity is made as the chain client's user, in its own data dir (on the booted
+        # system only: [chain_node] names /var/lib/daisee-chain, not a folder's copy of it).
+        if [ -n "$ROOT" ]; then
+            say "chain $role: its identity is made on the node's own first boot"
+        elif ids=$(setpriv --reuid="$uid" --regid="$gid" --clear-groups \
+            "$VENV/bin/daisee-node" chain-node id -c "$ETC/config.toml" 2>&1); then
+            [ -d "$BOOT" ] && printf '%s\n' "$ids" > "$BOOT/daisee-chain-id.txt"
+            say "chain $role: $(echo "$ids" | tr '\n' ' ')"
+            [ -f "$ETC/genesis.json" ] && start_chain=yes
+        else
+            say "chain client not set up: $ids"
+        fi
+    else
+        say "ignoring daisee-chain.txt: role must be signer or follower, not '$role'"
+    fi
+fi
+
 # -- start ---------------------------------------------------------------------------------------
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
     # During boot this unit is ordered before mosquitto and the node: a blocking start or restart
@@ -107,9 +150,17 @@ if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
     systemctl enable --quiet mosquitto.service daisee-node.service
     systemctl try-restart --no-block mosquitto.service
     systemctl start --no-block mosquitto.service daisee-node.service
+    if [ -n "$start_chain" ]; then
+        systemctl enable --quiet daisee-chain.service
+        systemctl start --no-block daisee-chain.service
+    fi
 else
     systemctl --root="${ROOT:-/}" enable daisee-node.service >/dev/null 2>&1 ||
         systemctl --root="${ROOT:-/}" enable daisee-node.service
+    if [ -n "$start_chain" ]; then
+        systemctl --root="${ROOT:-/}" enable daisee-chain.service >/dev/null 2>&1 ||
+            systemctl --root="${ROOT:-/}" enable daisee-chain.service
+    fi
 fi
 # Last: a first boot cut short runs again on the next boot (the key, once made, is kept).
 touch "$DATA/.provisioned"

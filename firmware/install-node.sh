@@ -85,6 +85,8 @@ fi
 # -- services ------------------------------------------------------------------------------------
 install -d -m 0755 "$ROOT/etc/systemd/system"
 install -m 0644 "$HERE/../systemd/daisee-node.service" "$ROOT/etc/systemd/system/"
+# The chain client's unit: enabled by the first boot when the boot partition gives a chain role.
+install -m 0644 "$HERE/../systemd/daisee-chain.service" "$ROOT/etc/systemd/system/"
 install -m 0644 "$HERE/files/daisee-firstboot.service" "$ROOT/etc/systemd/system/"
 systemctl --root="${ROOT:-/}" enable daisee-firstboot.service >/dev/null 2>&1 ||
     systemctl --root="${ROOT:-/}" enable daisee-firstboot.service

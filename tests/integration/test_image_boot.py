@@ -7,14 +7,18 @@ each check has its own deadline, and a failing one names the console's last line
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from daisee_node.ledger import chainspec
+from tests.support.geth import geth_binary
 from tests.support.image import Machine, installed_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.beside]
@@ -43,6 +47,11 @@ def configure(root: Path) -> None:
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = installed_root(tmp_path_factory.mktemp("image") / "root")
     configure(root)
+    # The chain client, as the image build installs it (there arm64, cross-built), and a chain
+    # role on the boot partition: the first boot sets the node up as a signer.
+    shutil.copy(geth_binary(), root / "usr/local/bin/geth")
+    (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
+    (root / "boot/firmware/daisee-chain.txt").write_text("\ufeffrole = signer   # a comment\r\n")
     return root
 
 
@@ -224,6 +233,45 @@ def test_the_security_score_stays_low(node: Machine) -> None:
     match = re.search(r"Overall exposure level for daisee-node.service: ([0-9.]+)", out)
     assert match, out[-2000:]
     assert float(match.group(1)) <= 2.0
+
+
+def chain_height(m: Machine) -> int:
+    out = m.run("geth attach --exec eth.blockNumber http://127.0.0.1:8545", check=False).strip()
+    return int(out) if out.isdigit() else -1
+
+
+def test_the_chain_client_seals_as_a_signer_once_the_genesis_is_there(
+    node: Machine, root: Path
+) -> None:
+    # The first boot made the node's chain identity and wrote it on the boot partition.
+    written = node.run("cat /boot/firmware/daisee-chain-id.txt")
+    ids = dict(line.split(None, 1) for line in written.splitlines())
+    assert ids["enode"].startswith("enode://") and ids["signer"].startswith("0x")
+    assert node.run("stat -c %U:%a /var/lib/daisee-chain/keystore/sealer.json").strip() == (
+        "daisee:600"
+    )
+    # Without the community's genesis the client does not start.
+    assert node.show("daisee-chain.service", "ActiveState")["ActiveState"] == "inactive"
+    genesis = chainspec.clique([ids["signer"]], 4242, 1, {})
+    (root / "etc/daisee-node/genesis.json").write_text(json.dumps(genesis))
+    node.run("chmod 0644 /etc/daisee-node/genesis.json")
+    node.run("systemctl enable --now daisee-chain.service", timeout=180)
+    node.wait(lambda: chain_height(node) >= 2, 120, "the chain client to seal blocks")
+    props = node.show("daisee-chain.service", "ActiveState", "User", "ExecMainPID")
+    assert props["ActiveState"] == "active" and props["User"] == "daisee"
+    comm = node.run(f"cat /proc/{props['ExecMainPID']}/comm").strip()
+    assert comm == "geth"  # `chain-node run` became geth: systemd watches geth itself
+    out = node.run("systemd-analyze security daisee-chain.service --no-pager", timeout=60)
+    score = re.search(r"Overall exposure level for daisee-chain.service: ([0-9.]+)", out)
+    assert score and float(score.group(1)) <= 2.0, out[-600:]
+    # A stop is clean, and a start goes on from the chain it had.
+    height = chain_height(node)
+    started = time.monotonic()
+    node.run("systemctl stop daisee-chain.service", timeout=150)
+    print(f"chain client stop: {time.monotonic() - started:.1f} s")
+    assert node.show("daisee-chain.service", "Result")["Result"] == "success"
+    node.run("systemctl start daisee-chain.service", timeout=180)
+    node.wait(lambda: chain_height(node) > height, 120, "the chain to go on after a restart")
 
 
 def test_stop_takes_under_15_s_and_leaves_the_relay_safe(node: Machine) -> None:
