@@ -25,6 +25,8 @@ from daisee_node.errors import DaiseeError
 
 #: member-period status, worst first: what the statement and the CSV files say
 MISSING, PARTIAL, NO_KEY, INCOMPLETE, OK = "missing", "partial", "no-key", "incomplete", "ok"
+#: the member's period failed the conformity report its node signed (`--reports`)
+NONCONFORMING = "nonconforming"
 GRID, LINE = "grid", "line"
 
 
@@ -85,6 +87,8 @@ class CommunityData:
     trades: dict[int, list[Trade]] = field(default_factory=dict)
     settlements: list[Settlement] = field(default_factory=list)
     keys: list[KeyInForce] = field(default_factory=list)
+    #: members whose node's signed conformity report of the period failed (`flag_failed`)
+    nonconforming: dict[int, frozenset[int]] = field(default_factory=dict)
     #: commitments that do not fit in one period of the grid: (node, t0, t1)
     misaligned: list[tuple[str, int, int]] = field(default_factory=list)
     #: the ledger mints one credit per this many exported Wh (None: not known)
@@ -218,14 +222,18 @@ class PeriodResult:
     missing: frozenset[int]
     partial: frozenset[int]
     allocation: PeriodAllocation
+    failed: frozenset[int] = frozenset()
 
     def status(self, i: int) -> str:
         """Member `i`'s status in this period (the first that applies of missing, partial,
-        no-key, incomplete: another member's commitment is missing or partial, ok)."""
+        nonconforming (its node's report of the period failed), no-key, incomplete: another
+        member's commitment is missing or partial, ok)."""
         if i in self.missing:
             return MISSING
         if i in self.partial:
             return PARTIAL
+        if i in self.failed:
+            return NONCONFORMING
         if self.key is None:
             return NO_KEY
         if self.missing or self.partial:
@@ -265,8 +273,33 @@ def periods(data: CommunityData) -> Iterator[PeriodResult]:
             data.consumption[p], data.production[p], data.trades.get(p, ())
         )
         yield PeriodResult(
-            p, t0, key, data.missing.get(p, _NO_SET), data.partial.get(p, _NO_SET), allocation
+            p,
+            t0,
+            key,
+            data.missing.get(p, _NO_SET),
+            data.partial.get(p, _NO_SET),
+            allocation,
+            data.nonconforming.get(p, _NO_SET),
         )
+
+
+def flag_failed(data: CommunityData, failed: Iterable[tuple[str, int, int]]) -> int:
+    """Mark the member-periods covered by failed conformity reports, each `(node, t0, t1)` of
+    the commitment it belongs to; how many member-periods were marked."""
+    index = {m: i for i, m in enumerate(data.members)}
+    first, count = (data.starts[0] if data.starts else 0), len(data.starts)
+    marked: dict[int, set[int]] = {}
+    for node, t0, t1 in failed:
+        i = index.get(node.lower())
+        if i is None:
+            continue
+        p = max(0, (t0 - first) // data.period_ms)
+        while p < count and first + p * data.period_ms < t1:
+            marked.setdefault(p, set()).add(i)
+            p += 1
+    for p, members in marked.items():
+        data.nonconforming[p] = frozenset(members | data.nonconforming.get(p, set()))
+    return sum(len(m) for m in marked.values())
 
 
 # -- monthly accounts and bills ------------------------------------------------------------------
@@ -283,6 +316,7 @@ class MemberMonth:
     missing: int = 0
     partial: int = 0
     no_key: int = 0
+    nonconforming: int = 0
     consumption: int = 0
     production: int = 0
     allocated: int = 0
@@ -301,6 +335,8 @@ class MemberMonth:
     credits_earned: int | None = None
     #: starts (ms) of the periods this member has no commitment for
     missing_starts: list[int] = field(default_factory=list)
+    #: starts (ms) of the periods whose conformity report from this member's node failed
+    nonconforming_starts: list[int] = field(default_factory=list)
 
 
 _FIGURES = ("consumption", "production", "allocated", "p2p_bought", "p2p_sold", "grid_import")
@@ -326,6 +362,7 @@ def monthly(
     counts = {"periods": 0}
     flags: list[list[int]] = [[0] * n for _ in range(3)]  # missing, partial, no-key
     missing_starts: list[list[int]] = [[] for _ in range(n)]
+    failed_starts: list[list[int]] = [[] for _ in range(n)]
     # Month boundaries: one datetime per period would cost more than the allocation.
     next_change = -1
 
@@ -341,6 +378,8 @@ def monthly(
             acc.supplied = acc.production - acc.p2p_sold - acc.surplus
             acc.missing, acc.partial, acc.no_key = flags[0][i], flags[1][i], flags[2][i]
             acc.missing_starts = missing_starts[i]
+            acc.nonconforming_starts = failed_starts[i]
+            acc.nonconforming = len(failed_starts[i])
             if data.wh_per_credit:
                 units = 10**data.credit_decimals
                 acc.credits_earned = acc.production * units // data.wh_per_credit
@@ -359,6 +398,7 @@ def monthly(
             counts["periods"] = 0
             flags = [[0] * n for _ in range(3)]
             missing_starts = [[] for _ in range(n)]
+            failed_starts = [[] for _ in range(n)]
         a = r.allocation
         rows["consumption"].append(a.consumption)
         rows["production"].append(a.production)
@@ -373,6 +413,8 @@ def monthly(
             missing_starts[i].append(r.t0)
         for i in r.partial:
             flags[1][i] += 1
+        for i in r.failed:
+            failed_starts[i].append(r.t0)
         if r.key is None:
             for i in range(n):
                 flags[2][i] += 1

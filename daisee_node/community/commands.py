@@ -106,6 +106,14 @@ def add_parsers(sub: Any) -> None:
             metavar="DIR",
             help="write each member's period CSV here (DIR/<member>.csv)",
         )
+        p.add_argument(
+            "--reports",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="conformity report proofs (`conformity --prove` files, *.json): each is "
+            "checked against the chain, and the member-periods of a failed one are flagged",
+        )
         p.add_argument("--json", action="store_true", help="JSON instead of text")
         p.set_defaults(func=chain_errors(func))
         return p
@@ -349,6 +357,8 @@ def _prepare(
         keys,
     )
     data.wh_per_credit = read.wh_per_credit
+    if args.reports is not None:
+        _flag_nonconforming(args.reports, rpc, data)
     data.credit_decimals = read.credit_decimals
     if read.unreadable:
         shown = ", ".join(f"{n} seq {s}" for n, s in read.unreadable[:5])
@@ -359,6 +369,42 @@ def _prepare(
             file=sys.stderr,
         )
     return data, read, members
+
+
+def _flag_nonconforming(folder: Path, rpc: str, data: CommunityData) -> None:
+    """Check each conformity report proof in `folder` against the chain; flag the member-periods
+    of those that prove and failed. One that does not prove is said and left out."""
+    from daisee_node.community.billing import flag_failed
+    from daisee_node.ledger.proofs import check_proof, parse_proof
+
+    if not folder.is_dir():
+        raise DaiseeError(f"--reports: {folder} is not a folder")
+    failed, proven, refused = [], 0, []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            proof = parse_proof(path.read_text())
+            report = proof.data.get("report")
+            if not isinstance(report, dict):
+                raise DaiseeError("not a conformity report proof")
+            checked = check_proof(proof, rpc)
+        except (DaiseeError, OSError) as exc:
+            refused.append(f"{path.name}: {exc}")
+            continue
+        if not checked["valid"]:
+            refused.append(f"{path.name}: {'; '.join(checked['problems'])}")
+            continue
+        proven += 1
+        if not report.get("passed", False):
+            c = proof.commitment
+            failed.append((c.node, c.t0, c.t1))
+    marked = flag_failed(data, failed)
+    print(
+        f"conformity: {proven} reports proven against the chain, {len(failed)} failed "
+        f"({marked} member-periods flagged nonconforming)",
+        file=sys.stderr,
+    )
+    for line in refused:
+        print(f"conformity report left out, {line}", file=sys.stderr)
 
 
 def _writer(args: argparse.Namespace, data: CommunityData, stack: ExitStack, rows: bool) -> Any:
@@ -485,6 +531,7 @@ def _totals(months: dict[str, list[MemberMonth]]) -> dict[str, dict[str, int]]:
                         "p2p_sold",
                         "surplus",
                         "missing",
+                        "nonconforming",
                     ),
                     0,
                 ),
@@ -551,9 +598,11 @@ def cmd_bill(args: argparse.Namespace) -> int:
         for b in member_bills:
             acc = b.account
             missing = f" ({acc.missing} of {acc.periods} periods without a commitment)"
+            failed = f" ({acc.nonconforming} periods failed their conformity report)"
             print(
                 f"{acc.month} {acc.name}: total {b.total} {b.currency}"
                 + (missing * bool(acc.missing))
+                + (failed * bool(acc.nonconforming))
             )
             for line in b.lines:
                 if line.amount is None:
@@ -568,6 +617,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
 def _bill_json(b: Bill) -> dict[str, Any]:
     acc = asdict(b.account)
     acc.pop("missing_starts")
+    acc.pop("nonconforming_starts")
     return {
         **acc,
         "currency": b.currency,

@@ -149,7 +149,7 @@ def statement_html(
     for b in bills:
         acc = b.account
         parts.append(f"<h2>{_e(acc.month)}</h2>")
-        if acc.missing or acc.partial or acc.no_key:
+        if acc.missing or acc.partial or acc.no_key or acc.nonconforming:
             warn = []
             if acc.missing:
                 warn.append(
@@ -158,6 +158,11 @@ def statement_html(
                 )
             if acc.partial:
                 warn.append(f"{_count(acc.partial, 'period')} only partly committed")
+            if acc.nonconforming:
+                warn.append(
+                    f"{_count(acc.nonconforming, 'period')} failed the conformity report this "
+                    "node signed: their figures are the committed ones, to be checked"
+                )
             if acc.no_key:
                 warn.append(
                     f"{_count(acc.no_key, 'period')} without a recorded key: nothing allocated"
@@ -183,6 +188,13 @@ def statement_html(
             more = len(acc.missing_starts) - 48
             tail = f" and {more} more" if more > 0 else ""
             parts.append(f'<p class="small">Periods without a commitment: {_e(shown + tail)}</p>')
+        if acc.nonconforming_starts:
+            shown = ", ".join(utc_text(t) for t in acc.nonconforming_starts[:48])
+            more = len(acc.nonconforming_starts) - 48
+            tail = f" and {more} more" if more > 0 else ""
+            parts.append(
+                f'<p class="small">Periods whose conformity report failed: {_e(shown + tail)}</p>'
+            )
     keys = (
         "".join(
             f"<li>from {_e(start)}: <code>{_e(h)}</code> ({_e(f)})</li>"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -164,8 +166,8 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
     end = switch + TIERS_PERIODS * PERIOD_MS
     registry.record_key(anvil.gov, key_hash(load_key(prorata)), start)
 
-    for name in NAMES:
-        daemon(node_config(tmp_path, name, keys[name], anvil))
+    configs = {name: node_config(tmp_path, name, keys[name], anvil) for name in NAMES}
+    daemons = {name: daemon(config) for name, config in configs.items()}
 
     # The second key with the command, as governance does, while the nodes start.
     gov_keystore, gov_password = tmp_path / "gov.json", tmp_path / "gov.pass"
@@ -180,6 +182,14 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
     )  # fmt: skip
     assert recorded.returncode == 0, recorded.stderr
     assert json.loads(recorded.stdout)["hash"] == key_hash(load_key(tiers))
+
+    # bob's node stalls for 3 s in the second period: that period's report will say so.
+    wait_for(lambda: time.time() * 1000 >= switch + 2000, timeout=40, every=0.05)
+    daemons["bob"].signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: time.time() * 1000 >= switch + 5000, timeout=10, every=0.05)
+    finally:
+        daemons["bob"].signal(signal.SIGCONT)
 
     def committed_to_end() -> bool:
         return all(any(c.t1 >= end for c in own_commitments(tmp_path, n)) for n in NAMES)
@@ -294,6 +304,37 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
         assert sum(b["supplied"] for b in sol_bills) == supplied
     page = (tmp_path / "statements" / "sol.html").read_text()
     assert "Statement of sol" in page and bills["digest"] in page
+
+    # Conformity: each node's signed report of each period, proven against the chain, flags
+    # the member-periods whose report failed; a report that does not prove is left out.
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    proved = cli_together(
+        *(
+            ["conformity", "-c", str(configs[n]), "--period", str(t0 + 1), "--prove",
+             "-o", str(reports / f"{n}-{t0}.json")]
+            for n in NAMES
+            for t0 in range(start, end, PERIOD_MS)
+        )
+    )  # fmt: skip
+    assert all(r.returncode in (0, 1) for r in proved), [r.stderr for r in proved]
+    verdicts = {}
+    for f in reports.glob("*.json"):
+        name, t0 = f.stem.split("-")
+        verdicts[(name, utc_text(int(t0)))] = json.loads(f.read_text())["report"]["passed"]
+    assert len(verdicts) == len(rows)
+    assert verdicts[("bob", utc_text(switch))] is False  # the stall
+    forged = json.loads((reports / f"sol-{start}.json").read_text())
+    forged["report"]["passed"] = not forged["report"]["passed"]
+    (reports / "forged.json").write_text(json.dumps(forged))
+    (flagged,) = cli_together(["community", "allocate", *common, "--reports", str(reports),
+                               "--json"])  # fmt: skip
+    assert flagged.returncode == 0, flagged.stderr
+    assert "conformity report left out, forged.json" in flagged.stderr
+    statuses = {
+        (r["member"], r["timestamp"]): r["status"] for r in json.loads(flagged.stdout)["periods"]
+    }
+    assert statuses == {k: ("ok" if passed else "nonconforming") for k, passed in verdicts.items()}
 
     # A key file that says something else than the recorded one is refused.
     prorata.write_text('version = 1\nkind = "prorata"\nname = "another key"\n')

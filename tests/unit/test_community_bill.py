@@ -22,6 +22,7 @@ from daisee_node.community.billing import (
     KeyInForce,
     Settlement,
     bill,
+    flag_failed,
     gather,
     monthly,
     period_range,
@@ -187,6 +188,30 @@ def test_gather_adds_short_commitments_and_flags_partial_missing_and_misaligned(
     assert data.misaligned == [(SOL, T0 + half, T0 + PERIOD_MS + half)]
     first = next(periods(data))
     assert [first.status(i) for i in range(3)] == ["incomplete", "partial", "missing"]
+
+
+def test_failed_conformity_reports_flag_their_member_periods_in_allocation_and_bills() -> None:
+    starts = period_range(T0, T0 + 3 * PERIOD_MS, PERIOD_MS)
+    commitments = [Committed(m, t, t + PERIOD_MS, 10, 0) for m in (ALICE, BOB, SOL) for t in starts]
+    data = gather([ALICE, BOB, SOL], NAMES, PERIOD_MS, starts, commitments, [], [prorata_from(0)])
+    # bob's report of his second period failed; a report of a stranger's node changes nothing
+    marked = flag_failed(
+        data, [(BOB, T0 + PERIOD_MS, T0 + 2 * PERIOD_MS), ("0x" + "dd" * 20, T0, T0 + PERIOD_MS)]
+    )
+    assert marked == 1
+    results = list(periods(data))
+    assert [[r.status(i) for i in range(3)] for r in results] == [
+        ["ok", "ok", "ok"],
+        ["ok", "nonconforming", "ok"],
+        ["ok", "ok", "ok"],
+    ]
+    (month,) = monthly(data).values()
+    assert [acc.nonconforming for acc in month] == [0, 1, 0]
+    assert month[1].nonconforming_starts == [T0 + PERIOD_MS]
+    # the figures are the committed ones: flagged, never changed
+    plain = gather([ALICE, BOB, SOL], NAMES, PERIOD_MS, starts, commitments, [], [prorata_from(0)])
+    (unflagged,) = monthly(plain).values()
+    assert [a.consumption for a in month] == [a.consumption for a in unflagged]
 
 
 def test_each_period_takes_the_key_recorded_for_it_and_none_before_the_first() -> None:
