@@ -462,13 +462,47 @@ def _print_header(head: dict[str, Any]) -> None:
 # -- allocate / bill -----------------------------------------------------------------------------
 
 
+class _Checked:
+    """A period sink that also runs the community checks on each period's allocation
+    (allocations sum to production, nobody beyond its consumption) before passing it on."""
+
+    def __init__(self, sink: Any) -> None:
+        from daisee_node.conformity import check_allocation
+
+        self.sink = sink
+        self.check = check_allocation
+        self.periods = 0
+        self.failed: list[str] = []
+
+    def __call__(self, result: Any) -> None:
+        self.periods += 1
+        verdict = self.check(result.allocation)
+        if not verdict.passed:
+            from daisee_node.community.billing import utc_text
+
+            self.failed.append(f"{utc_text(result.t0)}: {'; '.join(verdict.reasons)}")
+        self.sink(result)
+
+    def report(self) -> None:
+        """One line on stderr: how many periods passed the community checks, and any that
+        did not (which would be a fault of this program: say so loudly)."""
+        if not self.failed:
+            print(f"community checks: {self.periods} periods, all passed", file=sys.stderr)
+            return
+        print(f"community checks FAILED in {len(self.failed)} periods:", file=sys.stderr)
+        for line in self.failed[:20]:
+            print(f"  {line}", file=sys.stderr)
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     from daisee_node.community.billing import monthly
 
     data, read, _ = _prepare(args)
     with ExitStack() as stack:
         writer = _writer(args, data, stack, rows=True)
-        months = monthly(data, sink=writer)
+        checks = _Checked(writer)
+        months = monthly(data, sink=checks)
+    checks.report()
     head = _header(read, data, data.keys)
     head["digest"] = writer.digest()
     totals = _totals(months)
@@ -562,7 +596,9 @@ def cmd_bill(args: argparse.Namespace) -> int:
     data, read, members = _prepare(args, tariff)
     with ExitStack() as stack:
         writer = _writer(args, data, stack, rows=False)
-        months = monthly(data, tariff.zone, sink=writer)
+        checks = _Checked(writer)
+        months = monthly(data, tariff.zone, sink=checks)
+    checks.report()
     only = members.address_of(args.member) if args.member else None
     bills: dict[str, list[Bill]] = {}
     for accounts in months.values():

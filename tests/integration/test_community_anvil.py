@@ -217,6 +217,10 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
          "--html", str(tmp_path / "statements")],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    # every period's allocation passed the community checks (sums to production, nobody
+    # allocated beyond its consumption)
+    periods_in_range = PRORATA_PERIODS + TIERS_PERIODS
+    assert f"community checks: {periods_in_range} periods, all passed" in result.stderr
     chain_view = json.loads(result.stdout)
     assert [k["hash"] for k in chain_view["keys"]] == [
         key_hash(load_key(prorata)),
