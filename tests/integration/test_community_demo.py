@@ -74,6 +74,11 @@ def test_the_community_trades_and_stops_on_ctrl_c_with_its_statement(tmp_path: P
     for home in HOMES:
         assert re.search(rf"\d{{4}}-\d{{2}} {home}: total -?\d+\.\d+ EUR", text), text[-3000:]
     assert re.search(r"digest 0x[0-9a-f]{64}", text)
+    # each home's signed conformity report of each billed period was proven against the chain,
+    # and every period's allocation passed the community checks
+    proven = re.search(r"conformity: (\d+) reports proven against the chain", text)
+    assert proven and int(proven.group(1)) >= len(HOMES), text[-3000:]
+    assert re.search(r"community checks: \d+ periods, all passed", text)
     assert "daisee-node community bill --rpc" in text
     statements = tmp_path / "daisee-community" / "statements"
     assert len(list(statements.glob("*.html"))) == len(HOMES)
