@@ -123,12 +123,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def sunny_longitude() -> float:
-    """Where the sun is highest now: the roofs produce whatever the hour of the run."""
-    hours = (time.time() / 3600) % 24
-    return ((12 - hours) * 15 + 180) % 360 - 180
-
-
 def find_geth() -> Path | None:
     """geth 1.13.15: `$DAISEE_GETH`, the one `./run` caches, or one on PATH of that version."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -479,6 +473,8 @@ def home_toml(
     c: Community, h: Home, homes: tuple[Home, ...], broker_port: int, secret: Path
 ) -> str:
     """The home's daemon config."""
+    from daisee_node.sensors import simulated
+
     d = c.work / h.name
     others = [o for o in homes if o.name != h.name]
     own = c.rpc_urls[h.name]
@@ -488,7 +484,7 @@ def home_toml(
     text += table(
         "simulation",
         {
-            "longitude_deg": round(sunny_longitude(), 3),
+            "longitude_deg": round(simulated.sunny_longitude(), 3),
             "latitude_deg": 20.0,
             "cloudiness": 0.1,
             "seed": 1 + [x.name for x in homes].index(h.name),

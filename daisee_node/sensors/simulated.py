@@ -12,6 +12,7 @@ charging; `grid.power_w` > 0 importing, < 0 exporting.
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -47,6 +48,13 @@ def _smooth_noise(seed: int, stream: int, t: float, period: float) -> float:
     a = uniform(seed, stream, k)
     b = uniform(seed, stream, k + 1)
     return a + (b - a) * f
+
+
+def sunny_longitude(now_s: float | None = None) -> float:
+    """The longitude where the sun stands highest at `now_s` (default: now), so that a simulated
+    roof placed there produces whatever the hour of a run or a test."""
+    hours = ((time.time() if now_s is None else now_s) / 3600) % 24
+    return ((12 - hours) * 15 + 180) % 360 - 180
 
 
 class SimulationConfig(StrictModel):

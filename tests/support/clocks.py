@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from daisee_node.clock import Clock
+from daisee_node.sensors.simulated import sunny_longitude
 
 T = TypeVar("T")
 
-
-def sunny_longitude() -> float:
-    """A longitude where the sun is at its highest now, so a simulated PV roof produces at
-    any hour a test runs."""
-    utc_hours = (time.time() / 3600) % 24
-    return ((12 - utc_hours) * 15 + 180) % 360 - 180
+__all__ = ["FixedClock", "SteppedClock", "sunny_longitude"]
 
 
 class FixedClock(Clock):
