@@ -186,6 +186,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_conformity_parser(sub, DEFAULT_CONFIG_PATH)
 
+    from daisee_node.export import add_parser as add_export_parser
+
+    add_export_parser(sub, DEFAULT_CONFIG_PATH)
+
     from daisee_node.community.commands import add_parsers as add_community_parsers
 
     add_community_parsers(sub)

@@ -1,4 +1,5 @@
-"""The community registry contract over web3: deploy it, record allocation keys, read them back.
+"""The community registry contract over web3: deploy it, record allocation keys, read them back;
+grant, revoke and read data access grants.
 
 Synchronous web3, like `daisee_node.ledger.chain`. Transactions are run as a call first, so a
 refusal says why in one line and nothing is sent.
@@ -27,7 +28,15 @@ ERROR_TEXT = {
     "TooLate": "a key may only be recorded for a start not yet reached by the chain's clock, "
     "and not before the last recorded key's start",
     "NoKey": "no key is recorded for that time",
+    "NotMember": "only a node the ledger registers may grant access to its data",
+    "BadRole": "no such data role",
+    "ZeroRecipient": "the recipient is the zero address",
+    "PastUntil": "a grant must end after the chain's clock",
+    "NoGrant": "there is no such grant to revoke",
 }
+
+#: data roles as the contract numbers them (see CommunityRegistry.sol)
+ROLES = {"own": 1, "supplier": 2, "grid": 3}
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,23 @@ class KeyRecord:
     index: int
     key_hash: str
     from_ms: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A member's grant of a data role to a recipient, until `until_ms` (exclusive; 0: none)."""
+
+    member: str
+    recipient: str
+    role: str
+    until_ms: int
+
+
+def role_number(role: str) -> int:
+    try:
+        return ROLES[role]
+    except KeyError:
+        raise ChainError(f"no data role {role!r}: one of {', '.join(ROLES)}") from None
 
 
 def deploy(w3: Web3, account: LocalAccount, ledger_address: str) -> str:
@@ -94,7 +120,49 @@ class Registry:
     def record_key(self, account: LocalAccount, key_hash: str, from_ms: int) -> KeyRecord:
         """Record `key_hash` (0x + 64 hex) from `from_ms` on; the record as the chain holds it."""
         digest = bytes.fromhex(key_hash.removeprefix("0x"))
-        call = self.contract.functions.recordKey(digest, from_ms)
+        receipt = self._send(account, self.contract.functions.recordKey(digest, from_ms))
+        (event,) = self.contract.events.KeyRecorded().process_receipt(receipt, errors=DISCARD)
+        args: dict[str, Any] = dict(event["args"])
+        return KeyRecord(int(args["index"]), "0x" + bytes(args["keyHash"]).hex(), args["fromMs"])
+
+    # -- data access grants ----------------------------------------------------------------
+
+    def grant(self, account: LocalAccount, recipient: str, role: str, until_ms: int) -> Grant:
+        """`account` (a registered node's key) grants `recipient` `role` until `until_ms`."""
+        call = self.contract.functions.grant(
+            to_checksum_address(recipient), role_number(role), until_ms
+        )
+        receipt = self._send(account, call)
+        (event,) = self.contract.events.Granted().process_receipt(receipt, errors=DISCARD)
+        args = event["args"]
+        return Grant(args["member"], args["recipient"], role, int(args["untilMs"]))
+
+    def revoke(self, account: LocalAccount, recipient: str, role: str) -> None:
+        """End `account`'s grant of `role` to `recipient` now."""
+        call = self.contract.functions.revoke(to_checksum_address(recipient), role_number(role))
+        self._send(account, call)
+
+    def grant_until(
+        self, member: str, recipient: str, role: str, block: BlockIdentifier = "latest"
+    ) -> Grant:
+        """The grant as the chain holds it at `block` (`until_ms` 0: none, or revoked)."""
+        member, recipient = to_checksum_address(member), to_checksum_address(recipient)
+        until = self.contract.functions.grantUntil(member, recipient, role_number(role)).call(
+            block_identifier=block
+        )
+        return Grant(member, recipient, role, int(until))
+
+    def grant_in_force(
+        self, member: str, recipient: str, role: str, block: BlockIdentifier = "latest"
+    ) -> bool:
+        """True while the grant's end lies after the chain's clock (at `block`)."""
+        fn = self.contract.functions.grantInForce(
+            to_checksum_address(member), to_checksum_address(recipient), role_number(role)
+        )
+        return bool(fn.call(block_identifier=block))
+
+    def _send(self, account: LocalAccount, call: Any) -> Any:
+        """Run `call` as a call first (a refusal says why, nothing sent), then send it."""
         try:
             call.call({"from": account.address})
         except Exception as exc:
@@ -104,12 +172,9 @@ class Registry:
             if data is None:
                 raise
             raise ChainError(_explain(data)) from None
-        receipt = chain.send(
+        return chain.send(
             self.w3, account, {"to": self.address, "data": call._encode_transaction_data()}
         )
-        (event,) = self.contract.events.KeyRecorded().process_receipt(receipt, errors=DISCARD)
-        args: dict[str, Any] = dict(event["args"])
-        return KeyRecord(int(args["index"]), "0x" + bytes(args["keyHash"]).hex(), args["fromMs"])
 
 
 def _selector(signature: str) -> bytes:

@@ -6,6 +6,14 @@ interface IGovernedLedger {
     function governance() external view returns (address);
 }
 
+/// @dev What the grants section asks of the ledger: whether an address is a registered node.
+interface IMemberLedger {
+    function heads(address node)
+        external
+        view
+        returns (bool registered, uint64 seq, uint64 t1, uint32 capacityW, uint88 hashLow);
+}
+
 /// @title What a DAISEE community decided, on the chain beside its ledger
 /// @notice The allocation keys: governance (the ledger's governance account) records the sha256
 /// of each allocation key file with the first period it applies to (t in ms, as commitments
@@ -14,6 +22,10 @@ interface IGovernedLedger {
 /// append-only and a key can only be recorded for a start not yet reached, so nobody chooses a
 /// key after seeing the periods it shares: a record whose start is still ahead may be replaced
 /// by recording again with the same start (each record emits `KeyRecorded`).
+/// @notice Data access grants: a member (a node the ledger registers, acting with its own key)
+/// grants a recipient address one data role until a time (ms); the member revokes it at once.
+/// Nodes export data to a recipient only under a grant in force, and the recipient's checker
+/// (`daisee-node verify-export`) asks `grantInForce` too.
 /// @dev Sections of this contract each keep their own storage and events, so later ones (data
 /// access grants of members to recipients) are added beside this one without changing it.
 contract CommunityRegistry {
@@ -91,5 +103,68 @@ contract CommunityRegistry {
         if (lo == 0) revert NoKey();
         KeyRecord storage r = _keys[lo - 1];
         return (r.keyHash, r.fromMs, lo - 1);
+    }
+
+    // -- data access grants -------------------------------------------------------------------
+
+    /// @notice Roles: all of the member's readings; its 15-minute import and export; its period
+    /// totals as aggregates (for the grid operator). A grant of one role gives no other.
+    uint8 public constant ROLE_OWN = 1;
+    uint8 public constant ROLE_SUPPLIER = 2;
+    uint8 public constant ROLE_GRID = 3;
+
+    /// @dev member => recipient => role => end of the grant (ms, exclusive); 0: none.
+    mapping(address => mapping(address => mapping(uint8 => uint64))) private _grants;
+
+    event Granted(
+        address indexed member, address indexed recipient, uint8 indexed role, uint64 untilMs
+    );
+    event Revoked(address indexed member, address indexed recipient, uint8 indexed role);
+
+    /// @notice The sender is not a node the ledger registers.
+    error NotMember();
+    error BadRole();
+    error ZeroRecipient();
+    /// @notice The grant would end at or before the chain's clock.
+    error PastUntil();
+    /// @notice Nothing to revoke: the sender never granted that role to that recipient.
+    error NoGrant();
+
+    /// @notice Grant `recipient` the data role `role` of the sender's node until `untilMs`
+    /// (exclusive); a new grant of the same role to the same recipient replaces the last one.
+    function grant(address recipient, uint8 role, uint64 untilMs) external {
+        (bool registered,,,,) = IMemberLedger(address(ledger)).heads(msg.sender);
+        if (!registered) revert NotMember();
+        if (role == 0 || role > ROLE_GRID) revert BadRole();
+        if (recipient == address(0)) revert ZeroRecipient();
+        if (uint256(untilMs) <= block.timestamp * 1000) revert PastUntil();
+        _grants[msg.sender][recipient][role] = untilMs;
+        emit Granted(msg.sender, recipient, role, untilMs);
+    }
+
+    /// @notice End the sender's grant of `role` to `recipient` now. A node the ledger no longer
+    /// registers can still revoke what it granted.
+    function revoke(address recipient, uint8 role) external {
+        if (_grants[msg.sender][recipient][role] == 0) revert NoGrant();
+        delete _grants[msg.sender][recipient][role];
+        emit Revoked(msg.sender, recipient, role);
+    }
+
+    /// @notice When `member`'s grant of `role` to `recipient` ends (ms); 0 when there is none
+    /// or it was revoked. It may lie in the past: `grantInForce` compares it with the clock.
+    function grantUntil(address member, address recipient, uint8 role)
+        external
+        view
+        returns (uint64)
+    {
+        return _grants[member][recipient][role];
+    }
+
+    function grantInForce(address member, address recipient, uint8 role)
+        external
+        view
+        returns (bool)
+    {
+        return uint256(_grants[member][recipient][role]) > block.timestamp * 1000;
     }
 }

@@ -1,0 +1,761 @@
+"""Data access: a node's signed export of its data to a recipient it granted, and its check.
+
+`daisee-node export --role own|supplier|grid --recipient 0x… --from T --to T -o FILE` first asks
+the community registry whether the node (its key is the member) granted that recipient that role
+and the grant is in force; it refuses otherwise. The file holds, for the node's periods on chain
+that overlap [from, to):
+
+- role `own`: every reading of the range (optionally of some channels), each with its Merkle
+  proof to its period's commitment, the commitment with its batch proof, and the period's
+  conformity report with the proof of its leaf;
+- roles `supplier` and `grid`: each period's commitment (its import and export totals) with its
+  batch proof, and the totals over the range.
+
+The node signs the canonical JSON of everything but `sig` (EIP-191, as peer messages are signed).
+`daisee-node verify-export FILE --rpc URL` checks the signature, each commitment against the
+ledger, each reading's proof against its commitment's root, the periods' completeness, and that
+the grant is in force now; it lists every problem. The file format is in docs/community.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from daisee_node.errors import DaiseeError
+from daisee_node.ledger.cli_errors import chain_errors
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3 import Web3
+
+    from daisee_node.community.registry import Registry
+    from daisee_node.config import Config
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.commitment import Commitment
+    from daisee_node.ledger.outbox import Entry, Outbox
+    from daisee_node.store import Store
+
+FORMAT: Final = "daisee-export/1"
+ROLES: Final = ("own", "supplier", "grid")
+EXIT_OK, EXIT_INVALID = 0, 1
+
+
+class ExportRefused(DaiseeError):
+    """The node will not export: no grant in force, or nothing it can prove."""
+
+
+def to_checksum_address(text: str) -> str:
+    # eth_utils loads only when an export is made or checked, not with the command line.
+    from eth_utils import to_checksum_address as checksum
+
+    return str(checksum(text))
+
+
+def is_address(text: object) -> bool:
+    from eth_utils import is_address as check
+
+    return isinstance(text, str) and bool(check(text))
+
+
+# -- the signature ----------------------------------------------------------------------------
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    """The bytes an export's signature covers: every key but `sig`, as canonical JSON (sorted
+    keys, no spaces, ASCII, no NaN)."""
+    fields = {k: v for k, v in body.items() if k != "sig"}
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def sign(body: dict[str, Any], account: LocalAccount) -> dict[str, Any]:
+    """`body` with the EIP-191 signature of its canonical JSON under `sig`."""
+    from eth_account.messages import encode_defunct
+
+    signed = account.sign_message(encode_defunct(primitive=canonical(body)))
+    return {**body, "sig": "0x" + bytes(signed.signature).hex()}
+
+
+def signer(body: dict[str, Any]) -> str | None:
+    """The checksummed address that signed `body`, or None when `sig` is unusable."""
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    sig = body.get("sig")
+    if not isinstance(sig, str) or len(sig) != 132 or not sig.startswith("0x"):
+        return None
+    try:
+        raw = bytes.fromhex(sig[2:])
+        address = Account.recover_message(encode_defunct(primitive=canonical(body)), signature=raw)
+    except Exception:  # whatever eth_keys makes of arbitrary bytes: no signer
+        return None
+    return str(address)
+
+
+# -- making an export -------------------------------------------------------------------------
+
+
+def _hex(items: list[bytes]) -> list[str]:
+    return ["0x" + p.hex() for p in items]
+
+
+class _BatchProofs:
+    """Batch proofs, one receipt read per batch transaction however many periods it holds."""
+
+    def __init__(self, ledger: chainlib.Ledger) -> None:
+        self.ledger = ledger
+        self.trees: dict[bytes, tuple[list[bytes], list[list[bytes]]]] = {}
+
+    def proof(self, tx_hash: bytes, commitment_hash: bytes) -> list[bytes]:
+        from daisee_node.ledger import merkle
+
+        if tx_hash not in self.trees:
+            hashes = self.ledger.batch_hashes(tx_hash)
+            self.trees[tx_hash] = (hashes, merkle.levels(hashes))
+        hashes, tree = self.trees[tx_hash]
+        if commitment_hash not in hashes:
+            raise ExportRefused(f"commitment {commitment_hash.hex()} is not in tx {tx_hash.hex()}")
+        return merkle.proof(tree, hashes.index(commitment_hash))
+
+
+def check_grant(reg: Registry, node: str, recipient: str, role: str, block: int) -> int:
+    """The grant's end (ms) when it is in force at `block`; ExportRefused, saying why, if not."""
+    from daisee_node.ledger.proofs import human_time
+
+    grant = reg.grant_until(node, recipient, role, block)
+    if not reg.grant_in_force(node, recipient, role, block):
+        if grant.until_ms == 0:
+            why = "there is none (never granted, or revoked)"
+        else:
+            why = f"it ended at {human_time(grant.until_ms)}"
+        raise ExportRefused(
+            f"no grant in force: node {node} granting {recipient} the role {role!r} on "
+            f"registry {reg.address}: {why}"
+        )
+    return grant.until_ms
+
+
+async def build_export(
+    config: Config,
+    account: LocalAccount,
+    *,
+    role: str,
+    recipient: str,
+    from_ms: int,
+    to_ms: int,
+    registry: str,
+    channels: list[str] | None = None,
+    keep_in: Path | None = None,
+) -> dict[str, Any]:
+    """The signed export of the node's data in [from_ms, to_ms) for `recipient` as `role`."""
+    from daisee_node.community.registry import Registry
+    from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger.proofs import _channel_exists, _embedded_ledger
+    from daisee_node.store import Store, db_path
+
+    if role not in ROLES:
+        raise ExportRefused(f"no data role {role!r}: one of {', '.join(ROLES)}")
+    if to_ms <= from_ms:
+        raise ExportRefused("--to must be after --from")
+    if channels and role != "own":
+        raise ExportRefused("--channel is for the role 'own' (others receive period totals)")
+    assert config.chain is not None
+    node = account.address
+    recipient = to_checksum_address(recipient)
+    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
+    ledger = chainlib.Ledger(w3, config.chain.ledger_address or _embedded_ledger(w3))
+    reg = Registry(w3, registry)
+    reg.check_deployed()
+    if to_checksum_address(reg.ledger_address()) != ledger.address:
+        raise ExportRefused(f"registry {reg.address} is not the one of ledger {ledger.address}")
+    block = int(w3.eth.block_number)
+    until_ms = check_grant(reg, node, recipient, role, block)
+
+    store = Store(db_path(config.data_dir), read_only=True)
+    await store.open()
+    try:
+        for name in channels or []:
+            await _channel_exists(store, name)  # a misspelt name is refused, not exported empty
+        periods, missing = await _periods(
+            store, ledger, node, role, from_ms, to_ms, sorted(set(channels or []))
+        )
+    finally:
+        await store.close()
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "role": role,
+        "recipient": recipient,
+        "node": node,
+        "from_ms": from_ms,
+        "to_ms": to_ms,
+        "channels": sorted(set(channels)) if channels else None,
+        "chain_id": ledger.chain_id,
+        "ledger": ledger.address,
+        "registry": reg.address,
+        "grant": {"until_ms": until_ms, "checked_block": block},
+        "created_ms": int(time.time() * 1000),
+        "periods": periods,
+        "missing": missing,
+    }
+    if role != "own":
+        body["totals"] = _totals(periods)
+    return sign(body, account)
+
+
+def _totals(periods: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "periods": len(periods),
+        "import_wh": sum(int(p["commitment"]["import_wh"]) for p in periods),
+        "export_wh": sum(int(p["commitment"]["export_wh"]) for p in periods),
+    }
+
+
+async def _periods(
+    store: Store,
+    ledger: chainlib.Ledger,
+    node: str,
+    role: str,
+    from_ms: int,
+    to_ms: int,
+    channels: list[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The exported periods, and those of the range not (yet) on chain."""
+    from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox
+
+    outbox = Outbox(store)
+    rows = []
+    if await store.query("SELECT 1 FROM sqlite_master WHERE name = 'commitments'"):
+        rows = await store.query(
+            "SELECT seq FROM commitments WHERE node = ? AND own = 1 AND t1 > ? AND t0 < ? "
+            "ORDER BY seq",
+            (node, from_ms, to_ms),
+        )
+    proofs = _BatchProofs(ledger)
+    periods, missing = [], []
+    for (seq,) in rows:
+        entry = await outbox.get(node, int(seq))
+        assert entry is not None
+        c = entry.commitment
+        if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
+            missing.append({"seq": c.seq, "t0": c.t0, "t1": c.t1, "state": entry.state})
+            continue
+        period: dict[str, Any] = {
+            "commitment": c.to_json(),
+            "tx": "0x" + entry.tx_hash.hex(),
+            "batch_proof": _hex(proofs.proof(entry.tx_hash, c.struct_hash())),
+        }
+        if role == "own":
+            period.update(await _own_data(store, outbox, node, entry, from_ms, to_ms, channels))
+        periods.append(period)
+    return periods, missing
+
+
+async def _own_data(
+    store: Store,
+    outbox: Outbox,
+    node: str,
+    entry: Entry,
+    from_ms: int,
+    to_ms: int,
+    channels: list[str],
+) -> dict[str, Any]:
+    """A period's readings in range, each with its proof, from one tree built for the period;
+    and its conformity report with the proof of its leaf."""
+    from daisee_node.conformity import report_leaf
+    from daisee_node.ledger import merkle
+    from daisee_node.ledger.proofs import period_tree
+
+    c = entry.commitment
+    leaves, tree = await period_tree(store, node, entry)
+    index = {leaf: i for i, leaf in enumerate(leaves)}
+    lo, hi = max(c.t0, from_ms), min(c.t1, to_ms)
+    sql = (
+        "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
+        "ON ch.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?"
+    )
+    params: list[Any] = [lo, hi]
+    if channels:
+        sql += f" AND ch.name IN ({','.join('?' * len(channels))})"
+        params += channels
+    node_bytes = bytes.fromhex(node[2:])
+    readings = []
+    for t_ms, name, value, quality in await store.query(sql + " ORDER BY r.t_ms, ch.name", params):
+        cid = merkle.channel_id(name)
+        micro = merkle.value_micro(value)
+        leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
+        readings.append(
+            {
+                "channel": name,
+                "channel_id": "0x" + cid.hex(),
+                "t_ms": t_ms,
+                "value": value,
+                "value_micro": micro,
+                "quality": quality,
+                "proof": _hex(merkle.proof(tree, index[leaf])),
+            }
+        )
+    out: dict[str, Any] = {
+        "complete": not channels and from_ms <= c.t0 and c.t1 <= to_ms,
+        "readings": readings,
+        "report": None,
+    }
+    stored = await outbox.report(node, c.seq)
+    if stored is not None:
+        leaf = report_leaf(node_bytes, c.t1, stored.digest)
+        out["report"] = {"body": stored.report(), "proof": _hex(merkle.proof(tree, index[leaf]))}
+    return out
+
+
+# -- checking an export -----------------------------------------------------------------------
+
+
+def verify_export(
+    data: dict[str, Any],
+    w3: Web3,
+    *,
+    registry: str | None = None,
+    every_reading_on_chain: bool = False,
+) -> dict[str, Any]:
+    """Check an export against the chain `w3` reaches: `valid`, every `problem` found, and what
+    was `checked`."""
+    problems: list[str] = []
+    checked: list[str] = []
+    try:
+        head = _head(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        return {"valid": False, "problems": [f"not an export file ({exc})"], "checked": checked}
+    node, role, recipient = head["node"], head["role"], head["recipient"]
+
+    by = signer(data)
+    if by is None:
+        problems.append("the signature is missing or cannot be recovered")
+    elif by != node:
+        problems.append(f"signed by {by}, not by the node {node}")
+    checked.append(f"the node's signature over the file ({node})")
+
+    from daisee_node.community.registry import Registry
+    from daisee_node.ledger import chain as chainlib
+
+    ledger = chainlib.Ledger(w3, head["ledger"])
+    ledger.check_deployed()
+    if ledger.chain_id != head["chain_id"]:
+        problems.append(f"the file is for chain {head['chain_id']}, the RPC is {ledger.chain_id}")
+    reg_address = to_checksum_address(registry or head["registry"])
+    if reg_address != head["registry"]:
+        problems.append(f"the file names registry {head['registry']}, not {reg_address}")
+    reg = Registry(w3, reg_address)
+    reg.check_deployed()
+    if to_checksum_address(reg.ledger_address()) != ledger.address:
+        problems.append(f"registry {reg.address} is not the one of ledger {ledger.address}")
+    problems += _grant_problems(reg, node, recipient, role)
+    checked.append(f"the grant of {role!r} by {node} to {recipient} on registry {reg.address}")
+
+    counts = {"periods": 0, "readings": 0, "readings_on_chain": 0}
+    seqs: list[int] = [int(m["seq"]) for m in data.get("missing") or []]
+    for i, period in enumerate(data["periods"]):
+        counts["periods"] += 1
+        try:
+            where, c, found = _check_period(period, head, ledger, every_reading_on_chain)
+        except (KeyError, TypeError, ValueError, DaiseeError) as exc:
+            problems.append(f"period {i + 1}: malformed ({exc})")
+            continue
+        seqs.append(c.seq)
+        counts["readings"] += found["readings"]
+        counts["readings_on_chain"] += found["on_chain"]
+        problems += [f"{where}: {p}" for p in found["problems"]]
+    seqs.sort()
+    for a, b in itertools.pairwise(seqs):
+        if b == a:
+            problems.append(f"period seq {a} appears twice")
+        elif b != a + 1:
+            problems.append(f"periods seq {a + 1}..{b - 1} are neither exported nor listed missing")
+    if role != "own":
+        try:
+            want: dict[str, int] | None = _totals(data["periods"])
+        except (KeyError, TypeError, ValueError):
+            want = None
+        if want is None or data.get("totals") != want:
+            problems.append("the totals are not the sum of the periods' commitments")
+    checked.append(f"{counts['periods']} commitments against the ledger {ledger.address}")
+    if role == "own":
+        checked.append(
+            f"{counts['readings']} readings' proofs against their commitments' roots "
+            f"({counts['readings_on_chain']} of them by the ledger's verifyReading)"
+        )
+    return {
+        "valid": not problems,
+        "problems": problems,
+        "checked": checked,
+        "node": node,
+        "role": role,
+        "recipient": recipient,
+        "from_ms": head["from_ms"],
+        "to_ms": head["to_ms"],
+        **counts,
+        "missing": len(data.get("missing") or []),
+    }
+
+
+def _head(data: dict[str, Any]) -> dict[str, Any]:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+    if data["role"] not in ROLES:
+        raise ValueError(f"no role {data['role']!r}")
+    for key in ("node", "recipient", "ledger", "registry"):
+        if not is_address(data[key]):
+            raise ValueError(f"{key} is not an address")
+    if not isinstance(data["periods"], list):
+        raise ValueError("periods is not a list")
+    channels = data.get("channels")
+    if channels is not None and not (
+        isinstance(channels, list) and all(isinstance(c, str) for c in channels)
+    ):
+        raise ValueError("channels is neither null nor a list of names")
+    return {
+        "role": data["role"],
+        "node": to_checksum_address(data["node"]),
+        "recipient": to_checksum_address(data["recipient"]),
+        "ledger": to_checksum_address(data["ledger"]),
+        "registry": to_checksum_address(data["registry"]),
+        "chain_id": int(data["chain_id"]),
+        "from_ms": int(data["from_ms"]),
+        "to_ms": int(data["to_ms"]),
+        "channels": channels,
+    }
+
+
+def _grant_problems(reg: Registry, node: str, recipient: str, role: str) -> list[str]:
+    """Nothing when the grant is in force now; else why not (revoked, ended, never made)."""
+    from daisee_node.ledger.proofs import human_time
+
+    if reg.grant_in_force(node, recipient, role):
+        return []
+    grant = reg.grant_until(node, recipient, role)
+    what = f"the grant of {role!r} by {node} to {recipient}"
+    if grant.until_ms:
+        return [f"{what} ended at {human_time(grant.until_ms)}"]
+    revoked = reg.contract.events.Revoked().get_logs(
+        argument_filters={"member": node, "recipient": recipient}, from_block=0
+    )
+    from daisee_node.community.registry import ROLES as ROLE_NUMBERS
+
+    if any(ev["args"]["role"] == ROLE_NUMBERS[role] for ev in revoked):
+        return [f"{what} was revoked (block {revoked[-1]['blockNumber']})"]
+    return [f"{what} was never made"]
+
+
+def _check_period(
+    period: dict[str, Any],
+    head: dict[str, Any],
+    ledger: chainlib.Ledger,
+    every_reading_on_chain: bool,
+) -> tuple[str, Commitment, dict[str, Any]]:
+    """(where, commitment, what was found) for one exported period."""
+    from daisee_node.ledger.commitment import Commitment
+
+    c = Commitment.from_json(period["commitment"])
+    batch = [bytes.fromhex(p.removeprefix("0x")) for p in period["batch_proof"]]
+    where = f"period seq {c.seq}"
+    problems = []
+    if to_checksum_address(c.node) != head["node"]:
+        problems.append(f"the commitment is {c.node}'s, not the node's")
+    if c.t1 <= head["from_ms"] or c.t0 >= head["to_ms"]:
+        problems.append("the period lies outside the exported range")
+    if not ledger.verify_commitment(c, batch):
+        problems.append("the ledger did not record this commitment (or not with this proof)")
+    found = {"problems": problems, "readings": 0, "on_chain": 0}
+    if head["role"] != "own":
+        if "readings" in period:
+            problems.append(f"readings in a {head['role']!r} export")
+        return where, c, found
+    _check_readings(period, head, c, batch, ledger, every_reading_on_chain, found)
+    return where, c, found
+
+
+def _check_readings(
+    period: dict[str, Any],
+    head: dict[str, Any],
+    c: Commitment,
+    batch: list[bytes],
+    ledger: chainlib.Ledger,
+    every_reading_on_chain: bool,
+    found: dict[str, Any],
+) -> None:
+    """Each reading's proof against the commitment's root (locally: the ledger's own leaf and
+    sorted-pair hashing; on chain for the first one, or all with `every_reading_on_chain`), and
+    a complete period's readings (and report) against the commitment's count."""
+    from daisee_node.conformity import digest, report_leaf
+    from daisee_node.ledger import merkle
+
+    problems: list[str] = found["problems"]
+    node_bytes = bytes.fromhex(head["node"][2:])
+    lo, hi = max(c.t0, head["from_ms"]), min(c.t1, head["to_ms"])
+    seen: set[bytes] = set()
+    for r in period["readings"]:
+        found["readings"] += 1
+        reading = (
+            bytes.fromhex(r["channel_id"].removeprefix("0x")),
+            int(r["t_ms"]),
+            int(r["value_micro"]),
+            int(r["quality"]),
+        )
+        proof = [bytes.fromhex(p.removeprefix("0x")) for p in r["proof"]]
+        at = f"reading {r['channel']} at {reading[1]}"
+        if merkle.channel_id(str(r["channel"])) != reading[0]:
+            problems.append(f"{at}: channel name does not match channel_id")
+        if r.get("value") is not None and merkle.value_micro(float(r["value"])) != reading[2]:
+            problems.append(f"{at}: value does not match value_micro")
+        if not lo <= reading[1] < hi:
+            problems.append(f"{at}: outside the exported range")
+        if head["channels"] and r["channel"] not in head["channels"]:
+            problems.append(f"{at}: a channel the export does not name")
+        leaf = merkle.reading_leaf(node_bytes, *reading)
+        if leaf in seen:
+            problems.append(f"{at}: exported twice")
+        seen.add(leaf)
+        if not merkle.verify(proof, c.root, leaf):
+            problems.append(f"{at}: not a leaf of the commitment's root (value or proof altered)")
+        elif every_reading_on_chain or found["on_chain"] == 0:
+            found["on_chain"] += 1
+            if not ledger.verify_reading(c, batch, reading, proof):
+                problems.append(f"{at}: the ledger does not accept this reading and proof")
+    report = period.get("report")
+    if report is not None:
+        leaf = report_leaf(node_bytes, c.t1, digest(report["body"]))
+        proof = [bytes.fromhex(p.removeprefix("0x")) for p in report["proof"]]
+        if not merkle.verify(proof, c.root, leaf):
+            problems.append("the conformity report is not the one the commitment holds")
+    if period.get("complete"):
+        if head["channels"] or head["from_ms"] > c.t0 or c.t1 > head["to_ms"]:
+            problems.append("marked complete, but the export covers only part of it")
+        # `count` is the period's readings; a conformity report's leaf is not one of them
+        if len(seen) != c.count:
+            problems.append(f"{len(seen)} readings exported of the {c.count} the commitment counts")
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def time_arg(text: str) -> int:
+    """`--from` / `--to` / `--until`: ms since the epoch, or ISO 8601 with its zone."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give an ISO time with its zone or ms since the epoch"
+        ) from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
+    return int(when.timestamp() * 1000)
+
+
+def address_arg(text: str) -> str:
+    if not is_address(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (0x and 40 hex digits)")
+    return to_checksum_address(text)
+
+
+def add_parser(sub: Any, default_config: Path) -> None:
+    """Register `export`, `verify-export`, `grant` and `revoke` on the main parser's
+    subparsers."""
+
+    def node_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=default_config,
+            help=f"the node's config (default {default_config})",
+        )
+        p.add_argument(
+            "--registry", type=address_arg, required=True, help="the community registry's address"
+        )
+        p.add_argument("--role", choices=ROLES, required=True, help="the data role")
+        p.add_argument("--recipient", type=address_arg, required=True, help="who receives it")
+
+    export = sub.add_parser(
+        "export",
+        help="export this node's data to a recipient it granted, signed and with proofs",
+        description="Write this node's data of [--from, --to) for a recipient holding a grant in "
+        "force on the community registry: role own = every reading with its Merkle proof; "
+        "supplier and grid = each period's import and export totals. Each period comes with "
+        "its commitment and batch proof; the node signs the file. Refused (exit 1) without a "
+        "grant in force.",
+    )
+    node_options(export)
+    export.add_argument("--from", dest="from_ms", type=time_arg, required=True, help="start")
+    export.add_argument("--to", dest="to_ms", type=time_arg, required=True, help="end (excluded)")
+    export.add_argument(
+        "--channel", action="append", default=None, help="own: only this channel (repeatable)"
+    )
+    export.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    export.set_defaults(func=cmd_export)
+
+    verify = sub.add_parser(
+        "verify-export",
+        help="check an export file against the chain: signature, proofs, grant",
+        description="Check an export: the node's signature, each commitment against the ledger, "
+        "each reading's proof against its commitment, complete periods against their counts, "
+        "and that the grant is in force now. Exit 0 when valid, 1 with every problem listed.",
+    )
+    verify.add_argument("file", type=Path, help="the export file")
+    verify.add_argument("--rpc", required=True, help="a JSON-RPC URL of the chain")
+    verify.add_argument(
+        "--registry", type=address_arg, default=None, help="the registry (default: the file's)"
+    )
+    verify.add_argument(
+        "--every-reading-on-chain",
+        action="store_true",
+        help="ask the ledger's verifyReading for every reading, not only one per period",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=cmd_verify_export)
+
+    grant = sub.add_parser(
+        "grant", help="grant a recipient a data role of this node until a time, on chain"
+    )
+    node_options(grant)
+    grant.add_argument("--until", type=time_arg, required=True, help="end of the grant")
+    grant.set_defaults(func=cmd_grant)
+    revoke = sub.add_parser("revoke", help="revoke this node's grant of a data role, at once")
+    node_options(revoke)
+    revoke.set_defaults(func=cmd_revoke)
+
+
+def _node(args: argparse.Namespace) -> tuple[Config, LocalAccount]:
+    from daisee_node.config import load_config
+    from daisee_node.ledger.keys import load_account
+
+    config = load_config(args.config)
+    if config.chain is None:
+        raise DaiseeError(f"{args.config} has no [chain] section: this node commits nothing")
+    chain = config.chain
+    account = load_account(
+        chain.keystore_path(config.data_dir), chain.password_path(config.data_dir)
+    )
+    return config, account
+
+
+def _registry(config: Config, address: str) -> Registry:
+    from daisee_node.community.registry import Registry
+    from daisee_node.ledger import chain as chainlib
+
+    assert config.chain is not None
+    reg = Registry(chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s), address)
+    reg.check_deployed()
+    return reg
+
+
+@chain_errors
+def cmd_export(args: argparse.Namespace) -> int:
+    config, account = _node(args)
+    data = asyncio.run(
+        build_export(
+            config,
+            account,
+            role=args.role,
+            recipient=args.recipient,
+            from_ms=args.from_ms,
+            to_ms=args.to_ms,
+            registry=args.registry,
+            channels=args.channel,
+        )
+    )
+    args.output.write_text(json.dumps(data, indent=1) + "\n")
+    n = sum(len(p.get("readings", ())) for p in data["periods"])
+    print(
+        json.dumps(
+            {
+                "file": str(args.output),
+                "role": data["role"],
+                "recipient": data["recipient"],
+                "periods": len(data["periods"]),
+                "readings": n,
+                "missing": len(data["missing"]),
+            }
+        )
+    )
+    return EXIT_OK
+
+
+@chain_errors
+def cmd_verify_export(args: argparse.Namespace) -> int:
+    from daisee_node import safejson
+
+    try:
+        data = safejson.loads(args.file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DaiseeError(f"cannot read the export {args.file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DaiseeError(f"{args.file} is not an export file")
+    from daisee_node.ledger import chain as chainlib
+
+    result = verify_export(
+        data,
+        chainlib.connect(args.rpc),
+        registry=args.registry,
+        every_reading_on_chain=args.every_reading_on_chain,
+    )
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("checked:")
+        print("\n".join(f"  {line}" for line in result["checked"]))
+        if result["problems"]:
+            print("problems:")
+            print("\n".join(f"  {line}" for line in result["problems"]))
+        print("VALID" if result["valid"] else "INVALID")
+    return EXIT_OK if result["valid"] else EXIT_INVALID
+
+
+@chain_errors
+def cmd_grant(args: argparse.Namespace) -> int:
+    config, account = _node(args)
+    grant = _registry(config, args.registry).grant(account, args.recipient, args.role, args.until)
+    print(json.dumps(dataclasses.asdict(grant)))
+    return EXIT_OK
+
+
+@chain_errors
+def cmd_revoke(args: argparse.Namespace) -> int:
+    config, account = _node(args)
+    _registry(config, args.registry).revoke(account, args.recipient, args.role)
+    print(
+        json.dumps({"revoked": args.role, "recipient": args.recipient, "member": account.address})
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m daisee_node.export COMMAND …`: the commands on their own."""
+    import sys
+
+    from daisee_node.errors import ConfigError
+    from daisee_node.paths import DEFAULT_CONFIG_PATH
+
+    parser = argparse.ArgumentParser(prog="daisee-node")
+    add_parser(parser.add_subparsers(required=True), DEFAULT_CONFIG_PATH)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except DaiseeError as exc:
+        print(f"daisee-node: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
