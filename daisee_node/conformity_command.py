@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,12 @@ async def show(
     from daisee_node.conformity import digest
     from daisee_node.ledger.keys import keystore_address
     from daisee_node.ledger.outbox import Outbox
-    from daisee_node.ledger.proofs import build_report_proof, check_proof, parse_proof
+    from daisee_node.ledger.proofs import (
+        build_report_proof,
+        check_proof,
+        parse_proof,
+        salt_secret_of,
+    )
     from daisee_node.store import Store, db_path
 
     assert config.chain is not None
@@ -140,7 +146,7 @@ async def show(
                 "make reports then)"
             )
         report = stored.report()
-        signed, why = await _signed(store, node, entry, stored.digest)
+        signed, why = await _signed(store, node, entry, salt_secret_of(config))
         since = await _since_sealing(store, c.t0, c.t1, c.count)
         proof = None
         if prove:
@@ -198,12 +204,12 @@ async def _entry(store: Store, outbox: Outbox, node: str, period: tuple[str, int
     )
 
 
-async def _signed(store: Store, node: str, entry: Entry, d: bytes) -> tuple[bool, str]:
+async def _signed(store: Store, node: str, entry: Entry, secret: bytes | None) -> tuple[bool, str]:
     """Whether the report's leaf and the buffer's readings give the root the node signed."""
     from daisee_node.ledger.proofs import period_tree
 
     try:
-        await period_tree(store, node, entry)
+        await period_tree(store, node, entry, secret)
     except DaiseeError as exc:
         return False, str(exc)
     return True, "the report's digest and the buffer's readings give the signed root"
@@ -293,7 +299,7 @@ def _table_of_channels(report: dict[str, Any]) -> str:
     return "\n".join(_table(rows))
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 

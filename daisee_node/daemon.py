@@ -111,6 +111,8 @@ class Node:
             from daisee_node.conformity import attach
 
             attach(self)  # each sealed period gets its signed conformity report
+            # salted leaves: a proof this node gives reveals no other reading (ledger/merkle.py)
+            self.ledger.sealer.salted = True
         self.bus.filters.append(self._flag_late)
         #: the declared peers' messages (None: the config declares no peers)
         self.peers: PeerInbox | None = None

@@ -159,6 +159,7 @@ async def build_export(
     """The signed export of the node's data in [from_ms, to_ms) for `recipient` as `role`."""
     from daisee_node.community.registry import Registry
     from daisee_node.ledger import chain as chainlib
+    from daisee_node.ledger import merkle
     from daisee_node.ledger.proofs import _channel_exists, _embedded_ledger
     from daisee_node.store import Store, db_path
 
@@ -186,7 +187,14 @@ async def build_export(
         for name in channels or []:
             await _channel_exists(store, name)  # a misspelt name is refused, not exported empty
         periods, missing = await _periods(
-            store, ledger, node, role, from_ms, to_ms, sorted(set(channels or []))
+            store,
+            ledger,
+            node,
+            role,
+            from_ms,
+            to_ms,
+            sorted(set(channels or [])),
+            merkle.salt_secret(bytes(account.key)),
         )
     finally:
         await store.close()
@@ -227,8 +235,10 @@ async def _periods(
     from_ms: int,
     to_ms: int,
     channels: list[str],
+    secret: bytes | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The exported periods, and those of the range not (yet) on chain."""
+    """The exported periods, and those of the range not (yet) on chain (`secret`: the node's
+    salt secret, for periods sealed over salted leaves)."""
     from daisee_node.ledger.outbox import CONFIRMED, INCLUDED, Outbox
 
     outbox = Outbox(store)
@@ -254,7 +264,9 @@ async def _periods(
             "batch_proof": _hex(proofs.proof(entry.tx_hash, c.struct_hash())),
         }
         if role == "own":
-            period.update(await _own_data(store, outbox, node, entry, from_ms, to_ms, channels))
+            period.update(
+                await _own_data(store, outbox, node, entry, from_ms, to_ms, channels, secret)
+            )
         periods.append(period)
     return periods, missing
 
@@ -267,6 +279,7 @@ async def _own_data(
     from_ms: int,
     to_ms: int,
     channels: list[str],
+    secret: bytes | None,
 ) -> dict[str, Any]:
     """A period's readings in range, each with its proof, from one tree built for the period;
     and its conformity report with the proof of its leaf."""
@@ -275,8 +288,7 @@ async def _own_data(
     from daisee_node.ledger.proofs import period_tree
 
     c = entry.commitment
-    leaves, tree = await period_tree(store, node, entry)
-    index = {leaf: i for i, leaf in enumerate(leaves)}
+    tree = await period_tree(store, node, entry, secret)
     lo, hi = max(c.t0, from_ms), min(c.t1, to_ms)
     sql = (
         "SELECT r.t_ms, ch.name, r.value, r.quality FROM readings r JOIN channels ch "
@@ -300,7 +312,7 @@ async def _own_data(
                 "value": value,
                 "value_micro": micro,
                 "quality": quality,
-                "proof": _hex(merkle.proof(tree, index[leaf])),
+                "proof": _hex(tree.proof(leaf)),
             }
         )
     out: dict[str, Any] = {
@@ -311,7 +323,7 @@ async def _own_data(
     stored = await outbox.report(node, c.seq)
     if stored is not None:
         leaf = report_leaf(node_bytes, c.t1, stored.digest)
-        out["report"] = {"body": stored.report(), "proof": _hex(merkle.proof(tree, index[leaf]))}
+        out["report"] = {"body": stored.report(), "proof": _hex(tree.proof(leaf))}
     return out
 
 

@@ -4,6 +4,15 @@ A leaf is `keccak256(abi.encode(node, channel_id, t_ms, value_micro, quality))`,
 by `(t_ms, channel_id)`, and pairs are hashed sorted (OpenZeppelin's `MerkleProof` convention).
 Neighbours are paired level by level; an odd node at the end of a level moves up unchanged, so
 its proof simply has no sibling at that level.
+
+Salted leaves. A proof hands its holder the sibling hashes on the way to the root, and a sibling
+that is a plain leaf can be brute-forced when its reading is guessable (the house's load at the
+same millisecond as a line reading proven in public, a flat night). So a node's tree is built
+over `hash_pair(leaf, salt)`, the salt `keccak(secret ‖ leaf)` from a secret derived from the
+node key: every sibling a proof reveals hides a 256-bit value nobody else can compute. A proof of
+one reading starts with that reading's own salt, as its first sibling: the ledger contract's
+`verifyReading` folds it like any other, so the contract is unchanged, and no reading is revealed
+that the node did not give.
 """
 
 from __future__ import annotations
@@ -96,6 +105,34 @@ def packed_root(packed: bytes | bytearray, pause: Callable[[], None] = no_pause)
         level = bytes(nxt)
         n = len(level) // 32
     return level
+
+
+#: keeps the salt secret of a node apart from anything else its key ever hashes
+SALT_DOMAIN = b"daisee-node leaf salt v1"
+
+
+def salt_secret(private_key: bytes) -> bytes:
+    """The node's salt secret, derived from its private key (no second secret to keep)."""
+    return keccak(SALT_DOMAIN + private_key)
+
+
+def leaf_salt(secret: bytes, leaf: bytes) -> bytes:
+    """The salt of one leaf: only its node can make it, and it is given with the reading."""
+    return keccak(secret + leaf)
+
+
+def salt_packed(
+    packed: bytes | bytearray, secret: bytes, pause: Callable[[], None] = no_pause
+) -> bytes:
+    """Leaves given end to end (32 bytes each), each replaced by `hash_pair(leaf, salt)`."""
+    out = bytearray()
+    n = len(packed) // 32
+    for start in range(0, n, 2 * PAUSE_EVERY):
+        for i in range(start, min(n, start + 2 * PAUSE_EVERY)):
+            leaf = bytes(packed[32 * i : 32 * i + 32])
+            out += hash_pair(leaf, keccak(secret + leaf))
+        pause()
+    return bytes(out)
 
 
 def proof(tree: list[list[bytes]], index: int) -> list[bytes]:

@@ -366,8 +366,13 @@ class Sealer:
         clock: Clock,
         capacity_w: int = DEFAULT_CAPACITY_W,
         conformity: ConformitySpec | None = None,
+        salted: bool = False,
     ) -> None:
         self.store = store
+        #: build each period's tree over salted leaves (`merkle.salt_packed`), with the secret
+        #: the node key gives; what the node runs (a period sealed before its key is unlocked
+        #: is not salted, and `proofs.period_tree` proves either kind)
+        self.salted = salted
         self.outbox = outbox
         #: the key commitments are signed with; the ledger may set it after the node is up
         #: (decrypting it loads eth-account: slow, and not needed to start sampling)
@@ -517,12 +522,19 @@ class Sealer:
         turns = LoopTurns(asyncio.get_running_loop())
         node = self._node_bytes
         spec = self.conformity
+        secret = None
+        if self.salted and self.account is not None:
+            secret = merkle.salt_secret(bytes(self.account.key))
+
+        def salt(packed: bytes) -> bytes:
+            return packed if secret is None else merkle.salt_packed(packed, secret, turns)
+
         context = None if spec is None else await self._report_context(seq, t0, t1)
         checks: list[PeriodCheck] = []
 
         def tree(chunks: Iterable[Sequence[tuple[Any, ...]]]) -> tuple[bytes, int]:
             if spec is None or context is None:
-                packed = packed_leaves(node, chunks, turns)
+                packed = salt(packed_leaves(node, chunks, turns))
                 return merkle.packed_root(packed, turns), len(packed) // 32
             from daisee_node.conformity import PeriodCheck
 
@@ -530,7 +542,7 @@ class Sealer:
             check = PeriodCheck(spec, context, turns)
             checks[:] = [check]
             packed = packed_leaves(node, check.observe(chunks), turns, extra=check.leaf_entry)
-            return merkle.packed_root(packed, turns), len(packed) // 32 - 1
+            return merkle.packed_root(salt(packed), turns), len(packed) // 32 - 1
 
         tree_root, count = await self._in_worker(PERIOD_ROWS_SQL, (t0, t1), tree, turns)
         report = None

@@ -12,7 +12,7 @@ such a proof also checks that the report it carries is the one whose digest the 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,14 +100,13 @@ async def build_proof(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
             )
         c = entry.commitment
-        leaves, tree = await period_tree(store, node, entry)
+        tree = await period_tree(store, node, entry, salt_secret_of(config))
     finally:
         await store.close()
     node_bytes = bytes.fromhex(node[2:])
     cid = merkle.channel_id(channel)
     micro = merkle.value_micro(value)
     leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
-    index = leaves.index(leaf)
     ledger, batch_proof = _batch_proof(config, entry, keep_in)
     return {
         "node": node,
@@ -117,7 +116,7 @@ async def build_proof(
         "value": value,
         "value_micro": micro,
         "quality": quality,
-        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
+        "proof": ["0x" + p.hex() for p in tree.proof(leaf)],
         "commitment": c.to_json(),
         "tx": "0x" + entry.tx_hash.hex(),
         "batch_proof": ["0x" + p.hex() for p in batch_proof],
@@ -126,11 +125,47 @@ async def build_proof(
     }
 
 
+@dataclass
+class PeriodTree:
+    """A sealed period's tree, rebuilt: its leaves (as the ledger computes them from readings),
+    its levels, and the salt secret when the tree is over salted leaves."""
+
+    leaves: list[bytes]
+    tree: list[list[bytes]]
+    secret: bytes | None
+    _index: dict[bytes, int] = field(default_factory=dict, repr=False)
+
+    def proof(self, leaf: bytes) -> list[bytes]:
+        """The proof of `leaf`: its salt first when salted, then the siblings to the root."""
+        if not self._index:  # built once: an export proves every reading of a period
+            self._index.update((x, i) for i, x in enumerate(self.leaves))
+        path = merkle.proof(self.tree, self._index[leaf])
+        return path if self.secret is None else [merkle.leaf_salt(self.secret, leaf), *path]
+
+
+def salt_secret_of(config: Config) -> bytes | None:
+    """The node's salt secret, from its key (None when the key cannot be unlocked here: then
+    only periods sealed without salt can be proven)."""
+    from daisee_node.ledger.keys import KeyStoreError, load_account
+
+    chain = config.chain
+    if chain is None:
+        return None
+    try:
+        account = load_account(
+            chain.keystore_path(config.data_dir), chain.password_path(config.data_dir)
+        )
+    except (KeyStoreError, DaiseeError, OSError, ValueError):
+        return None
+    return merkle.salt_secret(bytes(account.key))
+
+
 async def period_tree(
-    store: Store, node: str, entry: Entry
-) -> tuple[list[bytes], list[list[bytes]]]:
-    """The leaves and the levels of a sealed period's Merkle tree, rebuilt from the buffer (and
-    the conformity report sealed with it), checked against the commitment's root."""
+    store: Store, node: str, entry: Entry, secret: bytes | None = None
+) -> PeriodTree:
+    """A sealed period's Merkle tree, rebuilt from the buffer (and the conformity report sealed
+    with it) and checked against the commitment's root: over salted leaves with `secret` when
+    that gives the root, else over plain ones (periods sealed before salting)."""
     from daisee_node.conformity import leaf_entry
     from daisee_node.ledger.outbox import Outbox, period_leaves
 
@@ -143,10 +178,18 @@ async def period_tree(
     report = await Outbox(store).report(node, c.seq)
     extra = None if report is None else leaf_entry(c.t1, report.digest)
     leaves = period_leaves(bytes.fromhex(node[2:]), period, extra=extra)
+    if secret is not None:
+        salted = merkle.salt_packed(b"".join(leaves), secret)
+        tree = merkle.levels([salted[i : i + 32] for i in range(0, len(salted), 32)])
+        if tree[-1][0] == c.root:
+            return PeriodTree(leaves, tree, secret)
     tree = merkle.levels(leaves)  # built once: it gives both the root and the proofs
     if tree[-1][0] != c.root:
-        raise DaiseeError(f"the buffer no longer matches commitment {c.seq} (readings removed?)")
-    return leaves, tree
+        hint = "" if secret is not None else " or the node key is needed to prove its salted leaves"
+        raise DaiseeError(
+            f"the buffer no longer matches commitment {c.seq} (readings removed?{hint})"
+        )
+    return PeriodTree(leaves, tree, None)
 
 
 def _batch_proof(
@@ -176,9 +219,9 @@ async def build_report_proof(
         raise DaiseeError(f"period seq {c.seq} was sealed without a conformity report")
     if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
         raise DaiseeError(f"that period (seq {c.seq}) is {entry.state}, not on the chain yet")
-    leaves, tree = await period_tree(store, node, entry)
+    tree = await period_tree(store, node, entry, salt_secret_of(config))
     t_ms, _, micro, quality = leaf_entry(c.t1, report.digest)
-    index = leaves.index(report_leaf(bytes.fromhex(node[2:]), c.t1, report.digest))
+    leaf = report_leaf(bytes.fromhex(node[2:]), c.t1, report.digest)
     ledger, batch_proof = _batch_proof(config, entry, keep_in)
     return {
         "node": node,
@@ -188,7 +231,7 @@ async def build_report_proof(
         "value": None,
         "value_micro": micro,
         "quality": quality,
-        "proof": ["0x" + p.hex() for p in merkle.proof(tree, index)],
+        "proof": ["0x" + p.hex() for p in tree.proof(leaf)],
         "commitment": c.to_json(),
         "tx": "0x" + entry.tx_hash.hex(),
         "batch_proof": ["0x" + p.hex() for p in batch_proof],

@@ -11,7 +11,7 @@ from daisee_node.config import load_config
 from daisee_node.conformity import leaf_entry
 from daisee_node.daemon import Node
 from daisee_node.ledger import merkle
-from daisee_node.ledger.keys import keystore_address, new_keystore
+from daisee_node.ledger.keys import keystore_address, load_account, new_keystore
 from daisee_node.ledger.outbox import period_leaves
 from tests.conftest import sim_sensors, write_config
 
@@ -79,6 +79,8 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
     assert head.registered and head.seq >= 3
 
     db = sqlite3.connect(tmp_path / "data/node.db")
+    account = load_account(tmp_path / "data/node-key.json", tmp_path / "data/node-key.pass")
+    secret = merkle.salt_secret(bytes(account.key))
     node_bytes = bytes.fromhex(svc.address[2:])
     total_export = 0
     prev = b"\0" * 32
@@ -93,26 +95,35 @@ async def test_periods_are_sealed_committed_confirmed_and_provable(tmp_path: Pat
             "ON c.id = r.channel_id WHERE r.t_ms >= ? AND r.t_ms < ?",
             (c.t0, c.t1),
         ).fetchall()
-        # the root covers exactly the period's readings, as stored, and its conformity report
+        # the root covers exactly the period's readings, as stored, and its conformity report,
+        # each leaf salted with the node's secret: the plain leaves do not give it
         report = await svc.outbox.report(svc.address, seq)
         assert report is not None
         extra = leaf_entry(c.t1, report.digest)
         assert c.count == len(rows) > 0
-        assert merkle.root(period_leaves(node_bytes, rows, extra=extra)) == c.root
+        leaves = period_leaves(node_bytes, rows, extra=extra)
+        packed = merkle.salt_packed(b"".join(leaves), secret)
+        salted = [packed[i : i + 32] for i in range(0, len(packed), 32)]
+        assert merkle.root(salted) == c.root != merkle.root(leaves)
         total_export += c.export_wh
 
-        # and one reading of it proves against the chain; a tampered one does not
-        leaves = period_leaves(node_bytes, rows, extra=extra)
+        # and one reading of it proves against the chain, its salt first; a tampered one does
+        # not, nor one without its salt
         ordered = sorted(rows, key=lambda r: (r[0], merkle.channel_id(r[1])))
         t, name, value, q = ordered[len(ordered) // 2]
         reading = (merkle.channel_id(name), t, merkle.value_micro(value), q)
-        i = leaves.index(merkle.reading_leaf(node_bytes, *reading))
-        proof = merkle.proof(merkle.levels(leaves), i)
+        leaf = merkle.reading_leaf(node_bytes, *reading)
+        i = leaves.index(leaf)
+        proof = [merkle.leaf_salt(secret, leaf), *merkle.proof(merkle.levels(salted), i)]
         assert entry.tx_hash is not None
         batch_proof = ledger.batch_proof(entry.tx_hash, c.struct_hash())
         assert ledger.verify_reading(c, batch_proof, reading, proof)
         forged = (reading[0], t, reading[2] + 1, q)
         assert not ledger.verify_reading(c, batch_proof, forged, proof)
+        assert not ledger.verify_reading(c, batch_proof, reading, proof[1:])
+        # what the proof shows of the neighbour is its salted leaf, never its plain one
+        neighbour = leaves[i ^ 1] if (i ^ 1) < len(leaves) else None
+        assert neighbour is None or neighbour not in proof
 
     # credits follow the committed export: a coin per 1000 Wh, 18 decimals
     for seq in range(4, head.seq + 1):
