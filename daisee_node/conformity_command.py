@@ -302,27 +302,3 @@ def _table_of_channels(report: dict[str, Any]) -> str:
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m daisee_node.conformity_command …`: the command on its own."""
-    import sys
-
-    from daisee_node.errors import ConfigError
-    from daisee_node.paths import DEFAULT_CONFIG_PATH
-
-    parser = argparse.ArgumentParser(prog="daisee-node")
-    add_parser(parser.add_subparsers(), DEFAULT_CONFIG_PATH)
-    args = parser.parse_args(["conformity", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
-    except DaiseeError as exc:
-        print(f"daisee-node: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

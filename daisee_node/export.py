@@ -747,27 +747,3 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         json.dumps({"revoked": args.role, "recipient": args.recipient, "member": account.address})
     )
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m daisee_node.export COMMAND …`: the commands on their own."""
-    import sys
-
-    from daisee_node.errors import ConfigError
-    from daisee_node.paths import DEFAULT_CONFIG_PATH
-
-    parser = argparse.ArgumentParser(prog="daisee-node")
-    add_parser(parser.add_subparsers(required=True), DEFAULT_CONFIG_PATH)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return 2
-    except DaiseeError as exc:
-        print(f"daisee-node: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -81,9 +81,9 @@ def node(tmp_path: Path, anvil: Any) -> Iterator[tuple[Path, subprocess.Popen[by
                 proc.wait(5)
 
 
-def cli(*args: str, module: str = "daisee_node") -> subprocess.CompletedProcess[str]:
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-m", "daisee_node", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -109,6 +109,7 @@ def test_the_committed_digest_is_the_shown_reports_and_a_tampered_report_fails(
     seq = wait_for(confirmed_with_report, timeout=90, every=0.2)
     proof_file = tmp_path / "report-proof.json"
     shown = cli(
+        "conformity",
         "-c",
         str(config),
         "--period",
@@ -117,7 +118,6 @@ def test_the_committed_digest_is_the_shown_reports_and_a_tampered_report_fails(
         "--json",
         "-o",
         str(proof_file),
-        module="daisee_node.conformity_command",
     )
     assert shown.returncode in (0, 1), shown.stderr
     result = json.loads(shown.stdout)

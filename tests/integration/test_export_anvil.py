@@ -49,7 +49,7 @@ sys.exit(main(["run", "-c", sys.argv[1]]))
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daisee_node.export", *args],
+        [sys.executable, "-m", "daisee_node", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from daisee_node import conformity_command
+from daisee_node import cli
 from daisee_node.conformity import (
     REPORT_CHANNEL_ID,
     ConformitySpec,
@@ -183,7 +183,7 @@ async def test_the_command_shows_the_signed_report_and_notices_a_changed_one(
     await store.flush()
 
     def run(*args: str) -> tuple[int, str]:
-        code = conformity_command.main(["-c", str(config), *args])
+        code = cli.main(["conformity", "-c", str(config), *args])
         out, err = capsys.readouterr()
         return code, out + err
 
