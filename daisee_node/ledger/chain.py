@@ -7,6 +7,7 @@ or unreachable chain never stalls sampling or rules.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
+import requests
 from eth_account.signers.local import LocalAccount
+from eth_typing import URI
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
@@ -25,11 +28,13 @@ from web3.exceptions import Web3RPCError
 from web3.logs import DISCARD
 from web3.middleware import ExtraDataToPOAMiddleware
 from web3.middleware.base import Web3Middleware
-from web3.types import BlockIdentifier, TxParams
+from web3.providers.rpc import HTTPProvider
+from web3.types import BlockIdentifier, RPCEndpoint, RPCResponse, TxParams
 
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger import embedded, merkle
 from daisee_node.ledger.commitment import DEFAULT_CAPACITY_W, Commitment
+from daisee_node.logs import get_logger
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 EMBEDDED = "embedded"
@@ -87,13 +92,123 @@ class RetryStateRace(Web3Middleware):
         return middleware
 
 
-def connect(rpc_url: str, timeout_s: float = 10.0, *, keep_in: Path | None = None) -> Web3:
+class FailoverHTTPProvider(HTTPProvider):
+    """JSON-RPC over HTTP to the node's own chain node (the first URL), falling over to the
+    next URL that answers while it is down, and back to it once it is up and caught up.
+
+    Only "no answer" moves to another endpoint (connection refused or reset, a timeout, an HTTP
+    server error); a JSON-RPC error is the node's answer and is returned as it is. A sent
+    transaction whose answer timed out may have arrived: it is not sent again elsewhere (the
+    submitter follows it by its hash). Requests go out on several threads, so the endpoint is
+    chosen per request and nothing about it is kept in the shared session.
+    """
+
+    #: while on a fallback, the own node is tried again at most this often (s)
+    RECHECK_S = 5.0
+
+    def __init__(self, urls: list[str], timeout_s: float = 10.0) -> None:
+        if not urls:
+            raise ValueError("at least one JSON-RPC URL is needed")
+        # One attempt per endpoint: the next endpoint is the retry.
+        super().__init__(
+            urls[0], request_kwargs={"timeout": timeout_s}, exception_retry_configuration=None
+        )
+        self.urls = list(urls)
+        self.active = 0
+        self.log = get_logger("ledger")
+        self._lock = threading.Lock()
+        self._recheck_at = 0.0
+        self._head_seen = 0
+
+    def __str__(self) -> str:
+        return f"RPC connection {self.urls[self.active]} (of {len(self.urls)})"
+
+    def _post(self, url: str, method: RPCEndpoint, params: Any) -> RPCResponse:
+        data = self.encode_rpc_request(method, params)
+        raw = self._request_session_manager.make_post_request(
+            URI(url), data, **self.get_request_kwargs()
+        )
+        return self.decode_rpc_response(raw)
+
+    def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        if self.active != 0 and time.monotonic() >= self._recheck_at:
+            self._try_own()
+        active = self.active
+        order = [active] + [i for i in range(len(self.urls)) if i != active]
+        failure: Exception | None = None
+        for i in order:
+            try:
+                response = self._post(self.urls[i], method, params)
+            except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as exc:
+                if method == "eth_sendRawTransaction" and isinstance(exc, requests.ReadTimeout):
+                    raise  # it may have arrived: never broadcast twice from here
+                failure = failure or exc
+                continue
+            if i != active:
+                self._switch(active, i, failure)
+            if i != 0 and method == "eth_blockNumber" and "result" in response:
+                with self._lock:
+                    self._head_seen = max(self._head_seen, int(str(response.get("result")), 16))
+            return response
+        assert failure is not None
+        raise failure
+
+    def _switch(self, old: int, new: int, error: Exception | None) -> None:
+        with self._lock:
+            if self.active != old:
+                return  # another thread switched already
+            self.active = new
+            self._recheck_at = time.monotonic() + self.RECHECK_S
+            self._head_seen = 0
+        self.log.warning(
+            "chain node unreachable; using another",
+            unreachable=self.urls[old],
+            now_using=self.urls[new],
+            error=(str(error) or error.__class__.__name__)[:200] if error else None,
+        )
+
+    def _try_own(self) -> None:
+        """Go back to the own node when it answers with a head at least as far as the one the
+        fallback showed: one still catching up would make recent blocks look reorganised."""
+        with self._lock:
+            if self.active == 0 or time.monotonic() < self._recheck_at:
+                return
+            self._recheck_at = time.monotonic() + self.RECHECK_S
+            fallback = self.urls[self.active]
+        try:
+            own = self._post(self.urls[0], RPCEndpoint("eth_blockNumber"), [])
+            there = self._post(fallback, RPCEndpoint("eth_blockNumber"), [])
+            own_head = int(str(own["result"]), 16)
+            seen = max(int(str(there["result"]), 16), self._head_seen)
+        except (requests.RequestException, KeyError, ValueError):
+            return
+        if own_head < seen:
+            self.log.debug("own chain node answers but is behind", head=own_head, other=seen)
+            return
+        with self._lock:
+            if self.active == 0:
+                return
+            self.active = 0
+        self.log.info("back on the own chain node", url=self.urls[0], head=own_head)
+
+
+def connect(
+    rpc_url: str,
+    timeout_s: float = 10.0,
+    *,
+    keep_in: Path | None = None,
+    fallback_urls: list[str] | tuple[str, ...] = (),
+) -> Web3:
     """A web3 connection. `embedded` gives an in-process chain (py-evm): the one kept in the
-    folder `keep_in` (or the folder set by `embedded.keep_in`), else a fresh one."""
+    folder `keep_in` (or the folder set by `embedded.keep_in`), else a fresh one. With
+    `fallback_urls`, requests go to them while `rpc_url` does not answer."""
     if rpc_url == EMBEDDED:
         folder = keep_in or embedded.default_dir()
         return embedded.fresh() if folder is None else embedded.open_kept(folder)
-    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
+    if fallback_urls:
+        w3 = Web3(FailoverHTTPProvider([rpc_url, *fallback_urls], timeout_s))
+    else:
+        w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout_s}))
     # PoA chains (Clique, AuRa) carry signer data in extraData; web3 needs this to parse blocks.
     w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
     w3.middleware_onion.add(RetryStateRace)
@@ -257,9 +372,12 @@ class Ledger:
         send(self.w3, account, {"to": self.address, "data": call._encode_transaction_data()})
 
     def batch_data(self, items: list[tuple[Commitment, bytes]]) -> str:
-        return self.contract.functions.commitBatch(
-            [c.as_tuple() for c, _ in items], [sig for _, sig in items]
-        )._encode_transaction_data()
+        """`commitBatch`'s calldata. Encoded with eth-abi directly: the same bytes as web3's
+        contract call builds, in a tenth of the time (6 ms instead of 58 ms for 100
+        commitments here; a relay on a Pi builds one every few seconds)."""
+        selector, types = _commit_batch_abi()
+        args = [[c.as_tuple() for c, _ in items], [bytes(sig) for _, sig in items]]
+        return "0x" + (selector + self.w3.codec.encode(types, args)).hex()
 
     def outcome(self, receipt: Any) -> tuple[list[Included], list[tuple[str, int, str]]]:
         """Committed and rejected commitments of a mined batch transaction."""
@@ -342,6 +460,23 @@ class Ledger:
                 commitment.as_tuple(), batch_proof, reading, proof
             ).call()
         )
+
+
+@cache
+def _commit_batch_abi() -> tuple[bytes, tuple[str, ...]]:
+    """The selector and argument types of the ledger's `commitBatch`, from its ABI."""
+    from eth_utils import function_abi_to_4byte_selector
+
+    (entry,) = [e for e in artifact("DaiseeLedger")["abi"] if e.get("name") == "commitBatch"]
+    return function_abi_to_4byte_selector(entry), tuple(_abi_type(i) for i in entry["inputs"])
+
+
+def _abi_type(entry: dict[str, Any]) -> str:
+    """A canonical ABI type ("(address,uint64,…)[]" for a tuple array)."""
+    kind = str(entry["type"])
+    if kind.startswith("tuple"):
+        return "(" + ",".join(_abi_type(c) for c in entry["components"]) + ")" + kind[5:]
+    return kind
 
 
 def _log_index(event: Any) -> int:

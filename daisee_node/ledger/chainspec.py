@@ -2,7 +2,8 @@
 
 - Besu QBFT (recommended for new networks; ≥ 4 validators tolerate one faulty);
 - Nethermind AuRa, in the Parity chainspec format the first DAISEE prototype used;
-- Clique, geth-style (legacy geth 1.13 networks, and the test harness's @ethereumjs/client).
+- Clique, geth-style: what go-ethereum 1.13 (the last release that seals Clique) accepts,
+  London rules and nothing after (its Clique refuses Shanghai), the signers in `extraData`.
 
 Every one activates forks up to London/Paris-era opcodes only: the ledger's bytecode targets EVM
 `paris`, which every engine named here runs.

@@ -211,7 +211,11 @@ def _session(args: argparse.Namespace, *, ledger: bool = False) -> Session:
             keep_in = embedded.chain_dir(config.data_dir)
         elif embedded.default_dir() is None:
             raise DaiseeError("an 'embedded' chain lives only in its process: nothing to trade on")
-    w3 = chain.connect(rpc, section.rpc_timeout_s if section else 10.0, keep_in=keep_in)
+    # Without --rpc the node's own chain node is asked, and its fallbacks while it is down.
+    fallbacks = section.rpc_fallback_urls if section is not None and not args.rpc else ()
+    w3 = chain.connect(
+        rpc, section.rpc_timeout_s if section else 10.0, keep_in=keep_in, fallback_urls=fallbacks
+    )
     keystore = args.keystore or (
         section.keystore_path(config.data_dir) if config and section else None
     )

@@ -199,7 +199,12 @@ def _batch_proof(
     from daisee_node.ledger import chain as chainlib
 
     assert config.chain is not None and entry.tx_hash is not None
-    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
+    w3 = chainlib.connect(
+        config.chain.rpc_url,
+        config.chain.rpc_timeout_s,
+        keep_in=keep_in,
+        fallback_urls=config.chain.rpc_fallback_urls,
+    )
     address = config.chain.ledger_address or _embedded_ledger(w3)
     ledger = chainlib.Ledger(w3, address)
     return ledger, ledger.batch_proof(entry.tx_hash, entry.commitment.struct_hash())

@@ -170,7 +170,11 @@ class LedgerService:
 
         from daisee_node.ledger import chain as chainlib
 
-        w3 = chainlib.connect(self.settings.rpc_url, self.settings.rpc_timeout_s)
+        w3 = chainlib.connect(
+            self.settings.rpc_url,
+            self.settings.rpc_timeout_s,
+            fallback_urls=self.settings.rpc_fallback_urls,
+        )
         if self.settings.rpc_url == chainlib.EMBEDDED:
             gov = Account.from_key(chainlib.TESTER_KEYS[0])
             address = chainlib.deploy(w3, gov, None, wh_per_credit=1000)

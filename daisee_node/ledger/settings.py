@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from daisee_node.models import NAME_PATTERN, StrictModel
 
@@ -17,6 +17,14 @@ class ChainSection(StrictModel):
 
     rpc_url: str = Field(
         description="JSON-RPC URL of a chain node, or 'embedded' for an in-process chain"
+    )
+    rpc_fallback_urls: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(
+        default_factory=list,
+        description=(
+            "other chain nodes' JSON-RPC URLs (the community's other signers or followers), "
+            "used in this order while the node at rpc_url does not answer; the node goes back "
+            "to rpc_url once it answers and has caught up"
+        ),
     )
     ledger_address: str | None = Field(
         None, pattern=ADDRESS_PATTERN, description="the deployed ledger (not for 'embedded')"
@@ -62,6 +70,12 @@ class ChainSection(StrictModel):
     fee_bump: float = Field(1.25, ge=1.1, le=10.0)
     retry_max_s: float = Field(60.0, gt=0, description="longest wait between retries")
     rpc_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fallbacks_need_a_node(self) -> ChainSection:
+        if self.rpc_fallback_urls and self.rpc_url == "embedded":
+            raise ValueError("chain.rpc_fallback_urls: an embedded chain has no other node")
+        return self
 
     def keystore_path(self, data_dir: Path) -> Path:
         return self.keystore or data_dir / "node-key.json"
