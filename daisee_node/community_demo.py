@@ -640,7 +640,9 @@ def statement(c: Community, homes: tuple[Home, ...]) -> tuple[list[str], list[st
         [*node_command(), *args], capture_output=True, text=True, check=False, timeout=300
     )
     out = (done.stdout + done.stderr).rstrip().splitlines()
-    return ["daisee-node " + " ".join(args)], out
+    from daisee_node.demo import command_name
+
+    return [f"{command_name()} " + " ".join(args)], out
 
 
 def gather_reports(c: Community, homes: tuple[Home, ...], end: int) -> Path:
