@@ -323,6 +323,9 @@ def start_geth_chain(c: Community, homes: tuple[Home, ...], geth: Path) -> None:
             http_port=free_port(),
             authrpc_port=free_port(),
             nat="extip:127.0.0.1",
+            # geth 1.13 starts syncing once it has min(5, maxpeers) peers (or every 10 s): a
+            # small community's nodes have fewer than 5 others
+            max_peers=len(homes) - 1,
             verbosity=2,
         )
     ids = {name: identity(s) for name, s in sections.items()}
@@ -353,7 +356,7 @@ def start_geth_chain(c: Community, homes: tuple[Home, ...], geth: Path) -> None:
 
 
 def synced(url: str, head: int, name: str) -> None:
-    wait_until(lambda: block_number(url) >= head, 90, f"{name}'s chain node does not sync")
+    wait_until(lambda: block_number(url) >= head, 180, f"{name}'s chain node does not sync")
 
 
 def start_anvil_chain(c: Community, homes: tuple[Home, ...], anvil: Path) -> None:
