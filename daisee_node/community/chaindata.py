@@ -24,24 +24,13 @@ from daisee_node.community.billing import GRID, LINE, Committed, Settlement
 from daisee_node.community.registry import KeyRecord, Registry
 from daisee_node.ledger import chain
 from daisee_node.ledger.commitment import Commitment
+from daisee_node.ledger.market import decoded_commitment
 
 if TYPE_CHECKING:
     from web3 import Web3
 
 #: blocks per `eth_getLogs` request: some clients refuse wider ranges
 LOG_CHUNK = 10_000
-_FIELDS = (
-    "node",
-    "seq",
-    "t0",
-    "t1",
-    "root",
-    "count",
-    "importWh",
-    "exportWh",
-    "prevHash",
-    "rulesHash",
-)
 
 
 @dataclass
@@ -124,25 +113,7 @@ def _batch(ledger: chain.Ledger, tx_hash: bytes) -> list[Commitment]:
         return []
     if fn.fn_name != "commitBatch":
         return []
-    out = []
-    for item in params["cs"]:
-        values = [item[k] for k in _FIELDS] if isinstance(item, dict) else list(item)
-        node, seq, t0, t1, root, count, imp, exp, prev, rules = values
-        out.append(
-            Commitment(
-                to_checksum_address(node),
-                int(seq),
-                int(t0),
-                int(t1),
-                bytes(root),
-                int(count),
-                int(imp),
-                int(exp),
-                bytes(prev),
-                bytes(rules),
-            )
-        )
-    return out
+    return [decoded_commitment(item) for item in params["cs"]]
 
 
 def read_settlements(

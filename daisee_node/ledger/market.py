@@ -549,7 +549,7 @@ class Market:
                 if fn is not None and fn.fn_name == "commitBatch":
                     items = list(params["cs"])
             self._decoded[tx_hash] = items
-        return [_commitment(item) for item in self._decoded[tx_hash]]
+        return [decoded_commitment(item) for item in self._decoded[tx_hash]]
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -811,7 +811,7 @@ def _error_table(contracts: Sequence[Contract]) -> dict[bytes, tuple[str, list[s
     return table
 
 
-def _commitment(item: Any) -> Commitment:
+def decoded_commitment(item: Any) -> Commitment:
     """A decoded `Commitment` struct (a dict by field name, or a tuple) as the ledger's type."""
     if isinstance(item, dict):
         fields = [

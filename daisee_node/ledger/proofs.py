@@ -99,7 +99,6 @@ async def build_proof(
             raise DaiseeError(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
             )
-        c = entry.commitment
         tree = await period_tree(store, node, entry, salt_secret_of(config))
     finally:
         await store.close()
@@ -107,6 +106,23 @@ async def build_proof(
     cid = merkle.channel_id(channel)
     micro = merkle.value_micro(value)
     leaf = merkle.reading_leaf(node_bytes, cid, t_ms, micro, quality)
+    reading = (channel, cid, t_ms, value, micro, quality)
+    return _proof_file(config, node, entry, tree, leaf, reading, keep_in)
+
+
+def _proof_file(
+    config: Config,
+    node: str,
+    entry: Entry,
+    tree: PeriodTree,
+    leaf: bytes,
+    reading: tuple[str, bytes, int, float | None, int, int],
+    keep_in: Path | None,
+) -> dict[str, Any]:
+    """What `prove` writes: a leaf's reading (channel, channel id, t_ms, value, micro, quality),
+    its proof in the period's tree, and its commitment with its proof within its batch."""
+    channel, cid, t_ms, value, micro, quality = reading
+    assert entry.tx_hash is not None
     ledger, batch_proof = _batch_proof(config, entry, keep_in)
     return {
         "node": node,
@@ -117,7 +133,7 @@ async def build_proof(
         "value_micro": micro,
         "quality": quality,
         "proof": ["0x" + p.hex() for p in tree.proof(leaf)],
-        "commitment": c.to_json(),
+        "commitment": entry.commitment.to_json(),
         "tx": "0x" + entry.tx_hash.hex(),
         "batch_proof": ["0x" + p.hex() for p in batch_proof],
         "ledger": ledger.address,
@@ -227,23 +243,9 @@ async def build_report_proof(
     tree = await period_tree(store, node, entry, salt_secret_of(config))
     t_ms, _, micro, quality = leaf_entry(c.t1, report.digest)
     leaf = report_leaf(bytes.fromhex(node[2:]), c.t1, report.digest)
-    ledger, batch_proof = _batch_proof(config, entry, keep_in)
-    return {
-        "node": node,
-        "channel": REPORT_CHANNEL,
-        "channel_id": "0x" + REPORT_CHANNEL_ID.hex(),
-        "t_ms": t_ms,
-        "value": None,
-        "value_micro": micro,
-        "quality": quality,
-        "proof": ["0x" + p.hex() for p in tree.proof(leaf)],
-        "commitment": c.to_json(),
-        "tx": "0x" + entry.tx_hash.hex(),
-        "batch_proof": ["0x" + p.hex() for p in batch_proof],
-        "ledger": ledger.address,
-        "chain_id": ledger.chain_id,
-        "report": report.report(),
-    }
+    reading = (REPORT_CHANNEL, REPORT_CHANNEL_ID, t_ms, None, micro, quality)
+    proof = _proof_file(config, node, entry, tree, leaf, reading, keep_in)
+    return {**proof, "report": report.report()}
 
 
 def report_problems(data: dict[str, Any], commitment: Commitment) -> list[str]:
