@@ -418,6 +418,61 @@ def test_the_chain_spec_genesis_runs_the_ledger_and_the_market_on_geth(tmp_path:
         node.stop()
 
 
+def test_a_signer_is_added_and_removed_by_vote_never_by_editing_the_genesis(
+    tmp_path: Path,
+) -> None:
+    """docs/chain.md's procedure on three signers: one vote is not a majority; two add a fourth
+    signer, which then seals; three of the four remove one, whose key then seals nothing."""
+    net = CliqueNetwork(tmp_path, signers=3, period_s=2)
+    try:
+        net.start()
+        s0, s1, s2 = net.signers
+        newcomer = Account.create()
+        joiner = net.add_follower("newcomer", key=newcomer)
+        k0, k1, k2 = (k.address.lower() for k in net.keys)
+        new, old = newcomer.address.lower(), k2
+
+        def everywhere(check: Any) -> bool:
+            return all(check(n.signers_at()) for n in net.nodes)
+
+        def sealed_by(node: GethNode, first: int) -> set[str]:
+            return {node.signer_of(b).lower() for b in range(first, node.head() + 1)}
+
+        # one signer of three votes: no majority, however many blocks it puts its vote into
+        s0.call("clique_propose", [newcomer.address, True])
+        start = s0.head()
+        wait_for(lambda: k0 in sealed_by(s0, start + 1), timeout=60, every=0.5)
+        wait_for(lambda: s0.head() >= start + 6, timeout=60, every=0.5)
+        assert everywhere(lambda signers: new not in signers and len(signers) == 3)
+
+        # a second vote passes it: every node changes its list at the same block
+        s1.call("clique_propose", [newcomer.address, True])
+        wait_for(lambda: everywhere(lambda signers: new in signers), timeout=90, every=0.5)
+        added = next(b for b in range(start, s0.head() + 1) if new in s0.signers_at(b))
+        assert all(new in n.signers_at(added) and new not in n.signers_at(added - 1)
+                   for n in net.nodes)  # fmt: skip
+        for s in (s0, s1):
+            s.call("clique_discard", [newcomer.address])
+        joiner.seal()
+        wait_for(lambda: new in sealed_by(s0, added + 1), timeout=90, every=0.5)
+
+        # four signers: removing one takes three votes (more than half), the newcomer's included
+        for s in (s0, s1, joiner):
+            s.call("clique_propose", [net.keys[2].address, False])
+        wait_for(lambda: everywhere(lambda signers: old not in signers), timeout=120, every=0.5)
+        removed = next(b for b in range(added, s0.head() + 1) if old not in s0.signers_at(b))
+        for s in (s0, s1, joiner):
+            s.call("clique_discard", [net.keys[2].address])
+        # blocks go on without it, although its node still runs and still tries to seal
+        assert s2.running
+        wait_for(lambda: s0.head() >= removed + 8, timeout=90, every=0.5)
+        net.wait_agree()
+        assert old not in sealed_by(s0, removed + 1)
+        assert sealed_by(s0, removed + 1) <= {k0, k1, new}
+    finally:
+        net.stop()
+
+
 def test_fallback_urls_are_checked_with_the_config() -> None:
     from daisee_node.config import ConfigError, parse_config
 

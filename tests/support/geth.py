@@ -8,6 +8,7 @@ What the harness does the way a community would, and why:
 - `static-nodes.json` is ignored by 1.13: nodes are peered with `admin_addPeer`;
 - signers start without sealing, are peered, then start sealing one at a time (signers that
   start together race at block 1 and can stay split);
+- two nodes are peered by one of them dialling the other (`connect`), not both at once;
 - a partition is `admin_removePeer` on both sides, healed by `admin_addPeer`.
 """
 
@@ -223,6 +224,11 @@ class GethNode:
         block = self.call("eth_getBlockByNumber", [hex(number), False])
         return block["hash"] if block else None
 
+    def signers_at(self, number: int | None = None) -> set[str]:
+        """The signer list in force at block `number` (the head by default), lower case."""
+        at = "latest" if number is None else hex(number)
+        return {a.lower() for a in self.call("clique_getSigners", [at])}
+
     def signer_of(self, number: int) -> str:
         """The signer of block `number`, from its Clique seal."""
         return str(self.call("clique_getSigner", [hex(number)]))
@@ -234,14 +240,27 @@ class GethNode:
         return other.enode.split("@")[0] in self.peers()
 
 
-def connect(a: GethNode, b: GethNode, timeout: float = 30.0) -> None:
-    """Peer two nodes (both sides add the other, so each redials after a restart). They also
-    trust each other: a trusted peer is taken beyond `--maxpeers` (see `GethNode.max_peers`)."""
+def connect(a: GethNode, b: GethNode, timeout: float = 60.0) -> None:
+    """Peer two nodes. Both trust the other (a trusted peer is taken beyond `--maxpeers`, see
+    `GethNode.max_peers`); `a` dials.
+
+    Only one side dials at first: when both dial at once, each node may keep its own outbound
+    connection and refuse the other's as "already connected", which leaves them unpeered until
+    geth's next dial 35 s later. If `a`'s dial has not peered them after a third of the
+    timeout, `b` dials too, so a failed first dial does not cost that wait.
+    """
     for x, y in ((a, b), (b, a)):
         x.call("admin_addTrustedPeer", [y.enode])
-    for x, y in ((a, b), (b, a)):
-        x.call("admin_addPeer", [y.enode])
-    wait_for(lambda: a.is_peer(b) and b.is_peer(a), timeout=timeout, every=0.1)
+    a.call("admin_addPeer", [b.enode])
+
+    def peered() -> bool:
+        return a.is_peer(b) and b.is_peer(a)
+
+    try:
+        wait_for(peered, timeout=timeout / 3, every=0.1)
+    except AssertionError:
+        b.call("admin_addPeer", [a.enode])
+        wait_for(peered, timeout=timeout * 2 / 3, every=0.1)
 
 
 def disconnect(a: GethNode, b: GethNode, timeout: float = 30.0) -> None:
@@ -308,16 +327,17 @@ class CliqueNetwork:
         wait_for(lambda: self.signers[0].head() >= 1, timeout=60, every=0.1)
         self.wait_agree()
 
-    def add_follower(self, name: str | None = None) -> GethNode:
-        """A node without a key that follows the chain; peered with every running node."""
-        node = GethNode(self.workdir, name or f"follower{len(self.followers)}", self.genesis)
+    def add_follower(self, name: str | None = None, key: LocalAccount | None = None) -> GethNode:
+        """A node that follows the chain, peered with every running node. With a `key` it can
+        seal once the signers have voted it in (`seal` starts it then)."""
+        node = GethNode(self.workdir, name or f"follower{len(self.followers)}", self.genesis, key)
         node.max_peers = 1
         node.init()
         self.followers.append(node)  # stopped with the others, even if peering fails
         node.start()
         for other in self.nodes:
             if other is not node and other.running:
-                connect(node, other)
+                connect(other, node)  # with --maxpeers 1 it would dial out to one node only
         return node
 
     def restart(self, node: GethNode, timeout: float = 60.0) -> None:
