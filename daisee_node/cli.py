@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import threading
@@ -45,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`… | head`): nothing is wrong with the node; keep Python from
+        # complaining again while flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=Path("daisee-community"),
-        help="its homes, chain and broker (default ./daisee-community, emptied first)",
+        help="its homes, chain and broker (default ./daisee-community); a folder an earlier "
+        "run made is emptied first, any other must be new or empty",
     )
     community.add_argument(
         "--period", type=int, default=30, help="settlement period in seconds (default 30)"
@@ -226,8 +233,10 @@ def _iso_time(text: str) -> datetime:
 def cmd_community_demo(args: argparse.Namespace) -> int:
     from daisee_node import community_demo
 
-    if args.period < 10:
-        raise DaiseeError("--period: at least 10 s (the chain's shortest settlement period)")
+    if not 10 <= args.period <= 86_400:
+        raise DaiseeError("--period: from 10 s (the chain's shortest settlement period) to a day")
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        raise DaiseeError("--duration: a positive number of seconds")
     return community_demo.run(args.data_dir, period_s=args.period, duration=args.duration)
 
 

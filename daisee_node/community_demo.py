@@ -672,6 +672,33 @@ def gather_reports(c: Community, homes: tuple[Home, ...], end: int) -> Path:
 # -- the whole ----------------------------------------------------------------------------------
 
 
+#: written into the folder a community runs in: only such a folder is emptied by a later run
+MARKER = ".daisee-community-demo"
+
+
+def fresh_folder(work: Path) -> None:
+    """Make `work` an empty folder for a new community (its chain starts at genesis).
+
+    Only a folder an earlier run made (it holds `MARKER`) is emptied: given by mistake, a real
+    node's data dir, with its key and its unsent readings, is refused rather than deleted.
+    """
+    try:
+        if work.exists() or work.is_symlink():
+            if not work.is_dir() or work.is_symlink():
+                raise DaiseeError(f"--data-dir {work}: not a folder")
+            if any(work.iterdir()):
+                if not (work / MARKER).is_file():
+                    raise DaiseeError(
+                        f"--data-dir {work}: not empty, and not a folder community-demo made; "
+                        "give a new or empty folder (it is emptied on every run)"
+                    )
+                shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / MARKER).write_text("a community-demo folder: emptied by its next run\n")
+    except OSError as exc:
+        raise DaiseeError(f"--data-dir {work}: {exc.strerror or exc}") from exc
+
+
 def run(
     work: Path = COMMUNITY_DIR,
     *,
@@ -683,9 +710,7 @@ def run(
     `duration` seconds, and print the statement."""
     from daisee_node.ledger.keys import new_keystore
 
-    if work.exists():
-        shutil.rmtree(work)  # a fresh community every run: its chain starts at genesis
-    work.mkdir(parents=True)
+    fresh_folder(work)
     c = Community(work.resolve(), period_s)
     stop = {"now": False}
 
