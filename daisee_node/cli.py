@@ -249,6 +249,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{_count(config.relays, 'relay')}, {_count(config.rules, 'rule')}, "
         f"data in {config.node.data_dir}"
     )
+    if config.chain_node is not None:
+        # The daemon does not need these files, and a node waits for its community's genesis
+        # for a while after its first boot: a warning, so `check-config && reload` still works.
+        from daisee_node.ledger.chain_node import file_problems
+
+        for problem in file_problems(config.chain_node):
+            print(
+                f"warning: the chain client (daisee-chain.service) cannot start: "
+                f"{problem.path}: {problem.message}",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 

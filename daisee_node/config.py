@@ -18,14 +18,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from daisee_node.actuators.relays import GpioSection, RelayConfig
 from daisee_node.delivery import CHANNELS as MARKET_CHANNELS
 from daisee_node.errors import ConfigError, ConfigProblem
-from daisee_node.ledger.chain_node import ChainNodeSection
-from daisee_node.ledger.settings import ADDRESS_PATTERN, ChainSection, MarketSection
-from daisee_node.models import NAME_PATTERN, StrictModel
+from daisee_node.ledger.chain_node import ChainNodeSection, file_problems, port_problems
+from daisee_node.ledger.settings import (
+    ADDRESS_PATTERN,
+    ChainSection,
+    MarketSection,
+    http_url_problem,
+)
+from daisee_node.models import NAME_PATTERN, StrictModel, not_empty_path
 from daisee_node.mqtt.settings import MqttSection
 from daisee_node.paths import DEFAULT_CONFIG_PATH as DEFAULT_CONFIG_PATH  # re-exported
 from daisee_node.peers import PREFIX as PEER_PREFIX
@@ -67,6 +72,8 @@ class NodeSection(StrictModel):
     time_start: datetime | None = Field(
         None, description="demos and tests only: simulated time starts here (default: now)"
     )
+
+    _not_empty = field_validator("data_dir", mode="before")(not_empty_path)
 
 
 class StoreSection(StrictModel):
@@ -150,8 +157,13 @@ class Config(StrictModel):
 # -- loading ------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file. Relative paths in it are relative to the file."""
+def load_config(path: str | os.PathLike[str], *, files: bool = False) -> Config:
+    """Read and validate a config file. Relative paths in it are relative to the file.
+
+    `files`: also check that the files the config names for programs other than the daemon
+    (`[chain_node]`'s genesis, geth and data dir) can be used; their problems are listed with
+    the others. The daemon does not need them, and a node's first boot starts it before the
+    community's genesis is there."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -164,20 +176,26 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(
             str(p), [ConfigProblem("", f"not UTF-8 text (byte {exc.start})")]
         ) from None
-    return parse_config(text, source=str(p), base_dir=p.resolve().parent)
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent, files=files)
 
 
-def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: Path | None = None, files: bool = False
+) -> Config:
     """Validate TOML text. Raises `ConfigError` listing every problem."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [ConfigProblem("", f"TOML syntax error: {exc}")]) from None
-    return config_from_dict(data, source=source, base_dir=base_dir)
+    return config_from_dict(data, source=source, base_dir=base_dir, files=files)
 
 
 def config_from_dict(
-    data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+    data: dict[str, Any],
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    files: bool = False,
 ) -> Config:
     """Validate already-parsed data (used by `demo`, which builds its config in code)."""
     nul = _nul_strings(data, "")
@@ -190,10 +208,12 @@ def config_from_dict(
         problems = [_problem(err, data) for err in exc.errors()]
         raise ConfigError(source, problems) from None
     problems = _check_semantics(config)
-    if problems:
-        raise ConfigError(source, problems)
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
+    if files and config.chain_node is not None:
+        problems += file_problems(config.chain_node)
+    if problems:
+        raise ConfigError(source, problems)
     return config
 
 
@@ -220,8 +240,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         data_dir = (base_dir / config.node.data_dir).resolve()
         node = config.node.model_copy(update={"data_dir": data_dir})
         config = config.model_copy(update={"node": node})
-    # Secrets and keys named by path, in the sections that have them.
-    for section, keys in (("mqtt", ("password_file", "ca_file")), ("chain", KEY_FILES)):
+    # Secrets, keys and programs named by path, in the sections that have them. The chain
+    # client's too: systemd starts it in /, not beside its config.
+    for section, keys in (
+        ("mqtt", ("password_file", "ca_file")),
+        ("chain", KEY_FILES),
+        ("chain_node", ("genesis", "data_dir", "geth")),
+    ):
         model = getattr(config, section)
         if model is None:
             continue
@@ -261,6 +286,8 @@ def _check_semantics(config: Config) -> list[ConfigProblem]:
     problems += _check_energy(config)
     problems += _check_relays_and_rules(config)
     problems += _check_chain(config)
+    if config.chain_node is not None:
+        problems += port_problems(config.chain_node)
     problems += _check_peers(config)
     problems += _check_market(config)
     if config.node.time_speed != 1.0 or config.node.time_start is not None:
@@ -346,10 +373,8 @@ def _check_chain(config: Config) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem("chain.ledger_address", "required unless rpc_url is 'embedded'")
         )
-    if chain.rpc_url != "embedded" and not chain.rpc_url.startswith(("http://", "https://")):
-        problems.append(
-            ConfigProblem("chain.rpc_url", "use an http(s):// JSON-RPC URL, or 'embedded'")
-        )
+    if chain.rpc_url != "embedded" and (problem := http_url_problem(chain.rpc_url)):
+        problems.append(ConfigProblem("chain.rpc_url", f"{problem}, or 'embedded'"))
     channels = config.channel_names() if chain.import_channel or chain.export_channel else set()
     for key in ("import_channel", "export_channel"):
         name = getattr(chain, key)

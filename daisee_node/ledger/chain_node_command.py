@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daisee_node.errors import DaiseeError
+from daisee_node.errors import ConfigError, ConfigProblem
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], config: Path) -> None:
@@ -20,17 +20,40 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], config:
         "enode and sealing address, for the other nodes; args: geth's command line",
     )
     p.add_argument("-c", "--config", type=Path, default=config, help=f"default {config}")
-    p.add_argument("--host", default="127.0.0.1", help="id: the address others reach it at")
+    p.add_argument(
+        "--host",
+        type=_host,
+        default="127.0.0.1",
+        help="id: the address others reach it at (an IP address or a host name)",
+    )
     p.set_defaults(func=_command)
+
+
+def _host(value: str) -> str:
+    from daisee_node.ledger.chain_node import host_problem
+
+    problem = host_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def _command(args: argparse.Namespace) -> int:
     from daisee_node.config import load_config
-    from daisee_node.ledger.chain_node import geth_args, identity, prepare, run
+    from daisee_node.ledger.chain_node import file_problems, geth_args, identity, prepare, run
 
-    section = load_config(args.config).chain_node
+    # `id` runs before the community's genesis exists (its output is what the genesis lists):
+    # it needs the data dir only; `run` and `args` need every file the section names.
+    needs_all = args.action != "id"
+    config = load_config(args.config, files=needs_all)
+    section = config.chain_node
     if section is None:
-        raise DaiseeError(f"{args.config} has no [chain_node] section")
+        problem = ConfigProblem("chain_node", "no [chain_node] section: add one (role = …)")
+        raise ConfigError(str(args.config), [problem])
+    if not needs_all:
+        problems = file_problems(section, identity_only=True)
+        if problems:
+            raise ConfigError(str(args.config), problems)
     if args.action == "run":
         run(section)
     if args.action == "id":

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-from daisee_node.models import NAME_PATTERN, StrictModel
+from daisee_node.models import NAME_PATTERN, StrictModel, not_empty_path
 
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
+#: geth takes the network id as a 64-bit number, and SQLite keeps signed 64-bit integers
+MAX_CHAIN_ID = 2**63 - 1
+#: credits per kWh; far above any real price, far below the market's uint128 in base units
+MAX_PRICE = 1_000_000.0
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why `url` is not an http(s) URL of a host a node could reach, or None."""
+    if any(c.isspace() for c in url):
+        return "a URL has no spaces"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "use an http(s):// JSON-RPC URL"
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+    except ValueError:
+        return "the port is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "the URL names no host, e.g. http://10.0.0.2:8545"
+    return None
+
+
+def _http_url(url: str) -> str:
+    problem = http_url_problem(url)
+    if problem is not None:
+        raise PydanticCustomError("http_url", problem)
+    return url
 
 
 class ChainSection(StrictModel):
@@ -18,7 +47,7 @@ class ChainSection(StrictModel):
     rpc_url: str = Field(
         description="JSON-RPC URL of a chain node, or 'embedded' for an in-process chain"
     )
-    rpc_fallback_urls: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(
+    rpc_fallback_urls: list[Annotated[str, AfterValidator(_http_url)]] = Field(
         default_factory=list,
         description=(
             "other chain nodes' JSON-RPC URLs (the community's other signers or followers), "
@@ -30,7 +59,10 @@ class ChainSection(StrictModel):
         None, pattern=ADDRESS_PATTERN, description="the deployed ledger (not for 'embedded')"
     )
     chain_id: int | None = Field(
-        None, ge=1, description="lets the node seal before it has ever reached the chain"
+        None,
+        ge=1,
+        le=MAX_CHAIN_ID,
+        description="lets the node seal before it has ever reached the chain",
     )
     keystore: Path | None = Field(None, description="default: <data_dir>/node-key.json")
     password_file: Path | None = Field(None, description="default: <data_dir>/node-key.pass")
@@ -66,16 +98,19 @@ class ChainSection(StrictModel):
     )
     batch_max: int = Field(100, ge=1, le=2_000)
     confirmations: int = Field(2, ge=0, le=1_000)
-    stuck_after_s: float = Field(120.0, gt=0, description="then resend with a fee bump")
+    stuck_after_s: float = Field(120.0, gt=0, le=86_400, description="then resend with a fee bump")
     fee_bump: float = Field(1.25, ge=1.1, le=10.0)
-    retry_max_s: float = Field(60.0, gt=0, description="longest wait between retries")
-    rpc_timeout_s: float = Field(10.0, gt=0)
+    retry_max_s: float = Field(60.0, gt=0, le=3_600, description="longest wait between retries")
+    rpc_timeout_s: float = Field(10.0, gt=0, le=600)
 
-    @model_validator(mode="after")
-    def _fallbacks_need_a_node(self) -> ChainSection:
-        if self.rpc_fallback_urls and self.rpc_url == "embedded":
-            raise ValueError("chain.rpc_fallback_urls: an embedded chain has no other node")
-        return self
+    _not_empty = field_validator("keystore", "password_file", mode="before")(not_empty_path)
+
+    @field_validator("rpc_fallback_urls")
+    @classmethod
+    def _fallbacks_need_a_node(cls, urls: list[str], info: ValidationInfo) -> list[str]:
+        if urls and info.data.get("rpc_url") == "embedded":
+            raise PydanticCustomError("embedded_fallbacks", "an embedded chain has no other node")
+        return urls
 
     def keystore_path(self, data_dir: Path) -> Path:
         return self.keystore or data_dir / "node-key.json"
@@ -91,7 +126,9 @@ class BuyEntry(StrictModel):
     when: str = Field(description="a condition over the node's inputs, as in rules")
     seller: str = Field(description="the [[peers]] id of the seller")
     amount_wh: int = Field(gt=0, le=10_000_000)
-    max_price: float = Field(gt=0, description="the price offered, in credits per kWh")
+    max_price: float = Field(
+        gt=0, le=MAX_PRICE, description="the price offered, in credits per kWh"
+    )
     window_min: float = Field(gt=0, le=7 * 24 * 60, description="the delivery window's length")
     lead_s: float = Field(
         60.0,
@@ -120,6 +157,7 @@ class MarketSection(StrictModel):
     from_block: int = Field(
         0,
         ge=0,
+        le=2**63 - 1,
         description="the block the market (or the ledger) was deployed in: logs are read from "
         "there, so long chains are not searched from the start",
     )
@@ -128,7 +166,9 @@ class MarketSection(StrictModel):
         description="the buyers this node sells to: [[peers]] ids or addresses (empty: nobody, "
         "so every order is refused)",
     )
-    min_price: float = Field(0.0, ge=0, description="the lowest price accepted, in credits per kWh")
+    min_price: float = Field(
+        0.0, ge=0, le=MAX_PRICE, description="the lowest price accepted, in credits per kWh"
+    )
     keep_battery_above_pct: float | None = Field(
         None, ge=0, le=100, description="refuse orders while the battery is below this level"
     )
@@ -136,7 +176,10 @@ class MarketSection(StrictModel):
         None, description="the battery's state of charge in %, e.g. 'battery.soc_pct'"
     )
     max_wh_per_day: int | None = Field(
-        None, gt=0, description="the most Wh accepted for delivery windows starting on one day"
+        None,
+        gt=0,
+        le=10**12,
+        description="the most Wh accepted for delivery windows starting on one day",
     )
     seller_meter: str | None = Field(
         None, description="the counter that meters what this node sells, e.g. 'grid.export_wh'"
