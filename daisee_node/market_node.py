@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +76,19 @@ LINE_HEARD_MAX = 256
 #: contract states and modes (daisee_node.ledger.market, not imported before the chain is used)
 OPEN, ACCEPTED, GRID, LINE = 1, 2, 0, 1
 STATES = ("none", "open", "accepted", "refused", "cancelled", "expired", "closed")
+DAY_MS = 86_400_000
+#: the seller's node refuses an order whose window starts further ahead of the chain's clock
+#: than this, or lasts longer: the contract takes any uint64 time (up to year 584 million)
+MAX_LEAD_MS = 366 * DAY_MS
+MAX_WINDOW_MS = 31 * DAY_MS
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def credit_units(credits: float, decimals: int) -> int:
-    """Credits (per kWh) as the token's base units, exactly as the decimal number reads."""
+    """Credits (per kWh) as the token's base units, exactly as the decimal number reads;
+    ValueError for a value that is not a finite number."""
+    if not math.isfinite(credits):
+        raise ValueError(f"{credits} credits is not a finite number")
     return int(Decimal(str(credits)) * 10**decimals)
 
 
@@ -99,8 +108,27 @@ def channel_id(name: str) -> bytes:
     return merkle.channel_id(name)
 
 
+def utc_time(t_ms: int) -> datetime | None:
+    """A time in ms since the epoch as a UTC datetime; None beyond the calendar (years 1 to
+    9999), where any uint64 an order carries may lie."""
+    try:
+        return _EPOCH + timedelta(milliseconds=t_ms)
+    except (OverflowError, ValueError):
+        return None
+
+
 def _day(t_ms: int) -> str:
-    return datetime.fromtimestamp(t_ms / 1000, UTC).date().isoformat()
+    """The UTC day of `t_ms` (2026-11-22), or its year beyond the calendar; never raises."""
+    when = utc_time(t_ms)
+    if when is not None:
+        return when.date().isoformat()
+    # The calendar repeats every 400 years (146097 days): find the day in the first cycles.
+    cycles, day = divmod(t_ms // 86_400_000, 146_097)
+    return f"year {(_EPOCH + timedelta(days=day)).year + 400 * cycles}"
+
+
+def _days(ms: int) -> str:
+    return f"{ms / DAY_MS:,.0f} days" if ms >= 2 * DAY_MS else f"{ms / 3_600_000:,.0f} h"
 
 
 class Policy:
@@ -125,12 +153,26 @@ class Policy:
         by_id = {pid: address for address, pid in peers.items()}
         self.allowed = {by_id.get(who, who).lower() for who in settings.accept_from}
 
-    def refusal(self, order: Order, accepted_wh: int, now_ms: int) -> str | None:
+    def refusal(
+        self, order: Order, accepted_wh: int, now_ms: int, chain_now_ms: int | None = None
+    ) -> str | None:
         """Why `order` is refused (None: accepted); `accepted_wh` is what this node already
-        accepted to deliver in windows starting on the order's day (UTC)."""
+        accepted to deliver in windows starting on the order's day (UTC). `now_ms` is the
+        node's clock (the age of inputs), `chain_now_ms` the chain's (default: `now_ms`)."""
         s = self.settings
         buyer = order.buyer.lower()
         who = f"peer {self.peers[buyer]!r}" if buyer in self.peers else buyer
+        ahead = order.t0 - (now_ms if chain_now_ms is None else chain_now_ms)
+        if ahead > MAX_LEAD_MS:
+            return (
+                f"its window starts too far ahead: {_days(ahead)} from now ({_day(order.t0)}); "
+                f"orders are accepted up to {MAX_LEAD_MS // DAY_MS} days ahead"
+            )
+        if order.t1 - order.t0 > MAX_WINDOW_MS:
+            return (
+                f"its window is too long: {_days(order.t1 - order.t0)}; windows of up to "
+                f"{MAX_WINDOW_MS // DAY_MS} days are accepted"
+            )
         if order.mode == LINE:
             if s.line_meter is None:
                 return "a LINE order, and this node has no market.line_meter"
@@ -276,6 +318,12 @@ class MarketService:
         self._line_unprovable: set[int] = set()
         #: order → the chain time (ms) at which its next open dispute may be closed
         self._dispute_due: dict[int, int] = {}
+        #: order → the last error met reading or acting on it (logged once)
+        self._order_errors: dict[int, str] = {}
+        #: orders of this node whose state could not be read yet
+        self._unread: set[int] = set()
+        #: buy entries whose terms cannot be put to the chain (logged once)
+        self._bad_buys: dict[str, str] = {}
         self.line_slack_ms = 60_000
 
     # -- rules' inputs ----------------------------------------------------------------------
@@ -424,12 +472,30 @@ class MarketService:
             if me in (str(e.args["buyer"]).lower(), str(e.args["seller"]).lower())
         }
         ids |= {oid for oid, k in self.orders.items() if k.order.state in (OPEN, ACCEPTED)}
+        ids |= self._unread
+        # Each order on its own: one that cannot be read or acted on (a peer's hostile terms)
+        # must not stop the others. A chain that cannot be reached stops the whole poll.
         for oid in sorted(ids):
-            self._learn(await self._call(market.order, oid))
+            try:
+                self._learn(await self._call(market.order, oid))
+                self._unread.discard(oid)
+            except OSError:
+                raise
+            except Exception as exc:  # its event is behind us now: read it again next time
+                self._unread.add(oid)
+                self._order_failed(oid, "read", exc)
         self._next_block = number + 1
         self._scanned = (number, bytes(head["hash"]))
         for oid in sorted(ids):
-            await self._act(self.orders[oid], chain_now)
+            known = self.orders.get(oid)
+            if known is None:
+                continue
+            try:
+                await self._act(known, chain_now)
+            except OSError:
+                raise
+            except Exception as exc:
+                self._order_failed(oid, "act on", exc)
         await self._buy(chain_now)
         if time.monotonic() >= self._balance_at:
             self._balance_at = time.monotonic() + BALANCE_EVERY_S
@@ -439,6 +505,17 @@ class MarketService:
                 if k.role == "buyer" and k.order.state in (OPEN, ACCEPTED):
                     escrowed += await self._call(market.escrow_of, oid)
             self.escrowed = escrowed
+
+    def _order_failed(self, order_id: int, what: str, exc: Exception) -> None:
+        """Log and record an order's failure once per distinct error (it is tried again every
+        poll, and the same error every `poll_s` would flood the log and the events)."""
+        error = f"{type(exc).__name__}: {str(exc)[:160]}"
+        if self._order_errors.get(order_id) == error:
+            self.log.debug(f"cannot {what} the order", order=order_id, error=error)
+            return
+        self._order_errors[order_id] = error
+        self.log.warning(f"cannot {what} the order; the others go on", order=order_id, error=error)
+        self._event(order_id, "error", f"cannot {what} the order: {error}")
 
     def _learn(self, order: Order) -> None:
         assert self.address is not None
@@ -492,13 +569,13 @@ class MarketService:
         if chain_now >= order.t0:
             known.decision = "its window has begun: too late to accept"
             return
-        day = _day(order.t0)
+        day = order.t0 // DAY_MS
         accepted_wh = sum(
             k.order.amount_wh
             for k in self.orders.values()
-            if k.role == "seller" and k.order.state == ACCEPTED and _day(k.order.t0) == day
+            if k.role == "seller" and k.order.state == ACCEPTED and k.order.t0 // DAY_MS == day
         )
-        reason = self.policy.refusal(order, accepted_wh, self.clock.now_ms())
+        reason = self.policy.refusal(order, accepted_wh, self.clock.now_ms(), chain_now)
         action = market.accept if reason is None else market.refuse
         known.decision = reason or "accepted by policy"
         try:
@@ -723,8 +800,13 @@ class MarketService:
         }
         by_id = {pid: address for address, pid in self.peers.items()}
         for entry in self.trigger.due(busy, self.clock.now_ms()):
-            t0, t1 = buy_window(entry, chain_now, self.period_ms)
-            price = credit_units(entry.max_price, self.decimals)
+            try:
+                t0, t1 = buy_window(entry, chain_now, self.period_ms)
+                price = credit_units(entry.max_price, self.decimals)
+                seller = by_id[entry.seller]
+            except (ArithmeticError, ValueError, KeyError) as exc:
+                self._bad_buy(entry, exc)
+                continue
             terms: tuple[Any, ...] = ()
             if entry.mode == "line" and self.settings.line_meter is not None:
                 own = self.settings.line_meter
@@ -734,7 +816,7 @@ class MarketService:
                 oid = await self._call(
                     market.open,
                     account,
-                    by_id[entry.seller],
+                    seller,
                     entry.amount_wh,
                     price,
                     t0,
@@ -761,3 +843,23 @@ class MarketService:
             self._event(oid, "opened", f"[[market.buy]] {entry.name}: {entry.when}")
             self._learn(await self._call(market.order, oid))
             await self.save()
+
+    def _bad_buy(self, entry: BuyEntry, exc: Exception) -> None:
+        """A `[[market.buy]]` entry whose terms cannot be made (a price or time no number can
+        hold, an undeclared seller): skipped, logged and recorded once, tried again later."""
+        self.trigger.failed(entry.name)
+        error = f"{type(exc).__name__}: {str(exc)[:160]}"
+        if self._bad_buys.get(entry.name) == error:
+            return
+        self._bad_buys[entry.name] = error
+        self.log.error(
+            "[[market.buy]] entry skipped: its terms are invalid", entry=entry.name, error=error
+        )
+        self.store.put_event(
+            self.clock.now_ms(),
+            "market",
+            f"buy.{entry.name}",
+            None,
+            "error",
+            f"[[market.buy]] {entry.name} skipped: {error}",
+        )

@@ -7,7 +7,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -338,10 +338,21 @@ def _ledger(conn: sqlite3.Connection) -> dict[str, Any] | None:
     }
 
 
+def _utc(t_ms: float) -> str:
+    """A stored time (ms) as UTC to the second; one the calendar cannot hold (a clock or a
+    peer gone wrong) as its ms, never an error."""
+    try:
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=t_ms)).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+    except (OverflowError, ValueError, TypeError):
+        return f"{t_ms} ms (beyond the calendar)"
+
+
 def _when(t_ms: int | None) -> str:
     if t_ms is None:
         return "-"
-    text = datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    text = _utc(t_ms)
     age = time.time() - t_ms / 1000
     if 0 <= age < 86_400 * 3:
         text += f" ({_age(age)} ago)"
@@ -392,7 +403,7 @@ def render_status(report: dict[str, Any]) -> str:
         value, unit = ("unavailable", r["unit"])
         if r["value"] is not None:
             value, unit = value_text(r["value"], r["unit"])
-        at = datetime.fromtimestamp(r["t_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        at = _utc(r["t_ms"])
         rows.append((r["channel"], value, unit, r["quality"], at))
     lines += _table(rows)
     if report["sensors"]:

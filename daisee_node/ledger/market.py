@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +31,6 @@ from web3.logs import DISCARD
 from daisee_node.ledger import chain
 from daisee_node.ledger.chain import ChainError, Ledger, artifact
 from daisee_node.ledger.commitment import Commitment
-from daisee_node.ledger.proofs import human_time
 
 GRID, LINE = 0, 1
 MODES = ("grid", "line")
@@ -68,6 +68,29 @@ ERROR_TEXT = {
     "ERC20InsufficientAllowance": "insufficient credits: the market may not take the escrow",
     "ERC20InsufficientBalance": "insufficient credits for the escrow",
 }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def utc_datetime(t_ms: int) -> datetime | None:
+    """A time in ms since the epoch as a UTC datetime; None beyond the calendar (years 1 to
+    9999): an order's times are any uint64 a buyer chose."""
+    try:
+        return _EPOCH + timedelta(milliseconds=t_ms)
+    except (OverflowError, ValueError, TypeError):
+        return None
+
+
+def utc_text(t_ms: int, fmt: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
+    """A time in ms since the epoch as people write it (UTC); beyond the calendar, its year
+    ("year 275817"). Never raises, whatever the chain holds."""
+    when = utc_datetime(t_ms)
+    if when is not None:
+        return when.strftime(fmt)
+    # The calendar repeats every 400 years (146097 days): find the day in the first cycles.
+    cycles, day = divmod(t_ms // 86_400_000, 146_097)
+    return f"year {(_EPOCH + timedelta(days=day)).year + 400 * cycles}"
 
 
 class MarketError(ChainError):
@@ -576,7 +599,7 @@ class Market:
         if amount_wh <= 0 or t1 <= t0 or to_checksum_address(seller) == account.address:
             raise MarketError(ERROR_TEXT["BadOrder"])
         if t0 <= self.now_ms():
-            raise MarketError(f"expired order: its window would begin at {human_time(t0)}, past")
+            raise MarketError(f"expired order: its window would begin at {utc_text(t0)}, past")
         if (mode == LINE) != (channels[0] != ZERO32) or (mode == LINE) != (channels[1] != ZERO32):
             raise MarketError(ERROR_TEXT["WrongMode"])
         self._check_funds(account, self.cost(amount_wh, price))
@@ -676,7 +699,7 @@ class Market:
             )
         if self.now_ms() >= offer.t0:
             raise MarketError(
-                f"expired offer: offer {offer_id}'s window began at {human_time(offer.t0)}"
+                f"expired offer: offer {offer_id}'s window began at {utc_text(offer.t0)}"
             )
         self._check_funds(account, self.cost(amount, offer.price))
         self.approve(account, self.cost(amount, offer.price))
@@ -767,15 +790,15 @@ class Market:
         order = self.order(order_id) if order_id else None
         if name == "TooLate" and order is not None:
             if order.state == OPEN:
-                text = f"expired order: order {order_id}'s window began at {human_time(order.t0)}"
+                text = f"expired order: order {order_id}'s window began at {utc_text(order.t0)}"
             else:
-                until = human_time(order.t1 + self.grace_ms())
+                until = utc_text(order.t1 + self.grace_ms())
                 text = f"too late: order {order_id} could be settled until {until}"
         elif name == "TooEarly" and order is not None and action == "refund":
-            until = human_time(order.t1 + self.grace_ms())
+            until = utc_text(order.t1 + self.grace_ms())
             text = f"too early: order {order_id}'s escrow returns after {until}"
         elif name == "TooEarly" and order is not None and action == "expire":
-            text = f"too early: order {order_id} may still be accepted until {human_time(order.t0)}"
+            text = f"too early: order {order_id} may still be accepted until {utc_text(order.t0)}"
         elif name == "BadState" and order is not None:
             text = f"order {order_id} is {order.state_name}: cannot {action} it"
         elif name == "WrongMode" and order is not None:

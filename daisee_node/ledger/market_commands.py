@@ -1,19 +1,23 @@
 """`daisee-node market …`: the operator's view of, and hand on, the energy market.
 
 Amounts are typed with their unit (`500Wh`, `0.5kWh`), prices in credits per kWh (`0.2`), times
-as ISO 8601 with a zone or relative to the chain's clock (`+15min`, `+2h`). Every refusal is one
-line and a non-zero exit: the market's wrapper runs each transaction as a call first and says
-why the contract would refuse it.
+as ISO 8601 with a zone or relative to the chain's clock (`+15min`, `+2h`), from 1970 to 9999.
+Every refusal is one line and a non-zero exit: the market's wrapper runs each transaction as a
+call first and says why the contract would refuse it. A transaction that went through is
+reported as done (exit 0), even when what it did cannot be read back; and times on the chain are
+shown whatever a buyer put there (beyond the calendar, as their year).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,11 +30,15 @@ if TYPE_CHECKING:
     from web3 import Web3
 
     from daisee_node.config import Config
-    from daisee_node.ledger.market import Market, Order
+    from daisee_node.ledger.market import Market, Order, Settlement
 
 EXIT_OK = 0
 DEFAULT_PERIOD_S = 900
-_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(wh|kwh|mwh)\s*$", re.IGNORECASE)
+_AMOUNT = re.compile(r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(wh|kwh|mwh)\s*$", re.IGNORECASE)
+#: an argument like -5Wh or -0.2 is a (bad) value, not an option: let its parser say why
+_NEGATIVE = re.compile(r"^-\.?\d")
+#: the last time the calendar holds (9999-12-31 23:59:59.999 UTC): orders end before it
+MAX_TIME_MS = 253_402_300_799_999
 _RELATIVE = re.compile(r"^\+\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)\s*$", re.IGNORECASE)
 _UNIT_MS = {"s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 _WH_PER = {"wh": 1, "kwh": 1000, "mwh": 1_000_000}
@@ -57,6 +65,9 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--keystore", type=Path, default=None, help="the node key's keystore")
         p.add_argument("--password-file", type=Path, default=None, help="its password file")
         p.set_defaults(func=chain_errors(func))
+        # argparse takes `-5Wh` for an unknown option ("amount is required"); none of ours
+        # starts with a digit, so such an argument goes to the amount's parser instead.
+        p._negative_number_matcher = _NEGATIVE
         return p
 
     def window(p: Any) -> None:
@@ -272,19 +283,28 @@ def parse_time(text: str, now_ms: int, what: str) -> int:
     text = text.strip()
     relative = _RELATIVE.match(text)
     if relative:
-        return now_ms + int(Decimal(relative.group(1)) * _UNIT_MS[relative.group(2).lower()])
-    if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise DaiseeError(
-            f"{what} {text!r}: give an ISO time with its zone (2026-11-22T10:00:00Z) or a time "
-            "from now (+15min, +2h, +1d)"
-        ) from None
-    if when.tzinfo is None:
-        raise DaiseeError(f"{what} {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-    return int(when.timestamp() * 1000)
+        t_ms = now_ms + int(Decimal(relative.group(1)) * _UNIT_MS[relative.group(2).lower()])
+    elif text.isdigit():
+        t_ms = int(text)
+    else:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise DaiseeError(
+                f"{what} {text!r}: give an ISO time with its zone (2026-11-22T10:00:00Z) or a "
+                "time from now (+15min, +2h, +1d)"
+            ) from None
+        if when.tzinfo is None:
+            raise DaiseeError(f"{what} {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
+        t_ms = int(when.timestamp() * 1000)
+    return _in_calendar(t_ms, f"{what} {text!r}")
+
+
+def _in_calendar(t_ms: int, what: str) -> int:
+    """`t_ms`, if a calendar (and the contract's uint64) holds it."""
+    if not 0 <= t_ms <= MAX_TIME_MS:
+        raise DaiseeError(f"{what} is out of range: give a time between 1970 and 9999")
+    return t_ms
 
 
 def _window(args: argparse.Namespace, s: Session, mode: int) -> tuple[int, int]:
@@ -297,6 +317,7 @@ def _window(args: argparse.Namespace, s: Session, mode: int) -> tuple[int, int]:
     if mode == GRID:  # only periods wholly inside the window settle
         period = s.period_ms()
         t0, t1 = -(-t0 // period) * period, -(-t1 // period) * period
+        _in_calendar(t1, f"--end {args.end!r} (rounded up to a whole period)")
     if t0 <= now:
         raise DaiseeError(
             f"expired order: --start {args.start!r} ({_time(t0)}) is not in the future "
@@ -346,14 +367,43 @@ def _channels(args: argparse.Namespace, mode: int, *, seller: bool) -> tuple[byt
 
 
 def _time(t_ms: int) -> str:
-    return datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    """A time as the tables show it; any uint64 (an order's times are a buyer's choice)."""
+    from daisee_node.ledger.market import utc_text
+
+    return utc_text(t_ms, "%Y-%m-%d %H:%M UTC")
 
 
 def _span(t0: int, t1: int) -> str:
-    start = datetime.fromtimestamp(t0 / 1000, UTC)
-    end = datetime.fromtimestamp(t1 / 1000, UTC)
+    """A window `t0`–`t1` (the end's day only when it differs); any uint64 at either end."""
+    from daisee_node.ledger.market import utc_datetime, utc_text
+
+    start, end = utc_datetime(t0), utc_datetime(t1)
+    if start is None or end is None:
+        return f"{utc_text(t0, '%Y-%m-%d %H:%M')}–{utc_text(t1, '%Y-%m-%d %H:%M')} UTC"
     tail = end.strftime("%H:%M") if end.date() == start.date() else end.strftime("%Y-%m-%d %H:%M")
     return f"{start:%Y-%m-%d %H:%M}–{tail} UTC"
+
+
+def _said(describe: Callable[[], str], done: str) -> int:
+    """Print what a transaction that went through did. It went through: if its details cannot
+    be read back or shown, `done` is said all the same, and the exit is still 0."""
+    try:
+        text = describe()
+    except Exception as exc:
+        why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        text = f"{done} (its details could not be read back: {why})"
+    print(text)
+    return EXIT_OK
+
+
+def _duration_ms(value: float, unit_ms: int, option: str) -> int:
+    """An option's duration (hours, seconds …) in ms, finite, at least 0, within a uint64."""
+    if not math.isfinite(value) or value < 0:
+        raise DaiseeError(f"{option} {value}: give a finite number, 0 or more")
+    ms = int(value * unit_ms)
+    if ms >= 2**64:
+        raise DaiseeError(f"{option} {value:g} is too long")
+    return ms
 
 
 def _cr(s: Session, base_units: int) -> str:
@@ -390,27 +440,33 @@ def _deploy(args: argparse.Namespace) -> int:
     ledger = args.ledger or (section.ledger_address if section else None)
     if ledger is None:
         raise DaiseeError("give --ledger ADDRESS, or -c CONFIG with chain.ledger_address")
+    grace_ms = _duration_ms(args.grace_h, 3_600_000, "--grace-h")
+    dispute_ms = _duration_ms(args.dispute_h, 3_600_000, "--dispute-h")
+    line_slack_ms = _duration_ms(args.line_slack_s, 1000, "--line-slack-s")
     w3 = s.w3
     account = s.account()
     address = market.deploy(
         w3,
         account,
         _address(ledger, "--ledger"),
-        grace_ms=int(args.grace_h * 3_600_000),
-        dispute_ms=int(args.dispute_h * 3_600_000),
-        line_slack_ms=int(args.line_slack_s * 1000),
+        grace_ms=grace_ms,
+        dispute_ms=dispute_ms,
+        line_slack_ms=line_slack_ms,
         tolerance_bps=args.tolerance_bps,
     )
-    m = market.Market(w3, address)
-    out = {
-        "market": address,
-        "ledger": m.ledger.address,
-        "credit": m.credit.address,
-        "governance": m.governance(),
-        "block": w3.eth.block_number,
-    }
-    print(json.dumps(out))
-    return EXIT_OK
+
+    def describe() -> str:
+        m = market.Market(w3, address)
+        out = {
+            "market": address,
+            "ledger": m.ledger.address,
+            "credit": m.credit.address,
+            "governance": m.governance(),
+            "block": w3.eth.block_number,
+        }
+        return json.dumps(out)
+
+    return _said(describe, json.dumps({"market": address}))
 
 
 def _offers(args: argparse.Namespace) -> int:
@@ -472,11 +528,13 @@ def _offer(args: argparse.Namespace) -> int:
     offer_id = s.market.post_offer(
         s.account(), amount, price, t0, t1, mode, min_wh, seller_channel, buyer
     )
-    print(
-        f"offer {offer_id} posted: {_wh(amount)} at {_price(s, price)}, {_span(t0, t1)}, "
-        f"{args.mode.upper()}" + (f", for {buyer}" if buyer else "")
+    return _said(
+        lambda: (
+            f"offer {offer_id} posted: {_wh(amount)} at {_price(s, price)}, "
+            f"{_span(t0, t1)}, {args.mode.upper()}" + (f", for {buyer}" if buyer else "")
+        ),
+        f"offer {offer_id} posted",
     )
-    return EXIT_OK
 
 
 def _buy(args: argparse.Namespace) -> int:
@@ -493,11 +551,13 @@ def _buy(args: argparse.Namespace) -> int:
     if seller == account.address:
         raise DaiseeError("the seller is this node itself")
     order_id = s.market.open(account, seller, amount, price, t0, t1, mode, channels)
-    print(
-        f"order {order_id} opened: {_wh(amount)} from {seller} at {_price(s, price)}, "
-        f"{_span(t0, t1)}, {args.mode.upper()}; {_cr(s, s.market.cost(amount, price))} escrowed"
+    return _said(
+        lambda: (
+            f"order {order_id} opened: {_wh(amount)} from {seller} at {_price(s, price)}, "
+            f"{_span(t0, t1)}, {args.mode.upper()}; {_cr(s, s.market.cost(amount, price))} escrowed"
+        ),
+        f"order {order_id} opened",
     )
-    return EXIT_OK
 
 
 def _take(args: argparse.Namespace) -> int:
@@ -507,20 +567,28 @@ def _take(args: argparse.Namespace) -> int:
     amount = parse_amount(args.amount) if args.amount else None
     channel = channel_id(args.channel) if args.channel else b"\0" * 32
     order_id = s.market.take_offer(s.account(), args.offer_id, amount, channel)
-    order = s.market.order(order_id)
-    print(
-        f"order {order_id} accepted: {_wh(order.amount_wh)} of offer {args.offer_id} from "
-        f"{order.seller}; {_cr(s, s.market.cost(order.amount_wh, order.price))} escrowed"
-    )
-    return EXIT_OK
+
+    def describe() -> str:
+        order = s.market.order(order_id)
+        return (
+            f"order {order_id} accepted: {_wh(order.amount_wh)} of offer {args.offer_id} from "
+            f"{order.seller}; {_cr(s, s.market.cost(order.amount_wh, order.price))} escrowed"
+        )
+
+    return _said(describe, f"order {order_id} accepted (offer {args.offer_id} taken)")
 
 
 def _accept(args: argparse.Namespace) -> int:
     s = _session(args)
     s.market.accept(s.account(), args.order_id)
-    order = s.market.order(args.order_id)
-    print(f"order {order.id} accepted: deliver {_wh(order.amount_wh)}, {_span(order.t0, order.t1)}")
-    return EXIT_OK
+
+    def describe() -> str:
+        order = s.market.order(args.order_id)
+        return f"order {order.id} accepted: deliver {_wh(order.amount_wh)}, " + _span(
+            order.t0, order.t1
+        )
+
+    return _said(describe, f"order {args.order_id} accepted")
 
 
 def _refuse(args: argparse.Namespace) -> int:
@@ -653,15 +721,27 @@ def _settle(args: argparse.Namespace) -> int:
         print(f"too late: period {_span(p.t0, p.t1)} (settlement closed {_time(p.t1 + grace)})")
     for pair in todo:
         done = s.market.settle_grid(account, order.id, pair.seller, pair.buyer)
-        print(
-            f"order {order.id}, {_span(done.t0, done.t1)}: {_wh(done.delivered_wh)} delivered, "
-            f"{_cr(s, done.paid)} paid"
-        )
+        _said(functools.partial(_settled, s, done), f"order {order.id}: a period settled")
     for t0, t1, side in missing:
         print(f"waiting: {_not_committed(order, t0, t1, side)}")
-    after = s.market.order(order.id)
-    print(f"order {order.id}: {_wh(after.delivered_wh)} of {_wh(after.amount_wh)} delivered")
-    return EXIT_OK
+    return _delivered(s, order.id)
+
+
+def _settled(s: Session, done: Settlement) -> str:
+    return (
+        f"order {done.order_id}, {_span(done.t0, done.t1)}: {_wh(done.delivered_wh)} delivered, "
+        f"{_cr(s, done.paid)} paid"
+    )
+
+
+def _delivered(s: Session, order_id: int) -> int:
+    """After a settlement went through: how much of the order is delivered now."""
+
+    def describe() -> str:
+        after = s.market.order(order_id)
+        return f"order {order_id}: {_wh(after.delivered_wh)} of {_wh(after.amount_wh)} delivered"
+
+    return _said(describe, f"order {order_id}: settled")
 
 
 def _not_committed(order: Order, t0: int, t1: int, side: str) -> str:
@@ -691,11 +771,9 @@ def _settle_line(args: argparse.Namespace, s: Session, order: Order) -> int:
         print(f"order {order.id}: line anchored at both ends")
         return EXIT_OK
     dispute = s.market.settle_line(account, order.id, pair[0], pair[1])
-    after = s.market.order(order.id)
     if dispute:
         print(f"order {order.id}: the ends disagree beyond tolerance; dispute {dispute} opened")
-    print(f"order {order.id}: {_wh(after.delivered_wh)} of {_wh(after.amount_wh)} delivered")
-    return EXIT_OK
+    return _delivered(s, order.id)
 
 
 def _refund(args: argparse.Namespace) -> int:
@@ -707,14 +785,18 @@ def _refund(args: argparse.Namespace) -> int:
     account = s.account()
     if order.state == OPEN:
         s.market.expire(account, order.id)
-        print(f"order {order.id} expired: {_cr(s, before)} returned to {order.buyer}")
-        return EXIT_OK
+        return _said(
+            lambda: f"order {order.id} expired: {_cr(s, before)} returned to {order.buyer}",
+            f"order {order.id} expired: its escrow returned to {order.buyer}",
+        )
     amount = s.market.refund(account, order.id)
-    print(
-        f"order {order.id} closed: {_wh(order.delivered_wh)} of {_wh(order.amount_wh)} delivered; "
-        f"{_cr(s, amount)} returned to {order.buyer}"
+    return _said(
+        lambda: (
+            f"order {order.id} closed: {_wh(order.delivered_wh)} of "
+            f"{_wh(order.amount_wh)} delivered; {_cr(s, amount)} returned to {order.buyer}"
+        ),
+        f"order {order.id} closed: the rest of its escrow returned to {order.buyer}",
     )
-    return EXIT_OK
 
 
 def _dispute(args: argparse.Namespace) -> int:
