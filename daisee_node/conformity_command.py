@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from daisee_node.errors import DaiseeError
 from daisee_node.ledger.cli_errors import chain_errors
@@ -76,14 +76,30 @@ def add_parser(sub: Any, default_config: Path) -> None:
     p.set_defaults(func=cmd_conformity, default_config=default_config)
 
 
+#: the largest seq or time (ms) the node's buffer can hold: SQLite's INTEGER is 64-bit
+MAX_STORED: Final = 2**63 - 1
+
+
+def _bounded(kind: str, digits: str) -> tuple[str, int]:
+    value = int(digits) if len(digits) <= 40 else MAX_STORED + 1  # 5,000 digits: not parsed
+    if value > MAX_STORED:
+        shown = digits if len(digits) <= 30 else digits[:27] + "..."
+        what = "seq" if kind == "seq" else "time"
+        raise argparse.ArgumentTypeError(
+            f"{what} {shown} is out of range: at most {MAX_STORED}"
+            + ("" if kind == "seq" else " ms since the epoch")
+        )
+    return (kind, value)
+
+
 def period_arg(text: str) -> tuple[str, int]:
     """`--period`: ("last", 0), ("seq", N) or ("at", ms)."""
     if text == "last":
         return ("last", 0)
     if text.startswith("seq:") and text[4:].isdigit():
-        return ("seq", int(text[4:]))
+        return _bounded("seq", text[4:])
     if text.isdigit():
-        return ("at", int(text))
+        return _bounded("at", text)
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -92,19 +108,25 @@ def period_arg(text: str) -> tuple[str, int]:
         ) from None
     if when.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-    return ("at", int(when.timestamp() * 1000))
+    ms = int(when.timestamp() * 1000)
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: before 1970, when no node stored anything")
+    return ("at", ms)
 
 
 @chain_errors
 def cmd_conformity(args: argparse.Namespace) -> int:
+    from daisee_node.export import output_path, write_output
     from daisee_node.ledger.commands import _node_config
 
     if args.output is not None and not args.prove:
         raise DaiseeError("-o/--output writes the proof: give --prove too")
+    if args.output is not None:
+        output_path(args.output)  # refused before any work, not after it
     config, kept = _node_config(args)
     result = asyncio.run(show(config, args.period, args.prove, kept))
     if args.output is not None and result.get("proof") is not None:
-        args.output.write_text(json.dumps(result["proof"], indent=2) + "\n")
+        write_output(args.output, json.dumps(result["proof"], indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -171,7 +193,12 @@ async def show(
     if proof is not None:
         assert config.chain is not None
         text = json.dumps(proof)
-        result["chain"] = check_proof(parse_proof(text), config.chain.rpc_url, keep_in=keep_in)
+        result["chain"] = check_proof(
+            parse_proof(text),
+            config.chain.rpc_url,
+            keep_in=keep_in,
+            fallback_urls=config.chain.rpc_fallback_urls,
+        )
     return result
 
 

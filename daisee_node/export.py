@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +45,15 @@ if TYPE_CHECKING:
     from daisee_node.store import Store
 
 FORMAT: Final = "daisee-export/1"
+#: the largest export file `verify-export` reads (and `export` writes). A year of one node's
+#: 15-minute data as a supplier or grid export is 35,040 periods of about 1.1 kB (commitment,
+#: tx, batch proof): about 39 MB, under a third of this. Checking a file takes four to six
+#: times its size in memory (such a 39 MB file: 233 MB), so this bounds it near 800 MB. An own
+#: export of per-second readings is far larger (8 channels at 1 s: about 37 MB an hour): such
+#: a span is exported as several files.
+MAX_EXPORT_BYTES: Final = 128 * 1024 * 1024
+#: the most problems listed for one file (then how many more there are)
+MAX_PROBLEMS: Final = 100
 ROLES: Final = ("own", "supplier", "grid")
 EXIT_OK, EXIT_INVALID = 0, 1
 
@@ -165,14 +175,21 @@ async def build_export(
 
     if role not in ROLES:
         raise ExportRefused(f"no data role {role!r}: one of {', '.join(ROLES)}")
-    if to_ms <= from_ms:
-        raise ExportRefused("--to must be after --from")
+    if not 0 <= from_ms < to_ms <= MAX_TIME_MS:
+        raise ExportRefused(
+            f"--from and --to: from 0 to {MAX_TIME_MS} ms since the epoch, --to after --from"
+        )
     if channels and role != "own":
         raise ExportRefused("--channel is for the role 'own' (others receive period totals)")
     assert config.chain is not None
     node = account.address
     recipient = to_checksum_address(recipient)
-    w3 = chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s, keep_in=keep_in)
+    w3 = chainlib.connect(
+        config.chain.rpc_url,
+        config.chain.rpc_timeout_s,
+        keep_in=keep_in,
+        fallback_urls=config.chain.rpc_fallback_urls,
+    )
     ledger = chainlib.Ledger(w3, config.chain.ledger_address or _embedded_ledger(w3))
     reg = Registry(w3, registry)
     reg.check_deployed()
@@ -338,20 +355,28 @@ def verify_export(
     every_reading_on_chain: bool = False,
 ) -> dict[str, Any]:
     """Check an export against the chain `w3` reaches: `valid`, every `problem` found, and what
-    was `checked`."""
-    problems: list[str] = []
+    was `checked`. The whole file's shape (every field's type and range) is checked first, so
+    nothing malformed reaches the chain; a malformed period is named and the others are still
+    checked."""
     checked: list[str] = []
-    try:
-        head = _head(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        return {"valid": False, "problems": [f"not an export file ({exc})"], "checked": checked}
-    node, role, recipient = head["node"], head["role"], head["recipient"]
-
-    by = signer(data)
-    if by is None:
-        problems.append("the signature is missing or cannot be recovered")
-    elif by != node:
-        problems.append(f"signed by {by}, not by the node {node}")
+    if data.get("format") != FORMAT:
+        why = f"format is {data.get('format')!r}, not {FORMAT!r}"
+        return {"valid": False, "problems": [f"not an export file ({why})"], "checked": checked}
+    head, problems = _head(data)
+    role = head["role"] if head is not None else data.get("role")
+    periods = data["periods"] if isinstance(data.get("periods"), list) else []
+    shapes = [_period_problems(period, role) for period in periods]
+    seqs, missing_problems = _missing_seqs(data.get("missing"))
+    if head is None:  # without a usable node, ledger and registry nothing can be asked
+        problems += [f"period {i + 1}: {p}" for i, shape in enumerate(shapes) for p in shape]
+        problems += missing_problems
+        signed = signer(data)
+        if signed is not None and is_address(data.get("node")):
+            checked.append(f"the node's signature over the file ({data['node']})")
+        problems.insert(0, _signature_problem(data, signed, data.get("node"), altered=True))
+        return {"valid": False, "problems": _capped(problems), "checked": checked}
+    node, recipient, role = head["node"], head["recipient"], head["role"]
+    problems += missing_problems
     checked.append(f"the node's signature over the file ({node})")
 
     from daisee_node.community.registry import Registry
@@ -368,16 +393,22 @@ def verify_export(
     reg.check_deployed()
     if to_checksum_address(reg.ledger_address()) != ledger.address:
         problems.append(f"registry {reg.address} is not the one of ledger {ledger.address}")
-    problems += _grant_problems(reg, node, recipient, role)
+    grant_problems = _grant_problems(reg, node, recipient, role)
+    problems += grant_problems
     checked.append(f"the grant of {role!r} by {node} to {recipient} on registry {reg.address}")
 
     counts = {"periods": 0, "readings": 0, "readings_on_chain": 0}
-    seqs: list[int] = [int(m["seq"]) for m in data.get("missing") or []]
-    for i, period in enumerate(data["periods"]):
+    for i, (period, shape) in enumerate(zip(periods, shapes, strict=True)):
         counts["periods"] += 1
+        if shape:
+            problems += [f"period {i + 1}: {p}" for p in shape]
+            seq = _seq_of(period)
+            if seq is not None:  # its place in the sequence is known: no false gap around it
+                seqs.append(seq)
+            continue
         try:
             where, c, found = _check_period(period, head, ledger, every_reading_on_chain)
-        except (KeyError, TypeError, ValueError, DaiseeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, DaiseeError) as exc:
             problems.append(f"period {i + 1}: malformed ({exc})")
             continue
         seqs.append(c.seq)
@@ -390,13 +421,12 @@ def verify_export(
             problems.append(f"period seq {a} appears twice")
         elif b != a + 1:
             problems.append(f"periods seq {a + 1}..{b - 1} are neither exported nor listed missing")
-    if role != "own":
-        try:
-            want: dict[str, int] | None = _totals(data["periods"])
-        except (KeyError, TypeError, ValueError):
-            want = None
-        if want is None or data.get("totals") != want:
-            problems.append("the totals are not the sum of the periods' commitments")
+    if role != "own" and not any(shapes) and data.get("totals") != _totals(periods):
+        problems.append("the totals are not the sum of the periods' commitments")
+    altered = len(problems) > len(grant_problems)
+    by = signer(data)
+    if by != node:
+        problems.insert(0, _signature_problem(data, by, node, altered=altered))
     checked.append(f"{counts['periods']} commitments against the ledger {ledger.address}")
     if role == "own":
         checked.append(
@@ -405,7 +435,7 @@ def verify_export(
         )
     return {
         "valid": not problems,
-        "problems": problems,
+        "problems": _capped(problems),
         "checked": checked,
         "node": node,
         "role": role,
@@ -417,32 +447,158 @@ def verify_export(
     }
 
 
-def _head(data: dict[str, Any]) -> dict[str, Any]:
-    if data.get("format") != FORMAT:
-        raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
-    if data["role"] not in ROLES:
-        raise ValueError(f"no role {data['role']!r}")
+def _signature_problem(data: dict[str, Any], by: str | None, node: object, *, altered: bool) -> str:
+    """What a recipient should make of a signature that is not the node's.
+
+    A signature over altered bytes still recovers to some address, one nobody holds the key
+    of: when the content shows other problems, the message says the file was changed after
+    signing rather than naming that meaningless address first."""
+    sig = data.get("sig")
+    if not (isinstance(sig, str) and len(sig) == 132 and sig.startswith("0x")):
+        return "the file carries no signature of the node (sig missing, or not 65 bytes in hex)"
+    if by is None:
+        # the content holds what the node never signs (a number JSON cannot hold, 1e400), or
+        # the signature's bytes were changed
+        return (
+            "the file does not match the node's signature: it was altered after the node signed it"
+        )
+    if altered:
+        return (
+            f"signed by someone other than the node {node}: the file was altered after the node "
+            f"signed it, or another key signed it (the signature recovers to {by})"
+        )
+    return f"signed by {by}, not by the node {node}"
+
+
+def _capped(problems: list[str]) -> list[str]:
+    """At most MAX_PROBLEMS lines: a file broken everywhere is not printed line by line."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [*problems[:MAX_PROBLEMS], f"... and {more} more problems"]
+
+
+def _head(data: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """The file's head fields checked and normalised, and every problem with them; None for
+    the head when the node, the role, the ledger or the registry cannot be used."""
+    from daisee_node.ledger.proofs import (
+        UINT64_MAX,
+        UINT256_MAX,
+        address_problem,
+        int_problem,
+        shown,
+    )
+
+    problems: list[str] = []
+
+    def field(key: str, why: str | None) -> None:
+        if key not in data:
+            problems.append(f"{key}: missing")
+        elif why is not None:
+            problems.append(f"{key}: {why}")
+
+    if data.get("role") not in ROLES:
+        field("role", f"{shown(data.get('role'))} is not one of {', '.join(ROLES)}")
     for key in ("node", "recipient", "ledger", "registry"):
-        if not is_address(data[key]):
-            raise ValueError(f"{key} is not an address")
-    if not isinstance(data["periods"], list):
-        raise ValueError("periods is not a list")
+        field(key, address_problem(data.get(key)))
+    field("chain_id", int_problem(data.get("chain_id"), 1, UINT256_MAX))
+    for key in ("from_ms", "to_ms"):
+        field(key, int_problem(data.get(key), 0, UINT64_MAX))
+    if not isinstance(data.get("periods"), list):
+        field("periods", "is not a list")
+    if data.get("missing") is not None and not isinstance(data["missing"], list):
+        problems.append("missing: is neither null nor a list")
     channels = data.get("channels")
     if channels is not None and not (
         isinstance(channels, list) and all(isinstance(c, str) for c in channels)
     ):
-        raise ValueError("channels is neither null nor a list of names")
+        problems.append("channels: is neither null nor a list of names")
+    if problems:
+        return None, problems
+    if data["to_ms"] <= data["from_ms"]:
+        problems.append("to_ms is not after from_ms")
     return {
         "role": data["role"],
         "node": to_checksum_address(data["node"]),
         "recipient": to_checksum_address(data["recipient"]),
         "ledger": to_checksum_address(data["ledger"]),
         "registry": to_checksum_address(data["registry"]),
-        "chain_id": int(data["chain_id"]),
-        "from_ms": int(data["from_ms"]),
-        "to_ms": int(data["to_ms"]),
+        "chain_id": data["chain_id"],
+        "from_ms": data["from_ms"],
+        "to_ms": data["to_ms"],
         "channels": channels,
-    }
+    }, problems
+
+
+def _period_problems(period: object, role: object) -> list[str]:
+    """Every field of one exported period that is missing or not of its type."""
+    from daisee_node.ledger.proofs import commitment_problems, hashes_problem, reading_problems
+
+    if not isinstance(period, dict):
+        return ["not an object"]
+    if "commitment" not in period:
+        problems = ["commitment: missing"]
+    else:
+        problems = commitment_problems(period["commitment"])
+    if "batch_proof" not in period:
+        problems.append("batch_proof: missing")
+    elif (why := hashes_problem(period["batch_proof"])) is not None:
+        problems.append(f"batch_proof: {why}")
+    if role != "own":
+        return problems
+    readings = period.get("readings")
+    if not isinstance(readings, list):
+        problems.append("readings: missing or not a list")
+        readings = []
+    for j, reading in enumerate(readings):
+        if not isinstance(reading, dict):
+            problems.append(f"reading {j + 1}: not an object")
+        else:
+            problems += reading_problems(reading, f"reading {j + 1}: ", named=True)
+    if not isinstance(period.get("complete", False), bool):
+        problems.append("complete: is neither true nor false")
+    report = period.get("report")
+    if report is not None:
+        if not isinstance(report, dict) or not isinstance(report.get("body"), dict):
+            problems.append("report: is neither null nor an object with its body")
+        elif (why := hashes_problem(report.get("proof"))) is not None:
+            problems.append(f"report.proof: {why}")
+    return problems
+
+
+def _seq_of(period: object) -> int | None:
+    """A malformed period's seq, when that field at least is a valid one."""
+    from daisee_node.ledger.proofs import UINT64_MAX, int_problem
+
+    c = period.get("commitment") if isinstance(period, dict) else None
+    seq = c.get("seq") if isinstance(c, dict) else None
+    if isinstance(seq, int) and int_problem(seq, 0, UINT64_MAX) is None:
+        return seq
+    return None
+
+
+def _missing_seqs(missing: object) -> tuple[list[int], list[str]]:
+    """The seqs of the periods listed missing, and every problem with that list."""
+    from daisee_node.ledger.proofs import UINT64_MAX, int_problem
+
+    if not isinstance(missing, list):
+        return [], []  # absent or null: none missing (another type is a head problem)
+    seqs, problems = [], []
+    for j, item in enumerate(missing):
+        if not isinstance(item, dict):
+            problems.append(f"missing {j + 1}: not an object")
+            continue
+        bad = False
+        for key in ("seq", "t0", "t1"):
+            if key not in item and key != "seq":
+                continue
+            why = "missing" if key not in item else int_problem(item[key], 0, UINT64_MAX)
+            if why is not None:
+                problems.append(f"missing {j + 1}: {key}: {why}")
+                bad = bad or key == "seq"
+        if not bad:
+            seqs.append(item["seq"])
+    return seqs, problems
 
 
 def _grant_problems(reg: Registry, node: str, recipient: str, role: str) -> list[str]:
@@ -542,10 +698,14 @@ def _check_readings(
                 problems.append(f"{at}: the ledger does not accept this reading and proof")
     report = period.get("report")
     if report is not None:
-        leaf = report_leaf(node_bytes, c.t1, digest(report["body"]))
         proof = [bytes.fromhex(p.removeprefix("0x")) for p in report["proof"]]
-        if not merkle.verify(proof, c.root, leaf):
-            problems.append("the conformity report is not the one the commitment holds")
+        try:
+            leaf = report_leaf(node_bytes, c.t1, digest(report["body"]))
+        except ValueError:  # a number JSON cannot hold (1e400 reads as infinity)
+            problems.append("the conformity report holds a number no report can hold")
+        else:
+            if not merkle.verify(proof, c.root, leaf):
+                problems.append("the conformity report is not the one the commitment holds")
     if period.get("complete"):
         if head["channels"] or head["from_ms"] > c.t0 or c.t1 > head["to_ms"]:
             problems.append("marked complete, but the export covers only part of it")
@@ -557,19 +717,69 @@ def _check_readings(
 # -- the commands -----------------------------------------------------------------------------
 
 
-def time_arg(text: str) -> int:
-    """`--from` / `--to` / `--until`: ms since the epoch, or ISO 8601 with its zone."""
+#: the latest time (ms since the epoch) the node's buffer can hold: SQLite's INTEGER is 64-bit
+MAX_TIME_MS: Final = 2**63 - 1
+#: the latest grant end the registry can hold (its `uint64 untilMs`)
+MAX_UNTIL_MS: Final = 2**64 - 1
+
+
+def time_arg(text: str, *, most: int = MAX_TIME_MS) -> int:
+    """`--from` / `--to`: ms since the epoch (at most `most`), or ISO 8601 with its zone."""
     if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        ms = int(text) if len(text) <= 40 else most + 1  # a 5,000-digit number is not parsed
+    else:
+        try:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give an ISO time with its zone or ms since the epoch"
+            ) from None
+        if when.tzinfo is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
+        ms = int(when.timestamp() * 1000)
+    if not 0 <= ms <= most:
+        shown = text if len(text) <= 30 else text[:27] + "..."
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give an ISO time with its zone or ms since the epoch"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-    return int(when.timestamp() * 1000)
+            f"{shown!r} is out of range: from 0 (1970-01-01) to {most} ms since the epoch"
+        )
+    return ms
+
+
+def until_arg(text: str) -> int:
+    """`--until`: as `time_arg`, within the registry's `uint64` grant end."""
+    return time_arg(text, most=MAX_UNTIL_MS)
+
+
+def _part(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+def output_path(path: Path) -> Path:
+    """`-o FILE`, refused at once (before any work) when it cannot be written: a folder, a
+    missing folder, or one where no file can be made (read-only, /proc)."""
+    if path.is_dir():
+        raise DaiseeError(f"cannot write {path}: it is a folder (give a file name)")
+    if not path.parent.is_dir():
+        raise DaiseeError(f"cannot write {path}: there is no folder {path.parent}")
+    try:
+        _part(path).touch()
+        _part(path).unlink()
+    except OSError as exc:
+        raise DaiseeError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: through a file beside it, renamed over it,
+    so a failed write never leaves a cut file (nor spoils one already there)."""
+    output_path(path)
+    part = _part(path)
+    try:
+        part.write_text(text)
+        os.replace(part, path)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise DaiseeError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def address_arg(text: str) -> str:
@@ -638,11 +848,15 @@ def add_parser(sub: Any, default_config: Path) -> None:
         "grant", help="grant a recipient a data role of this node until a time, on chain"
     )
     node_options(grant)
-    grant.add_argument("--until", type=time_arg, required=True, help="end of the grant")
+    grant.add_argument("--until", type=until_arg, required=True, help="end of the grant")
     grant.set_defaults(func=cmd_grant)
     revoke = sub.add_parser("revoke", help="revoke this node's grant of a data role, at once")
     node_options(revoke)
     revoke.set_defaults(func=cmd_revoke)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _node(args: argparse.Namespace) -> tuple[Config, LocalAccount]:
@@ -664,13 +878,19 @@ def _registry(config: Config, address: str) -> Registry:
     from daisee_node.ledger import chain as chainlib
 
     assert config.chain is not None
-    reg = Registry(chainlib.connect(config.chain.rpc_url, config.chain.rpc_timeout_s), address)
+    w3 = chainlib.connect(
+        config.chain.rpc_url,
+        config.chain.rpc_timeout_s,
+        fallback_urls=config.chain.rpc_fallback_urls,
+    )
+    reg = Registry(w3, address)
     reg.check_deployed()
     return reg
 
 
 @chain_errors
 def cmd_export(args: argparse.Namespace) -> int:
+    output_path(args.output)
     config, account = _node(args)
     data = asyncio.run(
         build_export(
@@ -684,7 +904,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             channels=args.channel,
         )
     )
-    args.output.write_text(json.dumps(data, indent=1) + "\n")
+    text = json.dumps(data, indent=1) + "\n"
+    if len(text) > MAX_EXPORT_BYTES:  # json.dumps writes ASCII: one byte a character
+        raise ExportRefused(
+            f"the export would be {_size(len(text))}, more than the {_size(MAX_EXPORT_BYTES)} "
+            "`verify-export` reads: export a shorter range"
+        )
+    write_output(args.output, text)
     n = sum(len(p.get("readings", ())) for p in data["periods"])
     print(
         json.dumps(
@@ -705,10 +931,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify_export(args: argparse.Namespace) -> int:
     from daisee_node import safejson
 
+    too_big = DaiseeError(
+        f"{args.file} is larger than the {_size(MAX_EXPORT_BYTES)} an export file may be "
+        "(ask the node for a shorter range)"
+    )
     try:
-        data = safejson.loads(args.file.read_text())
+        if args.file.stat().st_size > MAX_EXPORT_BYTES:
+            raise too_big
+        with args.file.open("rb") as f:  # bounded: a pipe or device has no size to stat
+            raw = f.read(MAX_EXPORT_BYTES + 1)
+        if len(raw) > MAX_EXPORT_BYTES:
+            raise too_big
+        data = safejson.loads(raw)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DaiseeError(f"cannot read the export {args.file}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise DaiseeError(f"cannot read the export {args.file}: {reason}") from None
     if not isinstance(data, dict):
         raise DaiseeError(f"{args.file} is not an export file")
     from daisee_node.ledger import chain as chainlib

@@ -20,7 +20,9 @@ def chain_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
         try:
             return fn(args)
         except requests.RequestException as exc:
-            raise DaiseeError(f"cannot reach the chain: {exc.__class__.__name__}") from None
+            url = exc.request.url if exc.request is not None else None
+            where = f" at {str(url).rstrip('/')}" if url else ""
+            raise DaiseeError(f"cannot reach the chain{where}: {exc.__class__.__name__}") from None
         except Web3Exception as exc:
             raise DaiseeError(f"the chain refused: {exc}") from None
 

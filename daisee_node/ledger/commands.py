@@ -373,6 +373,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except DaiseeError as exc:
         raise DaiseeError(f"{args.proof}: {exc}") from exc
     rpc, kept = args.rpc, None
+    fallbacks: tuple[str, ...] = ()
     if rpc is None:
         try:
             config, kept = _node_config(args)
@@ -383,8 +384,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"give --rpc URL (or -c CONFIG) to say which chain to check against ({exc})"
             ) from None
         assert config.chain is not None
-        rpc = config.chain.rpc_url
-    result = check_proof(proof, rpc, keep_in=kept)
+        rpc, fallbacks = config.chain.rpc_url, tuple(config.chain.rpc_fallback_urls)
+    result = check_proof(proof, rpc, keep_in=kept, fallback_urls=fallbacks)
     print(json.dumps(result))
     return EXIT_OK if result["valid"] else EXIT_INVALID
 

@@ -12,10 +12,11 @@ such a proof also checks that the report it carries is the one whose digest the 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from daisee_node import safejson
 from daisee_node.errors import DaiseeError
@@ -30,8 +31,149 @@ if TYPE_CHECKING:
 
 
 def human_time(t_ms: int) -> str:
-    """A time in ms since the epoch as people write it (UTC, to the second)."""
-    return datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """A time in ms since the epoch as people write it (UTC, to the second); past the years a
+    calendar holds (a uint64 goes far beyond 9999), the number of ms itself."""
+    try:
+        return datetime.fromtimestamp(t_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):
+        return f"{t_ms} ms since the epoch"
+
+
+# -- the shape of proof and export files -------------------------------------------------------
+#
+# Files from outside are checked field by field against the types the ledger contract takes
+# before anything is hashed or sent to the chain: a number out of its ABI type's range would
+# otherwise fail deep in Python's int conversions or in web3's encoder, with no word of which
+# field is wrong.
+
+UINT8_MAX: Final = 2**8 - 1
+UINT32_MAX: Final = 2**32 - 1
+UINT64_MAX: Final = 2**64 - 1
+UINT256_MAX: Final = 2**256 - 1
+INT256_MIN, INT256_MAX = -(2**255), 2**255 - 1
+#: the largest value (in units) whose micro-units `merkle.value_micro` can compute
+MAX_VALUE: Final = 1e300
+_COMMITMENT_INTS: Final = {
+    "seq": UINT64_MAX,
+    "t0": UINT64_MAX,
+    "t1": UINT64_MAX,
+    "count": UINT32_MAX,
+    "import_wh": UINT64_MAX,
+    "export_wh": UINT64_MAX,
+}
+_COMMITMENT_HASHES: Final = ("root", "prev_hash", "rules_hash")
+
+
+def shown(value: object) -> str:
+    """A value from a file, short enough for one line of a message."""
+    if isinstance(value, float) and math.isinf(value):
+        return "a number too large for a float (e.g. 1e400)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"a number of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def int_problem(value: object, lo: int, hi: int) -> str | None:
+    """Why `value` is not a whole number in [lo, hi], or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{shown(value)} is not a whole number"
+    if not lo <= value <= hi:
+        return f"{shown(value)} is out of range ({_bound(lo)} to {_bound(hi)})"
+    return None
+
+
+def _bound(b: int) -> str:
+    """A range's end as people read it: int256's ends as powers of two, not 77 digits."""
+    if abs(b) <= 2**64:
+        return str(b)
+    return f"-2**{(-b).bit_length() - 1}" if b < 0 else f"2**{b.bit_length()} - 1"
+
+
+def bytes32_problem(value: object) -> str | None:
+    """Why `value` is not 32 bytes in hex (with or without 0x), or None."""
+    if not isinstance(value, str):
+        return f"{shown(value)} is not a hex string"
+    digits = value.removeprefix("0x")
+    if len(digits) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        return f"{shown(value)} is not 32 bytes in hex"
+    return None
+
+
+def hashes_problem(value: object) -> str | None:
+    """Why `value` is not a list of 32-byte hex strings (a Merkle proof), or None."""
+    if not isinstance(value, list):
+        return f"{shown(value)} is not a list of hashes"
+    for i, item in enumerate(value):
+        if (why := bytes32_problem(item)) is not None:
+            return f"item {i + 1}: {why}"
+    return None
+
+
+def address_problem(value: object) -> str | None:
+    """Why `value` is not an address, or None."""
+    from eth_utils import is_address
+
+    if isinstance(value, str) and is_address(value):
+        return None
+    return f"{shown(value)} is not an address (0x and 40 hex digits)"
+
+
+def commitment_problems(value: object, where: str = "commitment") -> list[str]:
+    """Every field of a commitment in JSON that is missing or not of its ABI type."""
+    if not isinstance(value, dict):
+        return [f"{where}: {shown(value)} is not an object"]
+    problems = []
+    checks: list[tuple[str, str | None]] = [("node", address_problem(value.get("node")))]
+    checks += [(k, int_problem(value.get(k), 0, hi)) for k, hi in _COMMITMENT_INTS.items()]
+    checks += [(k, bytes32_problem(value.get(k))) for k in _COMMITMENT_HASHES]
+    for key, why in checks:
+        if key not in value:
+            problems.append(f"{where}.{key}: missing")
+        elif why is not None:
+            problems.append(f"{where}.{key}: {why}")
+    known = {"node", *_COMMITMENT_INTS, *_COMMITMENT_HASHES}
+    problems += [f"{where}.{k}: not a field of a commitment" for k in value if k not in known]
+    return problems
+
+
+def value_problem(value: object) -> str | None:
+    """Why a reading's readable `value` is neither null nor a number it can be in micro-units."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{shown(value)} is not a number"
+    if math.isnan(value) or not -MAX_VALUE <= value <= MAX_VALUE:
+        return f"{shown(value)} is out of range"
+    return None
+
+
+def reading_problems(data: dict[str, Any], where: str = "", *, named: bool = False) -> list[str]:
+    """Every field of a reading with its proof (as `prove` and `export` write them) that is
+    missing or not of its type: the fields the ledger's leaf is made of within their ABI types
+    (`named`: the channel's name is required too, as an export's readings carry it)."""
+    checks = {
+        "channel_id": bytes32_problem(data.get("channel_id")),
+        "t_ms": int_problem(data.get("t_ms"), 0, UINT64_MAX),
+        "value_micro": int_problem(data.get("value_micro"), INT256_MIN, INT256_MAX),
+        "quality": int_problem(data.get("quality"), 0, UINT8_MAX),
+        "proof": hashes_problem(data.get("proof")),
+    }
+    problems = []
+    for key, why in checks.items():
+        if key not in data:
+            problems.append(f"{where}{key}: missing")
+        elif why is not None:
+            problems.append(f"{where}{key}: {why}")
+    # the channel's name is for people (the leaf holds its id): it may be left out, but a
+    # name given must be one
+    if "channel" in data and not isinstance(data["channel"], str):
+        problems.append(f"{where}channel: {shown(data['channel'])} is not a name")
+    elif named and "channel" not in data:
+        problems.append(f"{where}channel: missing")
+    if (why := value_problem(data.get("value"))) is not None:
+        problems.append(f"{where}value: {why}")
+    return problems
 
 
 async def _channel_exists(store: Store, channel: str) -> None:
@@ -258,9 +400,13 @@ def report_problems(data: dict[str, Any], commitment: Commitment) -> list[str]:
     if not isinstance(report, dict):
         return ["a conformity report proof without its report"]
     problems = []
-    if digest_value(digest(report)) != int(data["value_micro"]):
+    try:
+        held = digest_value(digest(report))
+    except ValueError:  # a number JSON cannot hold (1e400 reads as infinity): not hashable
+        held = None
+    if held != data["value_micro"]:
         problems.append("the report is not the one whose digest the leaf holds")
-    if int(data["t_ms"]) != commitment.t1 - 1:
+    if data["t_ms"] != commitment.t1 - 1:
         problems.append("the report's leaf is not at the period's last millisecond")
     if (report.get("seq"), report.get("t0"), report.get("t1")) != (
         commitment.seq,
@@ -284,25 +430,48 @@ class ReadingProof:
 
 
 def parse_proof(text: str) -> ReadingProof:
-    """A proof file's text, parsed; a clear error for anything `build_proof` would not write."""
+    """A proof file's text, parsed; a clear error (every problem found) for anything
+    `build_proof` would not write, before anything is hashed or sent to the chain."""
     from daisee_node.ledger.commitment import Commitment
 
     try:
         data = safejson.loads(text)
-        return ReadingProof(
-            data=data,
-            commitment=Commitment.from_json(data["commitment"]),
-            reading=(
-                bytes.fromhex(data["channel_id"].removeprefix("0x")),
-                int(data["t_ms"]),
-                int(data["value_micro"]),
-                int(data["quality"]),
-            ),
-            proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["proof"]],
-            batch_proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["batch_proof"]],
-        )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise DaiseeError(f"not a proof written by `prove` ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DaiseeError("not a proof written by `prove` (not a JSON object)")
+    problems = proof_problems(data)
+    if problems:
+        raise DaiseeError(f"not a proof written by `prove` ({'; '.join(problems)})")
+    return ReadingProof(
+        data=data,
+        commitment=Commitment.from_json(data["commitment"]),
+        reading=(
+            bytes.fromhex(data["channel_id"].removeprefix("0x")),
+            data["t_ms"],
+            data["value_micro"],
+            data["quality"],
+        ),
+        proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["proof"]],
+        batch_proof=[bytes.fromhex(p.removeprefix("0x")) for p in data["batch_proof"]],
+    )
+
+
+def proof_problems(data: dict[str, Any]) -> list[str]:
+    """Every field of a proof file that is missing or not of its type (the fields `check_proof`
+    reads are checked when present: a line proof carried in a message may leave them out)."""
+    problems = reading_problems(data)
+    problems += commitment_problems(data.get("commitment"))
+    if (why := hashes_problem(data.get("batch_proof"))) is not None:
+        problems.append(f"batch_proof: {why}")
+    for key in ("node", "ledger"):
+        if key in data and (why := address_problem(data[key])) is not None:
+            problems.append(f"{key}: {why}")
+    if "chain_id" in data and (why := int_problem(data["chain_id"], 0, UINT256_MAX)) is not None:
+        problems.append(f"chain_id: {why}")
+    if data.get("report") is not None and not isinstance(data["report"], dict):
+        problems.append(f"report: {shown(data['report'])} is not an object")
+    return problems
 
 
 def _embedded_ledger(w3: Any) -> str:
@@ -318,14 +487,24 @@ def _embedded_ledger(w3: Any) -> str:
     return address
 
 
-def check_proof(p: ReadingProof, rpc_url: str, *, keep_in: Path | None = None) -> dict[str, Any]:
+def check_proof(
+    p: ReadingProof,
+    rpc_url: str,
+    *,
+    keep_in: Path | None = None,
+    fallback_urls: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Check a proof against the chain at `rpc_url` (`keep_in`: the folder of a kept embedded
-    chain): `valid`, and the `problems` found."""
+    chain; `fallback_urls`: endpoints to use while `rpc_url` does not answer): `valid`, and the
+    `problems` found."""
     from eth_utils import to_checksum_address
 
     from daisee_node.ledger import chain as chainlib
 
     data, commitment, reading = p.data, p.commitment, p.reading
+    absent = [key for key in ("node", "channel", "ledger") if key not in data]
+    if absent:
+        raise DaiseeError(f"not a proof written by `prove` ({', '.join(absent)}: missing)")
     # The readable fields must say what the proven ones say.
     problems = []
     if merkle.channel_id(str(data["channel"])) != reading[0]:
@@ -335,7 +514,8 @@ def check_proof(p: ReadingProof, rpc_url: str, *, keep_in: Path | None = None) -
     if to_checksum_address(data["node"]) != commitment.node:
         problems.append("node is not the commitment's node")
     problems += report_problems(data, commitment)
-    ledger = chainlib.Ledger(chainlib.connect(rpc_url, keep_in=keep_in), data["ledger"])
+    w3 = chainlib.connect(rpc_url, keep_in=keep_in, fallback_urls=fallback_urls)
+    ledger = chainlib.Ledger(w3, data["ledger"])
     ledger.check_deployed()
     if not ledger.verify_reading(commitment, p.batch_proof, reading, p.proof):
         problems.append("the ledger does not accept this reading and proof")

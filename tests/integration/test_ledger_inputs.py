@@ -53,6 +53,7 @@ def test_verify_refuses_a_file_that_is_not_a_proof_and_an_unreachable_chain(tmp_
     result = run_cli("verify", str(good_shape), "--rpc", "http://127.0.0.1:9")
     assert result.returncode == 1
     assert "cannot reach the chain" in result.stderr and "Traceback" not in result.stderr
+    assert "at http://127.0.0.1:9" in result.stderr  # which endpoint did not answer
 
 
 def test_prove_says_why_it_cannot(tmp_path: Path):
