@@ -12,16 +12,17 @@ allocated (`no-key`). Every figure is integer Wh; money is `Decimal`, rounded on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, DecimalException, localcontext
 from zoneinfo import ZoneInfo
 
 from daisee_node.community.allocation import Allocator, PeriodAllocation, Trade
 from daisee_node.community.files import Tariff
-from daisee_node.community.keys import AnyKey, parse_key
-from daisee_node.errors import DaiseeError
+from daisee_node.community.keys import AnyKey, StaticKey, TiersKey, parse_key
+from daisee_node.errors import ConfigError, ConfigProblem, DaiseeError
 
 #: member-period status, worst first: what the statement and the CSV files say
 MISSING, PARTIAL, NO_KEY, INCOMPLETE, OK = "missing", "partial", "no-key", "incomplete", "ok"
@@ -187,29 +188,54 @@ def gather(
     )
 
 
+class KeyMembersError(ConfigError, CommunityError):
+    """A key file that names a member the members file does not have, or one member twice (by
+    name and by address, say): every such problem with its path in the key file."""
+
+
 def translate_key(key: AnyKey, address_of: Callable[[str], str | None], source: str) -> AnyKey:
     """The key with every member it names given by address (a key file may name members by
-    name or by address); `CommunityError` naming each member the community does not have."""
+    name or by address); `KeyMembersError` naming each member the community does not have and
+    each member named twice, with its path in the key file."""
     data = key.canonical()
-    unknown: list[str] = []
+    problems: list[ConfigProblem] = []
+    first: dict[str, str] = {}  # address: the path that named it first
 
-    def member(m: str) -> str:
+    def member(m: str, path: str) -> str:
         address = address_of(m)
         if address is None:
-            unknown.append(m)
+            problems.append(ConfigProblem(path, f"unknown member {m!r} (not in the members file)"))
             return m
+        if address in first:
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"{m!r} is the member {first[address]} names already ({address}): name "
+                    "each member once",
+                )
+            )
+        else:
+            first[address] = path
         return address
 
-    if "coefficients" in data:
-        data["coefficients"] = {member(m): c for m, c in data["coefficients"].items()}
-    if "tiers" in data:
-        data["tiers"] = [[member(m) for m in tier] for tier in data["tiers"]]
-    if unknown:
-        raise CommunityError(
-            f"{source}: unknown member {', '.join(repr(m) for m in sorted(unknown))} (not in "
-            "the members file)"
-        )
+    if isinstance(key, StaticKey):
+        data["coefficients"] = {
+            member(m, _key_path("coefficients", m)): data["coefficients"][m]
+            for m in key.coefficients
+        }
+    if isinstance(key, TiersKey):
+        data["tiers"] = [
+            [member(m, f"tiers[{i}][{j}]") for j, m in enumerate(tier)]
+            for i, tier in enumerate(key.tiers)
+        ]
+    if problems:
+        raise KeyMembersError(source, problems)
     return parse_key(data, source=source)
+
+
+def _key_path(table: str, name: str) -> str:
+    """`table.name`, quoted as TOML quotes a key when it must be (`coefficients."0x5aed…"`)."""
+    return f"{table}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'{table}."{name}"'
 
 
 @dataclass(frozen=True)
@@ -477,6 +503,20 @@ def kwh_text(wh: int) -> str:
 def bill(account: MemberMonth, tariff: Tariff, credit_decimals: int = 18) -> Bill:
     """The month's bill: each line's amount is quantity × price, rounded half up to the tariff's
     decimals; the total is the sum of the rounded lines."""
+    # Enough digits that no product of chain figures (uint64 Wh, uint256 credit units) and
+    # tariff prices is ever rounded before the one rounding per line.
+    with localcontext() as ctx:
+        ctx.prec = 200
+        try:
+            return _bill(account, tariff, credit_decimals)
+        except DecimalException as exc:
+            raise CommunityError(
+                f"{account.month} {account.name}: the bill cannot be computed "
+                f"({exc.__class__.__name__}): its figures are out of range"
+            ) from None
+
+
+def _bill(account: MemberMonth, tariff: Tariff, credit_decimals: int) -> Bill:
     step = Decimal(1).scaleb(-tariff.decimals)
     cur = tariff.currency
 

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,8 @@ from daisee_node.errors import DaiseeError
 from daisee_node.ledger.cli_errors import chain_errors
 
 if TYPE_CHECKING:
+    from web3 import Web3
+
     from daisee_node.community.billing import Bill, CommunityData, KeyInForce, MemberMonth
     from daisee_node.community.chaindata import ChainRead
     from daisee_node.community.files import MembersFile, Tariff
@@ -28,6 +30,13 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 DEFAULT_PERIOD_S = 900
+#: periods one `allocate` or `bill` computes at most
+MAX_PERIODS = 200_000
+#: the longest settlement period a command takes (31 days)
+MAX_PERIOD_S = 31 * 86_400
+#: the instants a command takes: from 1970 to the end of year 9999 (what a date can name, and
+#: well inside the registry's uint64 ms)
+MAX_TIME_MS = 253_402_300_800_000
 
 
 def add_parsers(sub: Any) -> None:
@@ -187,37 +196,86 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse_time(text: str, what: str) -> int:
-    """ms since the epoch, an ISO 8601 time with its zone, or a date (its midnight, UTC)."""
+    """ms since the epoch, an ISO 8601 time with its zone, or a date (its midnight, UTC); between
+    1970 and the end of year 9999."""
     text = text.strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if text.isascii() and text.isdigit():
+        # Its length first: int() of a very long string is itself slow.
+        t_ms = int(text) if len(text) <= 20 else MAX_TIME_MS
+    else:
+        try:
+            if len(text) == 10:
+                day = date.fromisoformat(text)
+                when = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            else:
+                when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise DaiseeError(
+                f"{what} {shown!r}: give an ISO time with its zone (2026-11-01T00:00:00Z), a date "
+                "(2026-11-01) or ms since the epoch"
+            ) from None
+        if when.tzinfo is None:
+            raise DaiseeError(f"{what} {shown!r}: give a time zone (e.g. 'Z' or '+01:00')")
+        t_ms = int(when.timestamp() * 1000)
+    if not 0 <= t_ms < MAX_TIME_MS:
         raise DaiseeError(
-            f"{what} {text!r}: give an ISO time with its zone (2026-11-01T00:00:00Z), a date "
-            "(2026-11-01) or ms since the epoch"
-        ) from None
-    if when.tzinfo is None:
-        raise DaiseeError(f"{what} {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-    return int(when.timestamp() * 1000)
+            f"{what} {shown!r} is out of range: give a time from 1970-01-01T00:00:00Z to the end "
+            f"of 9999 (ms below {MAX_TIME_MS})"
+        )
+    return t_ms
+
+
+def _check_period_s(period_s: int) -> int:
+    """The settlement period in ms, once `--period-s` is known to be a sensible one."""
+    if not 1 <= period_s <= MAX_PERIOD_S:
+        raise DaiseeError(
+            f"--period-s {period_s}: give a period of 1 to {MAX_PERIOD_S} s (31 days); the "
+            f"community's is usually {DEFAULT_PERIOD_S}"
+        )
+    return period_s * 1000
+
+
+def _check_blocks(args: argparse.Namespace) -> None:
+    for option, block in (("--from-block", args.from_block), ("--block", args.block)):
+        if block is not None and block < 0:
+            raise DaiseeError(f"{option} {block}: a block number is 0 or more")
 
 
 def _month_range(text: str, tariff: Tariff) -> tuple[int, int]:
+    shown = text if len(text) <= 40 else text[:37] + "..."
     try:
         year, month = (int(part) for part in text.split("-"))
         start = datetime(year, month, 1, tzinfo=tariff.zone)
-    except ValueError:
-        raise DaiseeError(f"--month {text!r}: give a month as YYYY-MM") from None
-    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    end = datetime(year, month, 1, tzinfo=tariff.zone)
-    return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        end = datetime(year, month, 1, tzinfo=tariff.zone)
+        t_from, t_to = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+    except (ValueError, OverflowError):
+        raise DaiseeError(
+            f"--month {shown!r}: give a month as YYYY-MM, from 1970-01 to 9999-11"
+        ) from None
+    if t_from < 0 or t_to > MAX_TIME_MS:
+        raise DaiseeError(f"--month {shown!r}: give a month from 1970-01 to 9999-11")
+    return t_from, t_to
 
 
-def _chain_of(args: argparse.Namespace) -> tuple[str, str | None]:
+@dataclass(frozen=True)
+class _Chain:
+    """Where the chain is: the RPC URL, the ledger's address if known, and, when the URL comes
+    from a node config, the config's fallback URLs and timeout."""
+
+    rpc: str
+    ledger: str | None
+    fallback_urls: tuple[str, ...] = ()
+    timeout_s: float = 10.0
+
+    def connect(self) -> Web3:
+        from daisee_node.ledger import chain
+
+        return chain.connect(self.rpc, self.timeout_s, fallback_urls=self.fallback_urls)
+
+
+def _chain_of(args: argparse.Namespace) -> _Chain:
     rpc, ledger = args.rpc, args.ledger
     if args.config is not None:
         from daisee_node.config import load_config
@@ -225,11 +283,22 @@ def _chain_of(args: argparse.Namespace) -> tuple[str, str | None]:
         config = load_config(args.config)
         if config.chain is None:
             raise DaiseeError(f"{args.config} has no [chain] section")
-        rpc = rpc or config.chain.rpc_url
+        if rpc is None:
+            from daisee_node import logs
+
+            # A switch to a fallback is said on stderr: stdout carries the results (--json).
+            logs.configure("warning", config.log.format)
+            # The config's fallbacks are for its own URL, not for one given with --rpc.
+            return _Chain(
+                config.chain.rpc_url,
+                ledger or config.chain.ledger_address,
+                tuple(config.chain.rpc_fallback_urls),
+                config.chain.rpc_timeout_s,
+            )
         ledger = ledger or config.chain.ledger_address
     if rpc is None:
         raise DaiseeError("give --rpc URL (or -c CONFIG with a [chain] section)")
-    return rpc, ledger
+    return _Chain(rpc, ledger)
 
 
 def _address(text: str | None, what: str) -> str:
@@ -323,28 +392,35 @@ def _prepare(
 ) -> tuple[CommunityData, ChainRead, MembersFile]:
     """Check the files, read the chain, lay the data out."""
     from daisee_node.community import chaindata
-    from daisee_node.community.billing import gather, period_range
+    from daisee_node.community.billing import gather, period_range, translate_key
     from daisee_node.community.files import load_members
     from daisee_node.community.keys import load_key
 
+    # Everything that can be refused without the chain is, before the chain is asked.
     members = load_members(args.members)
-    for path in args.key:  # a file that cannot be read is said before the chain is asked
-        load_key(path)
-    if args.period_s <= 0:
-        raise DaiseeError("--period-s must be at least 1")
+    for path in args.key:  # unknown members and a member named twice too
+        translate_key(load_key(path), members.address_of, str(path))
+    period_ms = _check_period_s(args.period_s)
+    _check_blocks(args)
     t_from, t_to = _range(args, tariff)
-    starts = period_range(t_from, t_to, args.period_s * 1000)
-    if len(starts) > 200_000:
-        raise DaiseeError(f"the range holds {len(starts)} periods; give at most 200,000")
-    rpc, ledger = _chain_of(args)
+    count = -(-(t_to - t_from // period_ms * period_ms) // period_ms)
+    if count > MAX_PERIODS:
+        raise DaiseeError(f"the range holds {count} periods; give at most {MAX_PERIODS:,}")
+    _check_outputs(args)
+    where = _chain_of(args)
+    ledger = _address(where.ledger, "--ledger")
+    registry = _address(args.registry, "--registry")
+    market = _address(args.market, "--market") if args.market else None
+    starts = period_range(t_from, t_to, period_ms)
     read = chaindata.read_all(
-        rpc,
-        _address(ledger, "--ledger"),
-        _address(args.registry, "--registry"),
+        where.rpc,
+        ledger,
+        registry,
         members.members,
-        market_address=_address(args.market, "--market") if args.market else None,
+        market_address=market,
         from_block=args.from_block,
         block=args.block,
+        w3=where.connect(),
     )
     keys = keys_in_force(read.keys, args.key, members, starts)
     data = gather(
@@ -358,7 +434,7 @@ def _prepare(
     )
     data.wh_per_credit = read.wh_per_credit
     if args.reports is not None:
-        _flag_nonconforming(args.reports, rpc, data)
+        _flag_nonconforming(args.reports, where.rpc, data, where.fallback_urls)
     data.credit_decimals = read.credit_decimals
     if read.unreadable:
         shown = ", ".join(f"{n} seq {s}" for n, s in read.unreadable[:5])
@@ -371,7 +447,9 @@ def _prepare(
     return data, read, members
 
 
-def _flag_nonconforming(folder: Path, rpc: str, data: CommunityData) -> None:
+def _flag_nonconforming(
+    folder: Path, rpc: str, data: CommunityData, fallback_urls: tuple[str, ...] = ()
+) -> None:
     """Check each conformity report proof in `folder` against the chain; flag the member-periods
     of those that prove and failed. One that does not prove is said and left out."""
     from daisee_node.community.billing import flag_failed
@@ -386,7 +464,7 @@ def _flag_nonconforming(folder: Path, rpc: str, data: CommunityData) -> None:
             report = proof.data.get("report")
             if not isinstance(report, dict):
                 raise DaiseeError("not a conformity report proof")
-            checked = check_proof(proof, rpc)
+            checked = check_proof(proof, rpc, fallback_urls=fallback_urls)
         except (DaiseeError, OSError) as exc:
             refused.append(f"{path.name}: {exc}")
             continue
@@ -407,20 +485,90 @@ def _flag_nonconforming(folder: Path, rpc: str, data: CommunityData) -> None:
         print(f"conformity report left out, {line}", file=sys.stderr)
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before the chain is read, a path the results could not be written to: a file
+    whose folder is missing, a folder whose parent is missing. Only the last folder of a DIR is
+    made: a mistyped path never creates a tree of folders."""
+    if args.reports is not None and not args.reports.is_dir():
+        why = "does not exist" if not args.reports.exists() else "is not a folder"
+        raise DaiseeError(f"--reports {args.reports}: {why} (give the folder of report proofs)")
+    if args.keys_csv is not None:
+        _check_output(args.keys_csv, "--keys-csv", folder=False)
+    if args.periods_csv is not None:
+        _check_output(args.periods_csv, "--periods-csv", folder=True)
+    if getattr(args, "html", None) is not None:
+        _check_output(args.html, "--html", folder=True)
+
+
+def _check_output(path: Path, option: str, *, folder: bool) -> None:
+    """Refuse `path` for `option` (a file, or a folder when `folder`) unless it can be written."""
+    if folder and path.exists() and not path.is_dir():
+        raise DaiseeError(f"{option} {path}: is not a folder")
+    if not folder and path.is_dir():
+        raise DaiseeError(f"{option} {path}: is a folder (give a file name)")
+    parent = path.parent
+    if not (folder and path.is_dir()) and not parent.is_dir():
+        why = "does not exist" if not parent.exists() else "is not a folder"
+        raise DaiseeError(f"{option} {path}: the folder {parent} {why}")
+    # Try it (and leave nothing behind): permissions, a read-only or special file system.
+    try:
+        if folder and not path.exists():
+            path.mkdir()
+            path.rmdir()
+        elif not folder and not path.exists():
+            path.open("x").close()
+            path.unlink()
+        elif not folder:
+            path.open("a").close()  # an existing file is kept as it is until it is rewritten
+    except OSError as exc:
+        raise DaiseeError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
+def output_folder(path: Path, option: str) -> Path:
+    """`path`, made if missing (its parent must exist); one line naming it if it cannot be."""
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise DaiseeError(f"{option} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _open(path: Path, option: str, stack: ExitStack) -> Any:
+    try:
+        return stack.enter_context(path.open("w", encoding="utf-8", newline=""))
+    except OSError as exc:
+        raise DaiseeError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
 def _writer(args: argparse.Namespace, data: CommunityData, stack: ExitStack, rows: bool) -> Any:
     from daisee_node.community.outputs import PeriodWriter, safe_file_name
 
     keys_csv = None
     if args.keys_csv is not None:
-        args.keys_csv.parent.mkdir(parents=True, exist_ok=True)
-        keys_csv = stack.enter_context(args.keys_csv.open("w", encoding="utf-8", newline=""))
+        keys_csv = _open(args.keys_csv, "--keys-csv", stack)
     member_csv = {}
     if args.periods_csv is not None:
-        args.periods_csv.mkdir(parents=True, exist_ok=True)
+        folder = output_folder(args.periods_csv, "--periods-csv")
         for i, m in enumerate(data.members):
-            path = args.periods_csv / f"{safe_file_name(data.names.get(m, m))}.csv"
-            member_csv[i] = stack.enter_context(path.open("w", encoding="utf-8", newline=""))
+            path = folder / f"{safe_file_name(data.names.get(m, m))}.csv"
+            member_csv[i] = _open(path, "--periods-csv", stack)
     return PeriodWriter(data, keys_csv, member_csv, [] if rows else None)
+
+
+def _computed(args: argparse.Namespace, data: CommunityData, compute: Any, rows: bool) -> Any:
+    """Run `compute(sink)` (the monthly accounts) with the CSV files written as it goes; a file
+    that cannot be written is one line naming the option."""
+    with ExitStack() as stack:
+        writer = _writer(args, data, stack, rows)
+        checks = _Checked(writer)
+        try:
+            months = compute(checks)
+            stack.close()  # a full disk may only show when the files are flushed
+        except OSError as exc:
+            where = exc.filename or "the CSV files"
+            raise DaiseeError(f"writing {where}: {exc.strerror or exc}") from None
+    checks.report()
+    return writer, months
 
 
 def _header(read: ChainRead, data: CommunityData, keys: list[KeyInForce]) -> dict[str, Any]:
@@ -498,11 +646,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from daisee_node.community.billing import monthly
 
     data, read, _ = _prepare(args)
-    with ExitStack() as stack:
-        writer = _writer(args, data, stack, rows=True)
-        checks = _Checked(writer)
-        months = monthly(data, sink=checks)
-    checks.report()
+    writer, months = _computed(args, data, lambda sink: monthly(data, sink=sink), rows=True)
     head = _header(read, data, data.keys)
     head["digest"] = writer.digest()
     totals = _totals(months)
@@ -594,11 +738,9 @@ def cmd_bill(args: argparse.Namespace) -> int:
         if members.address_of(args.member) is None:
             raise DaiseeError(f"--member {args.member!r} is not in {args.members}")
     data, read, members = _prepare(args, tariff)
-    with ExitStack() as stack:
-        writer = _writer(args, data, stack, rows=False)
-        checks = _Checked(writer)
-        months = monthly(data, tariff.zone, sink=checks)
-    checks.report()
+    writer, months = _computed(
+        args, data, lambda sink: monthly(data, tariff.zone, sink=sink), rows=False
+    )
     only = members.address_of(args.member) if args.member else None
     bills: dict[str, list[Bill]] = {}
     for accounts in months.values():
@@ -620,10 +762,15 @@ def cmd_bill(args: argparse.Namespace) -> int:
             head["digest"],
             f"{head['from']} to {head['to']}",
         )
+        folder = output_folder(args.html, "--html")
         for member, member_bills in bills.items():
             name = data.names.get(member, member)
             text = statement_html(name, member, member_bills, prov, members.name)
-            write_text(args.html / f"{safe_file_name(name)}.html", text)
+            path = folder / f"{safe_file_name(name)}.html"
+            try:
+                write_text(path, text)
+            except OSError as exc:
+                raise DaiseeError(f"--html {path}: {exc.strerror or exc}") from None
     if args.json:
         head["bills"] = [_bill_json(b) for member_bills in bills.values() for b in member_bills]
         print(json.dumps(head))
@@ -675,38 +822,53 @@ def _bill_json(b: Bill) -> dict[str, Any]:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from daisee_node.community import registry
-    from daisee_node.ledger import chain
 
-    rpc, ledger = _chain_of(args)
-    w3 = chain.connect(rpc)
+    where = _chain_of(args)
+    ledger = _address(where.ledger, "--ledger")
     account = _account(args)
-    address = registry.deploy(w3, account, _address(ledger, "--ledger"))
-    print(json.dumps({"registry": address, "ledger": _address(ledger, "--ledger")}))
+    address = registry.deploy(where.connect(), account, ledger)
+    print(json.dumps({"registry": address, "ledger": ledger}))
     return EXIT_OK
 
 
 def cmd_key_record(args: argparse.Namespace) -> int:
     from daisee_node.community.billing import translate_key, utc_text
-    from daisee_node.community.keys import key_hash, load_key
+    from daisee_node.community.keys import is_address, key_hash, load_key, named_members
     from daisee_node.community.registry import Registry
-    from daisee_node.ledger import chain
 
+    # Every refusal that needs no chain comes before anything is sent.
     key = load_key(args.file)
     if args.members is not None:
         from daisee_node.community.files import load_members
 
         translate_key(key, load_members(args.members).address_of, str(args.file))
-    rpc, _ = _chain_of(args)
-    w3 = chain.connect(rpc)
-    reg = Registry(w3, _address(args.registry, "--registry"))
-    reg.check_deployed()
-    if args.start is None:
-        now_ms = int(w3.eth.get_block("latest")["timestamp"]) * 1000
-        period = args.period_s * 1000
-        start = (now_ms // period + 1) * period
     else:
+        named = named_members(key)
+        if any(map(is_address, named)) and not all(map(is_address, named)):
+            raise DaiseeError(
+                f"{args.file}: the key names members both by name and by address: give "
+                "--members FILE, so that a member named twice is refused before it is recorded"
+            )
+    period = _check_period_s(args.period_s)
+    start = None
+    if args.start is not None:
         start = parse_time(args.start, "--from")
-    record = reg.record_key(_account(args), key_hash(key), start)
+        if start % period:
+            before, after = start // period * period, (start // period + 1) * period
+            raise DaiseeError(
+                f"--from {args.start}: {utc_text(start)} is not the start of a period of "
+                f"{args.period_s} s (periods start at multiples of --period-s since "
+                f"1970-01-01T00:00:00Z: {utc_text(before)} or {utc_text(after)})"
+            )
+    registry = _address(args.registry, "--registry")
+    account = _account(args)
+    w3 = _chain_of(args).connect()
+    reg = Registry(w3, registry)
+    reg.check_deployed()
+    if start is None:
+        now_ms = int(w3.eth.get_block("latest")["timestamp"]) * 1000
+        start = (now_ms // period + 1) * period
+    record = reg.record_key(account, key_hash(key), start)
     print(
         json.dumps(
             {
@@ -725,14 +887,14 @@ def cmd_key_show(args: argparse.Namespace) -> int:
     from daisee_node.community.billing import utc_text
     from daisee_node.community.keys import key_hash, load_key
     from daisee_node.community.registry import Registry
-    from daisee_node.ledger import chain
 
     files = {key_hash(load_key(path)): str(path) for path in args.key}
-    rpc, _ = _chain_of(args)
-    reg = Registry(chain.connect(rpc), _address(args.registry, "--registry"))
+    at = parse_time(args.at, "--at") if args.at is not None else None
+    registry = _address(args.registry, "--registry")
+    reg = Registry(_chain_of(args).connect(), registry)
     reg.check_deployed()
-    if args.at is not None:
-        found = reg.key_for(parse_time(args.at, "--at"))
+    if at is not None:
+        found = reg.key_for(at)
         if found is None:
             raise DaiseeError(f"no key is recorded for {args.at}")
         records = [found]

@@ -29,22 +29,48 @@ from daisee_node.models import StrictModel
 
 
 def _money(value: Any) -> Any:
-    """An exact amount: a TOML integer, a float by its shortest decimal spelling, or a string."""
+    """An exact amount: a TOML integer, a float by its shortest decimal spelling, or a string;
+    bounded (`MAX_AMOUNT_DIGITS`, `MAX_AMOUNT_DECIMALS`) so that a bill's arithmetic is exact."""
     if isinstance(value, bool):
         raise ValueError("an amount is a number, not a boolean")
     if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, float):
-        return Decimal(repr(value))
-    if isinstance(value, str):
+        amount = Decimal(value)
+    elif isinstance(value, float):
+        amount = Decimal(repr(value))
+    elif isinstance(value, str):
         try:
             amount = Decimal(value.strip())
         except InvalidOperation:
-            raise ValueError(f'{value!r} is not an amount (write 0.12 or "0.12")') from None
-        if not amount.is_finite():
-            raise ValueError(f"{value!r} is not an amount")
-        return amount
-    return value
+            raise ValueError(f'{_quoted(value)} is not an amount (write 0.12 or "0.12")') from None
+    elif isinstance(value, Decimal):
+        amount = value
+    else:
+        return value  # pydantic says what it is not
+    if not amount.is_finite():
+        raise ValueError(f"{_quoted(value)} is not an amount")
+    if not amount.is_zero() and amount.adjusted() >= MAX_AMOUNT_DIGITS:
+        raise ValueError(
+            f"{_quoted(value)} is too large for an amount (at most {MAX_AMOUNT_DIGITS} digits "
+            "before the point)"
+        )
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MAX_AMOUNT_DECIMALS:
+        if amount.is_zero():
+            return Decimal(0)
+        raise ValueError(f"{_quoted(value)} has more than {MAX_AMOUNT_DECIMALS} decimals")
+    return amount
+
+
+#: an amount (per kWh, per credit or per month) has at most MAX_AMOUNT_DIGITS digits before the
+#: point and MAX_AMOUNT_DECIMALS after it: far beyond any tariff
+MAX_AMOUNT_DIGITS = 10
+MAX_AMOUNT_DECIMALS = 18
+
+
+def _quoted(value: Any) -> str:
+    """`value` as an error message quotes it, cut short so that the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= 44 else text[:40] + "...'"
 
 
 Money = Annotated[Decimal, BeforeValidator(_money), Field(ge=0)]

@@ -40,6 +40,18 @@ from daisee_node.models import StrictModel
 MEMBER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 _ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
 KEY_KINDS = ("prorata", "static", "tiers", "equal")
+#: the spellings of a coefficient `Fraction` is given: a decimal (with an exponent or not) or a
+#: fraction, ASCII digits only, no `_` (a "%" is taken off first)
+_COEFFICIENT = re.compile(
+    r"[+-]?(?:(?=\.?\d)(?P<int>\d*)(?:\.(?P<frac>\d*))?(?:[eE](?P<exp>[+-]?\d+))?"
+    r"|(?P<num>\d+)/(?P<den>\d+))",
+    re.ASCII,
+)
+#: digits and decimal exponent a coefficient may have: far beyond any meaningful precision, and
+#: small enough that reading it costs nothing (`Fraction("1e-9999999")` takes seconds, a larger
+#: exponent hours)
+MAX_COEFFICIENT_DIGITS = 40
+MAX_COEFFICIENT_EXPONENT = 40
 
 
 def member_id(text: str) -> str:
@@ -73,18 +85,46 @@ def _fraction(value: Any) -> Any:
     if isinstance(value, int):
         return Fraction(value)
     if isinstance(value, float):
-        return Fraction(repr(value))
+        return _exact(repr(value), value)
     if isinstance(value, str):
         text = value.strip()
-        try:
-            if text.endswith("%"):
-                return Fraction(text[:-1].strip()) / 100
-            return Fraction(text)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(
-                f'coefficient {value!r} is not a number (write 0.25, "1/3" or "25%")'
-            ) from None
+        if text.endswith("%"):
+            return _exact(text[:-1].strip(), value) / 100
+        return _exact(text, value)
     return value
+
+
+def _exact(text: str, value: Any) -> Fraction:
+    """`text` as a Fraction, once its size is known to be reasonable: the digits and the exponent
+    are bounded before anything is converted."""
+    found = _COEFFICIENT.fullmatch(text)
+    if found is None:
+        raise ValueError(
+            f'coefficient {_short(value)} is not a number (write 0.25, "1/3" or "25%")'
+        )
+    digits = sum(len(found[g] or "") for g in ("int", "frac", "num", "den"))
+    exponent = (found["exp"] or "0").lstrip("+-").lstrip("0")
+    if (
+        digits > MAX_COEFFICIENT_DIGITS
+        or len(exponent) > 3
+        or int(exponent or 0) > MAX_COEFFICIENT_EXPONENT
+    ):
+        raise ValueError(
+            f"coefficient {_short(value)} is too long: at most {MAX_COEFFICIENT_DIGITS} digits "
+            f"and an exponent between -{MAX_COEFFICIENT_EXPONENT} and {MAX_COEFFICIENT_EXPONENT}"
+        )
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(
+            f'coefficient {_short(value)} is not a number (write 0.25, "1/3" or "25%")'
+        ) from None
+
+
+def _short(value: Any) -> str:
+    """A value as an error message quotes it, cut short: the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= 44 else text[:40] + "...'"
 
 
 MemberId = Annotated[str, BeforeValidator(_member)]
@@ -121,6 +161,28 @@ class StaticKey(_Key):
 
     kind: Literal["static"]
     coefficients: dict[MemberId, Coefficient] = Field(min_length=1)
+
+    @field_validator("coefficients", mode="before")
+    @classmethod
+    def _each_member_once(cls, coefficients: Any) -> Any:
+        # Two spellings of one address would otherwise become one entry, the last one's.
+        if isinstance(coefficients, dict):
+            first: dict[str, str] = {}
+            twice: list[str] = []
+            for name in coefficients:
+                if not isinstance(name, str) or not MEMBER_PATTERN.match(name):
+                    continue  # refused as a member id with its own path
+                one = member_id(name)
+                if one in first:
+                    twice.append(f"{first[one]!r} and {name!r}")
+                else:
+                    first[one] = name
+            if twice:
+                raise ValueError(
+                    f"{'; '.join(twice)} name the same member (an address in any case is one "
+                    "node): give each member once"
+                )
+        return coefficients
 
     @field_validator("coefficients")
     @classmethod
@@ -166,6 +228,20 @@ _KEY = TypeAdapter[ProrataKey | StaticKey | TiersKey | EqualKey](Key)
 AnyKey = ProrataKey | StaticKey | TiersKey | EqualKey
 
 
+def named_members(key: AnyKey) -> list[str]:
+    """The member ids a key names, in the file's order (none for prorata and equal)."""
+    if isinstance(key, StaticKey):
+        return list(key.coefficients)
+    if isinstance(key, TiersKey):
+        return [m for tier in key.tiers for m in tier]
+    return []
+
+
+def is_address(member: str) -> bool:
+    """Whether a member id is a node address (else it is a name from the members file)."""
+    return bool(_ADDRESS.match(member))
+
+
 def _fraction_text(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
@@ -201,11 +277,25 @@ def load_key(path: str | Path) -> AnyKey:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_once_each)
+        else:
+            data = tomllib.loads(text)  # TOML itself refuses a key given twice
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         # tomllib.TOMLDecodeError and json.JSONDecodeError are both ValueErrors.
-        raise ConfigError(str(path), [ConfigProblem("", str(exc))]) from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(str(path), [ConfigProblem("", reason)]) from None
     return parse_key(data, source=str(path))
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it gives a key twice (`json` would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise ValueError(f"the key {name!r} is given twice in one object")
+        out[name] = value
+    return out
 
 
 def _problem(err: Any, data: Any) -> ConfigProblem:

@@ -248,5 +248,5 @@ def safe_file_name(name: str) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # its own folder only: never a tree from a mistyped path
     path.write_text(text, encoding="utf-8")

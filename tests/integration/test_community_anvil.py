@@ -177,7 +177,8 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
         secret.chmod(0o600)
     (recorded,) = cli_together(
         ["community", "key", "record", str(tiers), "--registry", registry.address,
-         "--from", str(switch), "--members", str(members), "--rpc", anvil.anvil.url,
+         "--from", str(switch), "--period-s", str(PERIOD_S), "--members", str(members),
+         "--rpc", anvil.anvil.url,
          "--keystore", str(gov_keystore), "--password-file", str(gov_password)]
     )  # fmt: skip
     assert recorded.returncode == 0, recorded.stderr
