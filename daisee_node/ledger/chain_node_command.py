@@ -23,8 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], config:
     p.add_argument(
         "--host",
         type=_host,
-        default="127.0.0.1",
-        help="id: the address others reach it at (an IP address or a host name)",
+        default=None,
+        help="id: the address others reach it at (an IP address or a host name; default: "
+        'the address of [chain_node] nat = "extip:…", else 127.0.0.1)',
     )
     p.set_defaults(func=_command)
 
@@ -57,7 +58,12 @@ def _command(args: argparse.Namespace) -> int:
     if args.action == "run":
         run(section)
     if args.action == "id":
-        me = identity(section, args.host)
+        host = args.host
+        if host is None:
+            # what geth itself announces with `--nat extip:IP`: the enode others can dial
+            nat = section.nat or ""
+            host = nat.removeprefix("extip:") if nat.startswith("extip:") else "127.0.0.1"
+        me = identity(section, host)
         print(f"enode  {me.enode}")
         if me.signer is not None:
             print(f"signer {me.signer}")

@@ -289,3 +289,20 @@ def test_the_enode_id_prints_is_one_bootnodes_takes(
         f'[node]\nid = "b"\n[chain_node]\nrole = "follower"\nbootnodes = ["{enode}"]'
     )
     assert taken.chain_node is not None and taken.chain_node.bootnodes == [enode]
+
+
+def test_id_announces_the_nat_address_unless_told_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `nat = "extip:IP"` geth announces IP; `id` prints the enode the others dial."""
+    config = node_config(tmp_path, nat="extip:192.168.1.20")
+    code, out, err = daisee("chain-node", "id", "-c", str(config), capsys=capsys)
+    assert code == 0, err
+    assert urlsplit(out.split()[1]).hostname == "192.168.1.20"
+    code, out, err = daisee(
+        "chain-node", "id", "-c", str(config), "--host", "node7.lan", capsys=capsys
+    )
+    assert code == 0 and urlsplit(out.split()[1]).hostname == "node7.lan"
+    config = node_config(tmp_path / "plain")
+    code, out, err = daisee("chain-node", "id", "-c", str(config), capsys=capsys)
+    assert code == 0 and urlsplit(out.split()[1]).hostname == "127.0.0.1"
