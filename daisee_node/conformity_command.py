@@ -149,7 +149,7 @@ async def show(
         build_report_proof,
         check_proof,
         parse_proof,
-        salt_secret_of,
+        unlock_salt_secret,
     )
     from daisee_node.store import Store, db_path
 
@@ -168,7 +168,8 @@ async def show(
                 "make reports then)"
             )
         report = stored.report()
-        signed, why = await _signed(store, node, entry, salt_secret_of(config))
+        secret, locked = unlock_salt_secret(config)
+        signed, why = await _signed(store, node, entry, secret, locked)
         since = await _since_sealing(store, c.t0, c.t1, c.count)
         proof = None
         if prove:
@@ -231,12 +232,15 @@ async def _entry(store: Store, outbox: Outbox, node: str, period: tuple[str, int
     )
 
 
-async def _signed(store: Store, node: str, entry: Entry, secret: bytes | None) -> tuple[bool, str]:
-    """Whether the report's leaf and the buffer's readings give the root the node signed."""
+async def _signed(
+    store: Store, node: str, entry: Entry, secret: bytes | None, locked: str | None = None
+) -> tuple[bool, str]:
+    """Whether the report's leaf and the buffer's readings give the root the node signed
+    (`locked`: why the node key could not be unlocked, said if the root needs its salts)."""
     from daisee_node.ledger.proofs import period_tree
 
     try:
-        await period_tree(store, node, entry, secret)
+        await period_tree(store, node, entry, secret, locked=locked)
     except DaiseeError as exc:
         return False, str(exc)
     return True, "the report's digest and the buffer's readings give the signed root"

@@ -177,7 +177,12 @@ def add_parsers(sub: Any, default_config: Path) -> None:
 # -- keys ------------------------------------------------------------------------------------
 
 
-def _key_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+def _key_paths(
+    args: argparse.Namespace, *, default_without_chain: bool = False
+) -> tuple[Path, Path]:
+    """The keystore and password file: the options', else the config's `[chain]` ones.
+    `default_without_chain`: a config without `[chain]` (a fresh image's) names the key the
+    daemon and the image use, `<data_dir>/node-key.json`, rather than failing."""
     from daisee_node.config import load_config
 
     config_path = args.config
@@ -189,7 +194,12 @@ def _key_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if config_path is not None:
         config = load_config(config_path)
         if config.chain is None:
-            raise DaiseeError(f"{config_path} has no [chain] section")
+            if not default_without_chain:
+                raise DaiseeError(f"{config_path} has no [chain] section")
+            # The same defaults as ChainSection.keystore_path / password_path.
+            keystore = args.keystore or config.data_dir / "node-key.json"
+            password = args.password_file or config.data_dir / "node-key.pass"
+            return keystore, password
         keystore = args.keystore or config.chain.keystore_path(config.data_dir)
         password = args.password_file or config.chain.password_path(config.data_dir)
         return keystore, password
@@ -210,9 +220,10 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
+    """Print the node's address and the keystore it was read from (public: no password)."""
     from daisee_node.ledger.keys import keystore_address
 
-    keystore, _ = _key_paths(args)
+    keystore, _ = _key_paths(args, default_without_chain=True)
     print(json.dumps({"address": keystore_address(keystore), "keystore": str(keystore)}))
     return EXIT_OK
 
@@ -255,30 +266,49 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 @_chain_errors
 def cmd_register(args: argparse.Namespace) -> int:
+    """Add, re-add or remove a node, or change its capacity. Without --capacity-w a node the
+    ledger already knows keeps the capacity governance gave it: running this again (to
+    --fund-eth, say) never raises it back to the default."""
     from eth_utils import to_checksum_address
 
     from daisee_node.ledger import chain
 
-    w3 = chain.connect(args.rpc)
-    account = _account(args)
-    capacity_w = chain.DEFAULT_CAPACITY_W if args.capacity_w is None else args.capacity_w
-    if not 0 < capacity_w < 2**32:
-        raise DaiseeError(f"--capacity-w {capacity_w}: give a power in W, from 1 to {2**32 - 1}")
+    if args.capacity_w is not None and not 0 < args.capacity_w < 2**32:
+        raise DaiseeError(
+            f"--capacity-w {args.capacity_w}: give a power in W, from 1 to {2**32 - 1}"
+        )
     if args.set_capacity and (args.remove or args.capacity_w is None):
         raise DaiseeError("--set-capacity needs --capacity-w and no --remove")
+    w3 = chain.connect(args.rpc)
+    account = _account(args)
     ledger = chain.Ledger(w3, args.ledger)
     ledger.check_deployed()
+    node = to_checksum_address(args.address)
+    before = ledger.head(node)
+    # A removed node keeps its capacity on chain too: re-adding it keeps that as well.
+    kept = args.capacity_w is None and not args.remove and before.capacity_w > 0
     if args.set_capacity:
-        ledger.set_capacity(account, args.address, capacity_w)
+        ledger.set_capacity(account, node, args.capacity_w)
+    elif args.remove:
+        ledger.set_node(account, node, registered=False)
+    elif kept and before.registered:
+        pass  # nothing to change on chain: registered, capacity as it is
     else:
-        ledger.set_node(account, args.address, registered=not args.remove, capacity_w=capacity_w)
+        capacity_w = before.capacity_w if kept else args.capacity_w or chain.DEFAULT_CAPACITY_W
+        ledger.set_node(account, node, registered=True, capacity_w=capacity_w)
     if args.fund_eth > 0:
-        chain.fund(w3, account, args.address, int(args.fund_eth * 10**18))
-    head = ledger.head(args.address)
+        chain.fund(w3, account, node, int(args.fund_eth * 10**18))
+    head = ledger.head(node)
+    if kept:
+        print(
+            f"{node} {'is' if before.registered else 'was'} registered with a capacity of "
+            f"{head.capacity_w} W: kept (give --capacity-w W to change it)",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             {
-                "node": to_checksum_address(args.address),
+                "node": node,
                 "registered": head.registered,
                 "seq": head.seq,
                 "capacity_w": head.capacity_w,

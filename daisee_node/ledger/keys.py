@@ -91,5 +91,9 @@ def load_account(keystore: Path, password_file: Path) -> LocalAccount:
     try:
         key = Account.decrypt(json.loads(keystore.read_text()), read_password(password_file))
     except ValueError as exc:
-        raise KeyStoreError(f"cannot decrypt {keystore}: {exc}") from exc
+        # A MAC mismatch is what a wrong password looks like: say which file holds it.
+        raise KeyStoreError(
+            f"cannot decrypt {keystore} with the password in {password_file}: {exc} "
+            "(wrong password?)"
+        ) from exc
     return Account.from_key(key)

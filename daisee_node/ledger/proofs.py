@@ -241,7 +241,8 @@ async def build_proof(
             raise DaiseeError(
                 f"that period (seq {entry.commitment.seq}) is {entry.state}, not on the chain yet"
             )
-        tree = await period_tree(store, node, entry, salt_secret_of(config))
+        secret, locked = unlock_salt_secret(config)
+        tree = await period_tree(store, node, entry, secret, locked=locked)
     finally:
         await store.close()
     node_bytes = bytes.fromhex(node[2:])
@@ -304,26 +305,41 @@ class PeriodTree:
 def salt_secret_of(config: Config) -> bytes | None:
     """The node's salt secret, from its key (None when the key cannot be unlocked here: then
     only periods sealed without salt can be proven)."""
-    from daisee_node.ledger.keys import KeyStoreError, load_account
+    return unlock_salt_secret(config)[0]
+
+
+def unlock_salt_secret(config: Config) -> tuple[bytes | None, str | None]:
+    """The node's salt secret and None, or None and why the node key cannot be unlocked here
+    (its password file open to others, missing, unreadable or wrong): the reason a period
+    sealed over salted leaves cannot be rebuilt."""
+    from daisee_node.ledger.keys import load_account
 
     chain = config.chain
     if chain is None:
-        return None
+        return None, "the config has no [chain] section"
     try:
         account = load_account(
             chain.keystore_path(config.data_dir), chain.password_path(config.data_dir)
         )
-    except (KeyStoreError, DaiseeError, OSError, ValueError):
-        return None
-    return merkle.salt_secret(bytes(account.key))
+    except (DaiseeError, ValueError) as exc:  # KeyStoreError is a DaiseeError
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"{exc.filename or 'the node key'}: {exc.strerror or exc}"
+    return merkle.salt_secret(bytes(account.key)), None
 
 
 async def period_tree(
-    store: Store, node: str, entry: Entry, secret: bytes | None = None
+    store: Store,
+    node: str,
+    entry: Entry,
+    secret: bytes | None = None,
+    *,
+    locked: str | None = None,
 ) -> PeriodTree:
     """A sealed period's Merkle tree, rebuilt from the buffer (and the conformity report sealed
     with it) and checked against the commitment's root: over salted leaves with `secret` when
-    that gives the root, else over plain ones (periods sealed before salting)."""
+    that gives the root, else over plain ones (periods sealed before salting). `locked`: why
+    there is no `secret`, named when the plain leaves do not give the root."""
     from daisee_node.conformity import leaf_entry
     from daisee_node.ledger.outbox import Outbox, period_leaves
 
@@ -343,6 +359,12 @@ async def period_tree(
             return PeriodTree(leaves, tree, secret)
     tree = merkle.levels(leaves)  # built once: it gives both the root and the proofs
     if tree[-1][0] != c.root:
+        if secret is None and locked is not None:
+            # Most likely sealed over salted leaves: the key is what is missing, not readings.
+            raise DaiseeError(
+                f"cannot unlock the node key to rebuild salted leaves: {locked}; without it "
+                f"the buffer's plain leaves do not give commitment {c.seq}'s root"
+            )
         hint = "" if secret is not None else " or the node key is needed to prove its salted leaves"
         raise DaiseeError(
             f"the buffer no longer matches commitment {c.seq} (readings removed?{hint})"
@@ -382,7 +404,8 @@ async def build_report_proof(
         raise DaiseeError(f"period seq {c.seq} was sealed without a conformity report")
     if entry.state not in (INCLUDED, CONFIRMED) or entry.tx_hash is None:
         raise DaiseeError(f"that period (seq {c.seq}) is {entry.state}, not on the chain yet")
-    tree = await period_tree(store, node, entry, salt_secret_of(config))
+    secret, locked = unlock_salt_secret(config)
+    tree = await period_tree(store, node, entry, secret, locked=locked)
     t_ms, _, micro, quality = leaf_entry(c.t1, report.digest)
     leaf = report_leaf(bytes.fromhex(node[2:]), c.t1, report.digest)
     reading = (REPORT_CHANNEL, REPORT_CHANNEL_ID, t_ms, None, micro, quality)

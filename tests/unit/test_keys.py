@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -57,3 +58,43 @@ def test_a_folder_made_for_a_new_key_is_private(tmp_path: Path) -> None:
     data = tmp_path / "data"
     new_keystore(data / "node-key.json", data / "node-key.pass")
     assert data.stat().st_mode & 0o777 == 0o700
+
+
+def _image_config(tmp_path: Path) -> Path:
+    """The image's config template as a fresh node has it after its first boot (`[chain]`
+    still commented out), its data dir moved into the test's folder."""
+    template = Path(__file__).parents[2] / "firmware/files/config.toml"
+    text = template.read_text()
+    assert "\n[chain]" not in text  # the case under test: no [chain] yet
+    config = tmp_path / "config.toml"
+    data = tmp_path / "data"
+    text = text.replace('"/var/lib/daisee-node"', f'"{data}"', 1)
+    config.write_text(text.replace('"CHANGE-ME"', '"node-1"', 1))  # as the first boot sets it
+    return config
+
+
+def test_keys_show_on_a_fresh_image_reads_the_default_node_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daisee_node import cli
+
+    config = _image_config(tmp_path)
+    keystore = tmp_path / "data" / "node-key.json"
+    # as the first boot makes it
+    address = new_keystore(keystore, tmp_path / "data" / "node-key.pass")
+    assert cli.main(["keys", "show", "-c", str(config)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"address": address, "keystore": str(keystore)}
+
+
+def test_keys_show_without_chain_or_key_names_the_file_it_looked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daisee_node import cli
+
+    config = _image_config(tmp_path)
+    assert cli.main(["keys", "show", "-c", str(config)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"no keystore at {tmp_path / 'data' / 'node-key.json'}" in err
+    assert "keys new" in err
