@@ -184,3 +184,16 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder() -> None:
         "chain.keystore": f"{reason} (got ' ')",
         "chain.password_file": f"{reason} (got '')",
     }
+
+
+def test_a_check_across_a_table_names_it_without_repeating_the_table() -> None:
+    """A problem of a whole `[[sensors]]` entry is said in one line, not followed by the entry
+    printed back as a Python dict; a single value is still shown as given."""
+    found = problems_of(
+        '[node]\nid = "x"\n[[sensors]]\nname = "line"\nkind = "ads1115"\nbus = "fake"\n'
+        'channel = 0\ncurrent_sensor = "sct013-030"\nmode = "ac"\n'
+    )
+    assert found["sensors[0]"].endswith("needs a [sensors.fake] table describing the signal")
+    assert "{" not in found["sensors[0]"]
+    found = problems_of('[node]\nid = "x"\ntime_speed = "many"\n')
+    assert any("(got 'many')" in message for message in found.values())
