@@ -377,11 +377,13 @@ def _span(t0: int, t1: int) -> str:
     """A window `t0`–`t1` (the end's day only when it differs); any uint64 at either end."""
     from daisee_node.ledger.market import utc_datetime, utc_text
 
+    # seconds only when a bound has them (short periods): "15:18–15:18" says nothing
+    clock = "%H:%M" if t0 % 60_000 == 0 and t1 % 60_000 == 0 else "%H:%M:%S"
     start, end = utc_datetime(t0), utc_datetime(t1)
     if start is None or end is None:
-        return f"{utc_text(t0, '%Y-%m-%d %H:%M')}–{utc_text(t1, '%Y-%m-%d %H:%M')} UTC"
-    tail = end.strftime("%H:%M") if end.date() == start.date() else end.strftime("%Y-%m-%d %H:%M")
-    return f"{start:%Y-%m-%d %H:%M}–{tail} UTC"
+        return f"{utc_text(t0, '%Y-%m-%d ' + clock)}–{utc_text(t1, '%Y-%m-%d ' + clock)} UTC"
+    tail = end.strftime(clock if end.date() == start.date() else "%Y-%m-%d " + clock)
+    return f"{start.strftime('%Y-%m-%d ' + clock)}–{tail} UTC"
 
 
 def _said(describe: Callable[[], str], done: str) -> int:

@@ -52,6 +52,13 @@ def test_every_uint64_time_is_shown_without_an_error(t_ms: int) -> None:
     assert _span(NOW, FAR) == "2026-01-01 00:00–year 275816 UTC"
 
 
+def test_a_short_window_is_shown_to_the_second() -> None:
+    """Windows of 30-s periods: a span in minutes would read "15:18–15:18"."""
+    assert (
+        _span(NOW + 18 * 60_000, NOW + 18 * 60_000 + 30_000) == "2026-01-01 00:18:00–00:18:30 UTC"
+    )
+
+
 def test_times_beyond_the_calendar_are_refused_in_one_line() -> None:
     for text in ("99999999999999999999999", "+100000000d", "+99999999999999999999min"):
         with pytest.raises(DaiseeError, match=r"out of range: give a time between 1970 and 9999"):
