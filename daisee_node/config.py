@@ -695,9 +695,9 @@ def _problem(err: Any, data: Any) -> ConfigProblem:
         msg = str(err["msg"])
         message = msg[:1].lower() + msg[1:]
         # a value is shown as given; a whole table (a check across its keys) is not repeated
-        if "input" in err and kind not in ("model_type", "dict_type"):
-            if not isinstance(err["input"], dict):
-                message += f" (got {err['input']!r})"
+        shown = "input" in err and not isinstance(err["input"], dict)
+        if shown and kind not in ("model_type", "dict_type"):
+            message += f" (got {err['input']!r})"
     return ConfigProblem(path, message)
 
 
