@@ -174,6 +174,8 @@ class Community:
     procs: list[Proc] = field(default_factory=list)
     chain_procs: list[Proc] = field(default_factory=list)
     configs: dict[str, Path] = field(default_factory=dict)
+    #: each home's chain node config (geth only): `daisee-node chain-node run -c` starts it
+    chain_configs: dict[str, Path] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     rpc_urls: dict[str, str] = field(default_factory=dict)
     ledger: str = ""
@@ -341,6 +343,7 @@ def start_geth_chain(c: Community, homes: tuple[Home, ...], geth: Path) -> None:
         config.write_text(
             table("node", {"id": name, "data_dir": c.work / name / "data"}) + chain_node_table(s)
         )
+        c.chain_configs[name] = config
         c.spawn(
             f"{name}-chain", [*node_command(), "chain-node", "run", "-c", str(config)], chain=True
         )
@@ -416,9 +419,20 @@ def deploy(c: Community, homes: tuple[Home, ...]) -> None:
             earned_before(c, w3, ledger, h)
     community_files(c, w3, gov, homes)
     c.from_block = int(w3.eth.block_number)
+    # What an auditor needs besides the members, key and tariff files: every address, the
+    # period the nodes commit (`--period-s`) and where the community's blocks begin.
     (c.work / "chain.json").write_text(
         json.dumps(
-            {"rpc": c.rpc_urls, "ledger": c.ledger, "market": c.market, "chain": c.chain_kind},
+            {
+                "rpc": c.rpc_urls,
+                "ledger": c.ledger,
+                "registry": c.registry,
+                "market": c.market,
+                "period_s": c.period_s,
+                "from_block": c.from_block,
+                "key_from_ms": c.key_from_ms,
+                "chain": c.chain_kind,
+            },
             indent=2,
         )
     )
@@ -622,10 +636,45 @@ def market_note(c: Community, h: Home) -> str:
 # -- the statement --------------------------------------------------------------------------------
 
 
+def statement_url(c: Community, homes: tuple[Home, ...]) -> str | None:
+    """The RPC URL the statement is computed on: a follower's, once it has every block the
+    others have (it can be started again alone, after the demo, to run the printed command);
+    else the first that answers."""
+    heads = {h.name: block_number(c.rpc_urls[h.name]) for h in homes if h.name in c.rpc_urls}
+    live = [name for name, head in heads.items() if head >= 0]
+    if not live:
+        return None
+    top = max(heads.values())
+    for h in homes:
+        if h.chain_role == "follower" and h.name in live:
+            url = c.rpc_urls[h.name]
+            with contextlib.suppress(DaiseeError):
+                return str(wait_until(lambda u=url: block_number(u) >= top and u, 30, "behind"))
+    return c.rpc_urls[live[0]]
+
+
+def restart_hint(c: Community, url: str) -> str:
+    """How to run the printed command once the demo has stopped its chain."""
+    name = next((n for n, u in c.rpc_urls.items() if u == url), None)
+    if name is not None and name in c.chain_configs:
+        from daisee_node.demo import command_name
+
+        return (
+            f"The chain stops with the demo; its blocks stay in {c.work}. To run the command "
+            f"again, start {name}'s chain node (it answers on {url}):\n"
+            f"  {command_name()} chain-node run -c {c.chain_configs[name]}"
+        )
+    return (
+        "The command works while the chain runs: anvil keeps nothing once the demo stops "
+        "(with geth 1.13.15, which `./run community` builds, the chain's blocks stay)."
+    )
+
+
 def statement(c: Community, homes: tuple[Home, ...]) -> tuple[list[str], list[str]]:
     """The community's allocation and bills for the periods every home has on chain, from the
-    chain alone, as an auditor computes them: the command, and what it printed."""
-    url = next((u for u in c.rpc_urls.values() if block_number(u) >= 0), None)
+    chain alone, as an auditor computes them: the command (and how to run it again once the
+    chain is stopped), and what it printed."""
+    url = statement_url(c, homes)
     end = min((c.shown.get(h.name, 0) for h in homes), default=0)
     if url is None or end <= c.key_from_ms:
         return [], ["no period every home has on chain yet: no statement"]
@@ -645,7 +694,7 @@ def statement(c: Community, homes: tuple[Home, ...]) -> tuple[list[str], list[st
     out = (done.stdout + done.stderr).rstrip().splitlines()
     from daisee_node.demo import command_name
 
-    return [f"{command_name()} " + " ".join(args)], out
+    return [f"{command_name()} " + " ".join(args), restart_hint(c, url)], out
 
 
 def gather_reports(c: Community, homes: tuple[Home, ...], end: int) -> Path:
@@ -766,6 +815,7 @@ def run(
             print(f"  {line}", flush=True)
         if command:
             print(f"Computed, as anyone can, with:\n  {command[0]}", flush=True)
+            print(command[1], flush=True)
             print(f"Statements (HTML) in {c.work / 'statements'}; CSV files beside them.")
         return 0
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -23,7 +25,13 @@ from daisee_node.ledger.cli_errors import chain_errors
 if TYPE_CHECKING:
     from web3 import Web3
 
-    from daisee_node.community.billing import Bill, CommunityData, KeyInForce, MemberMonth
+    from daisee_node.community.billing import (
+        Bill,
+        Committed,
+        CommunityData,
+        KeyInForce,
+        MemberMonth,
+    )
     from daisee_node.community.chaindata import ChainRead
     from daisee_node.community.files import MembersFile, Tariff
     from daisee_node.community.registry import KeyRecord
@@ -422,6 +430,7 @@ def _prepare(
         block=args.block,
         w3=where.connect(),
     )
+    check_period_grid(read.commitments, members.members, starts, period_ms)
     keys = keys_in_force(read.keys, args.key, members, starts)
     data = gather(
         list(members.members),
@@ -445,6 +454,51 @@ def _prepare(
             file=sys.stderr,
         )
     return data, read, members
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms // 1000}" if ms % 1000 == 0 else f"{ms / 1000:g}"
+
+
+def check_period_grid(
+    commitments: Iterable[Committed], names: Mapping[str, str], starts: list[int], period_ms: int
+) -> None:
+    """Refuse a range in which most of a member node's commitments do not fit the periods of
+    `--period-s` (a commitment fits when it ends on a period's end and is no longer than a
+    period): its node commits periods of another length, or off the grid. Computed anyway,
+    nearly every member-period would come out `partial` or `no-key` and the bills be wrong.
+    A few that do not fit (a period changed once, an older hour-long commitment) are left to
+    `gather`, which reports them."""
+    from daisee_node.community.billing import utc_text
+
+    if not starts:
+        return
+    first, end = starts[0], starts[-1] + period_ms
+    lengths: dict[str, Counter[int]] = {}
+    misfits: dict[str, list[Committed]] = {}
+    for c in commitments:
+        node = c.node.lower()
+        if node not in names or c.t1 <= first or c.t0 >= end:
+            continue
+        lengths.setdefault(node, Counter())[c.t1 - c.t0] += 1
+        if c.t1 % period_ms or c.t1 - c.t0 > period_ms:
+            misfits.setdefault(node, []).append(c)
+    for node, off in sorted(misfits.items()):
+        if 2 * len(off) <= lengths[node].total():
+            continue
+        length = lengths[node].most_common(1)[0][0]
+        who = f"node {node} ({names[node]})"
+        if length != period_ms and length <= MAX_PERIOD_S * 1000:
+            raise DaiseeError(
+                f"{who} commits {_seconds(length)}-s periods, not the {_seconds(period_ms)}-s "
+                f"periods of --period-s; give --period-s {_seconds(length)}"
+            )
+        c = off[0]
+        raise DaiseeError(
+            f"{who} commits periods off the grid of --period-s {_seconds(period_ms)} (periods "
+            f"start at multiples of it since 1970-01-01T00:00:00Z), e.g. from {utc_text(c.t0)} "
+            f"to {utc_text(c.t1)}; give the period its node commits"
+        )
 
 
 def _flag_nonconforming(
