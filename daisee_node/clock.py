@@ -61,3 +61,24 @@ def make_clock(speed: float = 1.0, start: datetime | None = None) -> Clock:
     if start is not None:
         origin = (start if start.tzinfo else start.replace(tzinfo=UTC)).timestamp()
     return ScaledClock(start=origin, speed=speed)
+
+
+def zoned_ms(
+    text: str, said: str, hint: str, error: type[Exception], *, dates: bool = False
+) -> int:
+    """ms since the epoch of an ISO 8601 time with its zone (`dates`: or a date, its midnight
+    UTC), as an operator types it. Otherwise `error("<said>: <hint>")`, or, for a time without a
+    zone (which would be read in whatever zone the machine is set to), one that asks for it."""
+    from datetime import date
+
+    try:
+        if dates and len(text) == 10:
+            day = date.fromisoformat(text)
+            when = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        else:
+            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise error(f"{said}: {hint}") from None
+    if when.tzinfo is None:
+        raise error(f"{said}: give a time zone (e.g. 'Z' or '+01:00')")
+    return int(when.timestamp() * 1000)

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -94,21 +93,16 @@ def _bounded(kind: str, digits: str) -> tuple[str, int]:
 
 def period_arg(text: str) -> tuple[str, int]:
     """`--period`: ("last", 0), ("seq", N) or ("at", ms)."""
+    from daisee_node.clock import zoned_ms
+
     if text == "last":
         return ("last", 0)
     if text.startswith("seq:") and text[4:].isdigit():
         return _bounded("seq", text[4:])
     if text.isdigit():
         return _bounded("at", text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give 'last', 'seq:N', an ISO time with its zone or ms since the epoch"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-    ms = int(when.timestamp() * 1000)
+    hint = "give 'last', 'seq:N', an ISO time with its zone or ms since the epoch"
+    ms = zoned_ms(text, repr(text), hint, argparse.ArgumentTypeError)
     if ms < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: before 1970, when no node stored anything")
     return ("at", ms)

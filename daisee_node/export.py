@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -725,18 +724,13 @@ MAX_UNTIL_MS: Final = 2**64 - 1
 
 def time_arg(text: str, *, most: int = MAX_TIME_MS) -> int:
     """`--from` / `--to`: ms since the epoch (at most `most`), or ISO 8601 with its zone."""
+    from daisee_node.clock import zoned_ms
+
     if text.isdigit():
         ms = int(text) if len(text) <= 40 else most + 1  # a 5,000-digit number is not parsed
     else:
-        try:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: give an ISO time with its zone or ms since the epoch"
-            ) from None
-        if when.tzinfo is None:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-        ms = int(when.timestamp() * 1000)
+        hint = "give an ISO time with its zone or ms since the epoch"
+        ms = zoned_ms(text, repr(text), hint, argparse.ArgumentTypeError)
     if not 0 <= ms <= most:
         shown = text if len(text) <= 30 else text[:27] + "..."
         raise argparse.ArgumentTypeError(

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -206,26 +206,19 @@ def _key_options(p: argparse.ArgumentParser) -> None:
 def parse_time(text: str, what: str) -> int:
     """ms since the epoch, an ISO 8601 time with its zone, or a date (its midnight, UTC); between
     1970 and the end of year 9999."""
+    from daisee_node.clock import zoned_ms
+
     text = text.strip()
     shown = text if len(text) <= 40 else text[:37] + "..."
     if text.isascii() and text.isdigit():
         # Its length first: int() of a very long string is itself slow.
         t_ms = int(text) if len(text) <= 20 else MAX_TIME_MS
     else:
-        try:
-            if len(text) == 10:
-                day = date.fromisoformat(text)
-                when = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            else:
-                when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise DaiseeError(
-                f"{what} {shown!r}: give an ISO time with its zone (2026-11-01T00:00:00Z), a date "
-                "(2026-11-01) or ms since the epoch"
-            ) from None
-        if when.tzinfo is None:
-            raise DaiseeError(f"{what} {shown!r}: give a time zone (e.g. 'Z' or '+01:00')")
-        t_ms = int(when.timestamp() * 1000)
+        hint = (
+            "give an ISO time with its zone (2026-11-01T00:00:00Z), a date (2026-11-01) or ms "
+            "since the epoch"
+        )
+        t_ms = zoned_ms(text, f"{what} {shown!r}", hint, DaiseeError, dates=True)
     if not 0 <= t_ms < MAX_TIME_MS:
         raise DaiseeError(
             f"{what} {shown!r} is out of range: give a time from 1970-01-01T00:00:00Z to the end "

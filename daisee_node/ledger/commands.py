@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,19 +322,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def _at_ms(text: str) -> int:
     """`--at`: ms since the epoch, or an ISO 8601 time with its zone."""
+    from daisee_node.clock import zoned_ms
+
     if text.isdigit():
         return int(text)
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO time (like 2026-11-21T12:00:00Z) nor ms since the epoch"
-        ) from None
-    if when.tzinfo is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give a time zone (e.g. 'Z' or '+01:00')"
-        ) from None
-    return int(when.timestamp() * 1000)
+    hint = "not an ISO time (like 2026-11-21T12:00:00Z) nor ms since the epoch"
+    return zoned_ms(text, repr(text), hint, argparse.ArgumentTypeError)
 
 
 def _node_config(args: argparse.Namespace) -> tuple[Config, Path | None]:

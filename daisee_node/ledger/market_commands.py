@@ -17,7 +17,6 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,6 +279,8 @@ def parse_price(text: str, decimals: int) -> int:
 
 def parse_time(text: str, now_ms: int, what: str) -> int:
     """An ISO 8601 time with its zone, ms since the epoch, or `+15min` from `now_ms`."""
+    from daisee_node.clock import zoned_ms
+
     text = text.strip()
     relative = _RELATIVE.match(text)
     if relative:
@@ -287,16 +288,11 @@ def parse_time(text: str, now_ms: int, what: str) -> int:
     elif text.isdigit():
         t_ms = int(text)
     else:
-        try:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise DaiseeError(
-                f"{what} {text!r}: give an ISO time with its zone (2026-11-22T10:00:00Z) or a "
-                "time from now (+15min, +2h, +1d)"
-            ) from None
-        if when.tzinfo is None:
-            raise DaiseeError(f"{what} {text!r}: give a time zone (e.g. 'Z' or '+01:00')")
-        t_ms = int(when.timestamp() * 1000)
+        hint = (
+            "give an ISO time with its zone (2026-11-22T10:00:00Z) or a time from now (+15min, "
+            "+2h, +1d)"
+        )
+        t_ms = zoned_ms(text, f"{what} {text!r}", hint, DaiseeError)
     return _in_calendar(t_ms, f"{what} {text!r}")
 
 
