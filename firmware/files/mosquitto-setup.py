@@ -2,7 +2,8 @@
 """The node's mosquitto: its login-only listener, its ACL, and its bridge to the community broker.
 
 Installed as /usr/local/sbin/daisee-mosquitto-setup; `install-node.sh` and the first boot run it,
-and an operator runs it again after changing the community settings (then reload mosquitto).
+and an operator runs it again after changing the community settings (then restart mosquitto:
+a reload does not start a new bridge).
 
     sudo daisee-mosquitto-setup                  # from the settings below
     sudo daisee-mosquitto-setup --standalone     # forget the community broker: no bridge
@@ -19,7 +20,9 @@ Community settings, the first source found wins:
    system's CAs), COMMUNITY_LOGIN (default: the node id), COMMUNITY_PASSWORD_FILE;
 2. the boot partition: /boot/firmware/daisee-community.txt (`host = …`, `port = …`, `login = …`)
    with daisee-community-ca.crt and daisee-community.pass beside it; once kept (3.), the three
-   are deleted from the boot partition (anyone holding the card can read it);
+   are deleted from the boot partition (anyone holding the card can read it). Settings that
+   fail move the password off the partition too, to /etc/daisee-node/community-boot.pass (root
+   only), where the next run finds it once the other files are fixed;
 3. what an earlier run kept: /etc/daisee-node/community.txt, /etc/daisee-node/community.pass and
    /etc/mosquitto/certs/daisee-community-ca.crt (edit them and run again to change the bridge).
 None of them: the node is standalone. Bad settings are reported (exit 2) and leave the bridge
@@ -29,6 +32,7 @@ as it was; the listener and the ACL are written first regardless.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
@@ -42,6 +46,8 @@ ACL = "etc/mosquitto/daisee.acl"
 KEPT_SETTINGS = "etc/daisee-node/community.txt"
 KEPT_PASSWORD = "etc/daisee-node/community.pass"
 KEPT_CA = "etc/mosquitto/certs/daisee-community-ca.crt"
+#: the boot partition's password after a failed run: off the card, waiting for the fixed settings
+PENDING_PASSWORD = "etc/daisee-node/community-boot.pass"
 BOOT = "boot/firmware"
 BOOT_SETTINGS = "daisee-community.txt"
 BOOT_CA = "daisee-community-ca.crt"
@@ -50,7 +56,8 @@ BOOT_PASSWORD = "daisee-community.pass"
 SYSTEM_CAPATH = "/etc/ssl/certs"
 UNNAMED = "CHANGE-ME"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
+HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+PLACEHOLDER_RE = re.compile(r"@([A-Z_]+)@")
 KEYS = {"host", "port", "login", "reconnect_max_s"}
 
 
@@ -70,6 +77,10 @@ class Community:
     reconnect_max_s: int = 30
 
 
+#: how the operator runs this again (install-node.sh installs it under this name)
+COMMAND = "sudo daisee-mosquitto-setup"
+
+
 def say(text: str) -> None:
     print(f"daisee-mosquitto-setup: {text}")
 
@@ -85,6 +96,10 @@ def parse_settings(text: str, origin: str) -> dict[str, str]:
         key, sep, value = (part.strip() for part in line.partition("="))
         if not sep or key not in KEYS:
             raise SetupError(f"{origin} line {number}: expected one of {sorted(KEYS)} = value")
+        if key in values:
+            # Another reader (the first boot) may take the first line and this one the last:
+            # the two would disagree on the node's login.
+            raise SetupError(f"{origin} line {number}: {key} is given twice")
         values[key] = value.strip("\"'")
     return values
 
@@ -107,9 +122,14 @@ def node_names(root: Path) -> tuple[str | None, str]:
 
 def read_pem(path: Path) -> str:
     try:
-        pem = path.read_text()
+        pem = path.read_bytes().decode()
     except OSError as exc:
         raise SetupError(f"cannot read the community CA {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SetupError(
+            f"{path.name} is not a PEM text file (DER? convert it with "
+            f"`openssl x509 -inform der -in {path.name} -out {path.name}.pem`)"
+        ) from exc
     if "-----BEGIN CERTIFICATE-----" not in pem:
         raise SetupError(f"{path} holds no PEM certificate")
     return pem
@@ -117,9 +137,12 @@ def read_pem(path: Path) -> str:
 
 def read_password(path: Path) -> str:
     try:
-        lines = path.read_text().lstrip("\ufeff").splitlines()
+        lines = path.read_bytes().decode().lstrip("\ufeff").splitlines()
     except OSError as exc:
         raise SetupError(f"cannot read the community password {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # UTF-16 or Latin-1 (a Windows editor): the bytes sent would not be the password typed.
+        raise SetupError(f"{path.name} is not UTF-8 text (save it as UTF-8)") from exc
     password = lines[0].strip() if lines else ""
     if not password:
         raise SetupError(f"{path} is empty")
@@ -144,17 +167,19 @@ def community(root: Path, node_id: str | None) -> tuple[Community | None, str]:
         ca = boot / BOOT_CA if (boot / BOOT_CA).is_file() else None
         password_path = boot / BOOT_PASSWORD
         if not password_path.is_file():
-            password_path = root / KEPT_PASSWORD  # imported by an earlier run
+            # Moved off the card by an earlier failed run, or imported by an earlier good one.
+            pending = root / PENDING_PASSWORD
+            password_path = pending if pending.is_file() else root / KEPT_PASSWORD
     elif (root / KEPT_SETTINGS).is_file():
         origin = f"/{KEPT_SETTINGS}"
-        values = parse_settings((root / KEPT_SETTINGS).read_text(), origin)
+        values = parse_settings((root / KEPT_SETTINGS).read_text(errors="replace"), origin)
         ca = root / KEPT_CA if (root / KEPT_CA).is_file() else None
         password_path = root / KEPT_PASSWORD
     else:
         return None, "no community settings"
 
     host = values.get("host", "")
-    if not HOST_RE.match(host):
+    if not valid_host(host):
         raise SetupError(f"{origin}: host {host!r} is not a host name or address")
     try:
         port = int(values.get("port") or 8883)
@@ -164,6 +189,11 @@ def community(root: Path, node_id: str | None) -> tuple[Community | None, str]:
     if not 1 <= port <= 65_535 or not 2 <= reconnect_max_s <= 3_600:
         raise SetupError(f"{origin}: port is 1-65535 and reconnect_max_s 2-3600")
     login = values.get("login") or node_id or ""
+    if login and not NAME_RE.match(login):
+        # The login names the node at its first boot: the same rule as a node id.
+        raise SetupError(
+            f"{origin}: login {login!r} is not lower-case letters, digits, - and _ (no spaces)"
+        )
     if node_id is not None and login != node_id:
         # The community broker's ACL lets a login publish only under `<base>/<login>/`: a
         # login other than the node id would have every message of the node refused.
@@ -179,6 +209,21 @@ def community(root: Path, node_id: str | None) -> tuple[Community | None, str]:
     if any(c.isspace() for c in settings.password):
         raise SetupError(f"{password_path}: the password has white space in it")
     return settings, origin
+
+
+def valid_host(host: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (bare or in balanced brackets)."""
+    bracketed = host.startswith("[") or host.endswith("]")
+    if bracketed and not (host.startswith("[") and host.endswith("]")):
+        return False
+    inner = host[1:-1] if bracketed else host
+    if bracketed or ":" in inner:
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            return False
+        return True
+    return bool(HOST_RE.match(inner))
 
 
 def mosquitto_ids(root: Path) -> tuple[int, int] | None:
@@ -208,12 +253,12 @@ def write(path: Path, text: str, mode: int = 0o644, group: int | None = None) ->
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        template = template.replace(f"@{key}@", value)
-    left = re.findall(r"@[A-Z_]+@", template)
+    """`@KEY@` of the template replaced in one pass: a value (a password) holding `@…@` is
+    written as it is, never taken for a placeholder."""
+    left = sorted(set(PLACEHOLDER_RE.findall(template)) - values.keys())
     if left:
-        raise SetupError(f"template placeholders left: {left}")
-    return template
+        raise SetupError(f"template placeholders without a value: {left}")
+    return PLACEHOLDER_RE.sub(lambda found: values[found.group(1)], template)
 
 
 def keep(root: Path, settings: Community) -> None:
@@ -237,6 +282,30 @@ def take_off_boot(root: Path) -> None:
     above all: anyone holding the card reads it), so that editing the kept ones takes effect."""
     for name in (BOOT_SETTINGS, BOOT_CA, BOOT_PASSWORD):
         (root / BOOT / name).unlink(missing_ok=True)
+    (root / PENDING_PASSWORD).unlink(missing_ok=True)
+
+
+def park_boot_password(root: Path) -> str:
+    """After a failure: the boot partition's password moved to a root-only file for the next
+    run (anyone holding the card could read it there). Returns what to tell the operator."""
+    source = root / BOOT / BOOT_PASSWORD
+    if not source.is_file():
+        return f"fix the settings, then run `{COMMAND}`"
+    pending = root / PENDING_PASSWORD
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pending.with_name(pending.name + ".new")
+    tmp.unlink(missing_ok=True)
+    # Bytes as they are: the password may be the very file that failed to decode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(source.read_bytes())
+    os.replace(tmp, pending)
+    source.unlink()
+    return (
+        f"{BOOT_PASSWORD} moved off the boot partition to /{PENDING_PASSWORD}; fix the "
+        f"settings (a new {BOOT_PASSWORD} on the boot partition replaces it), then run "
+        f"`{COMMAND}`"
+    )
 
 
 def bridge_conf(templates: Path, settings: Community, node_id: str, base: str) -> str:
@@ -284,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             acl = (templates / "mosquitto-daisee.acl").read_text()
             write(root / ACL, render(acl, {"BASE": base, "NODE_ID": node_id}))
         if args.standalone:
-            for name in (BRIDGE_CONF, KEPT_SETTINGS, KEPT_PASSWORD, KEPT_CA):
+            for name in (BRIDGE_CONF, KEPT_SETTINGS, KEPT_PASSWORD, KEPT_CA, PENDING_PASSWORD):
                 (root / name).unlink(missing_ok=True)
             say("standalone: no community bridge")
             return 0
@@ -311,8 +380,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({'CA /' + KEPT_CA if settings.ca_pem else 'system CAs'}), from {origin}"
         )
         return 0
-    except (SetupError, OSError) as exc:
-        print(f"daisee-mosquitto-setup: {exc}", file=sys.stderr)
+    except (SetupError, OSError, UnicodeDecodeError) as exc:
+        try:
+            retry = park_boot_password(root)
+        except OSError as park_exc:
+            retry = f"cannot move {BOOT_PASSWORD} off the boot partition: {park_exc}"
+        print(f"daisee-mosquitto-setup: {exc}; {retry}", file=sys.stderr)
         return 2
 
 
