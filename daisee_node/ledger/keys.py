@@ -28,13 +28,37 @@ class KeyStoreError(DaiseeError):
 
 
 def _write_private(path: Path, text: str) -> None:
+    """Create `path` (mode 0600) whole or not at all, never over an existing file.
+
+    A power cut while a key is written must not leave an empty or half keystore under the final
+    name: the text goes to a temporary file, is synced, and is then linked into place (a link,
+    unlike a rename, fails when the name exists, as O_EXCL did).
+    """
     # A folder made here is the node's data dir more often than not: private from the start.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            # a file system without hard links (FAT): a rename, after checking the name is free
+            if path.exists():
+                raise FileExistsError(f"{path} exists") from None
+            os.rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def ensure_password(password_file: Path) -> str:
