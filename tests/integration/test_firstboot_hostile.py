@@ -18,7 +18,8 @@ import pytest
 from daisee_node.ledger.keys import _write_private
 from tests.integration.test_firmware import base_root, run
 
-pytestmark = pytest.mark.slow
+# Mostly waits on install-node.sh and first boot's processes: run beside the rest of the suite.
+pytestmark = [pytest.mark.slow, pytest.mark.beside]
 
 ENODE = "enode://" + "ab" * 64 + "@1.2.3.4:30303"
 DATA = "var/lib/daisee-node"

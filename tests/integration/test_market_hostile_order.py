@@ -21,7 +21,8 @@ from tests.support.broker import Broker
 from tests.support.chains import AnvilLedger
 from tests.support.market_nodes import earn_credits, make_keys, node_config
 
-pytestmark = pytest.mark.slow
+# Waits on anvil's blocks and a daemon more than it computes: run beside the rest of the suite.
+pytestmark = [pytest.mark.slow, pytest.mark.beside]
 
 DAY_MS = 86_400_000
 PERIOD_MS = 10_000  # the node config's 10 s periods
