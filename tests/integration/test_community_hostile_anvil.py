@@ -16,9 +16,9 @@ from eth_account import Account
 from daisee_node.cli import main
 from daisee_node.community import key_hash, load_key
 from daisee_node.community.billing import utc_text
-from daisee_node.community.registry import Registry, deploy
+from daisee_node.community.registry import Registry
 from tests.conftest import free_port, run_cli, write_config
-from tests.support.chains import AnvilLedger
+from tests.support.chains import AnvilLedger, anvil_with_registry
 
 pytestmark = pytest.mark.beside  # mostly waits on anvil
 
@@ -28,12 +28,8 @@ ALICE, BOB, SOL = "0x" + "a1" * 20, "0x" + "b2" * 20, "0x" + "c3" * 20
 
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[tuple[AnvilLedger, Registry]]:
-    """anvil mining a block per transaction, the ledger and a community registry."""
-    anvil = AnvilLedger(tmp_path, block_time_s=0)
-    try:
-        yield anvil, Registry(anvil.w3, deploy(anvil.w3, anvil.gov, anvil.ledger.address))
-    finally:
-        anvil.anvil.stop()
+    with anvil_with_registry(tmp_path) as ledger_and_registry:
+        yield ledger_and_registry
 
 
 @pytest.fixture

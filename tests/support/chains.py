@@ -6,31 +6,41 @@ test rather than skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
 from tests.conftest import ROOT, free_port
+
+if TYPE_CHECKING:
+    from daisee_node.community.registry import Registry
 
 BIN = ROOT / "node_modules" / ".bin"
 # anvil's first development account (well known; funded on every anvil chain)
 ANVIL_KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
 
 
+class RPCError(RuntimeError):
+    """The node answered with a JSON-RPC error."""
+
+
 def rpc(url: str, method: str, params: list[Any] | None = None, timeout: float = 5.0) -> Any:
+    """One JSON-RPC call; the node's error reply raised as `RPCError`."""
     reply = requests.post(
         url,
         json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []},
         timeout=timeout,
     ).json()
     if "error" in reply:
-        raise RuntimeError(f"{method}: {reply['error']}")
+        raise RPCError(f"{method}: {reply['error']}")
     return reply["result"]
 
 
@@ -169,3 +179,15 @@ class AnvilLedger:
         self.anvil.start()
         self.w3 = self.chainlib.connect(self.anvil.url)
         self.ledger = self.chainlib.Ledger(self.w3, self.ledger.address)
+
+
+@contextlib.contextmanager
+def anvil_with_registry(tmp_path: Path) -> Iterator[tuple[AnvilLedger, Registry]]:
+    """anvil mining a block per transaction, the ledger and a community registry on it."""
+    from daisee_node.community.registry import Registry, deploy
+
+    anvil = AnvilLedger(tmp_path, block_time_s=0)
+    try:
+        yield anvil, Registry(anvil.w3, deploy(anvil.w3, anvil.gov, anvil.ledger.address))
+    finally:
+        anvil.anvil.stop()

@@ -29,6 +29,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from tests.conftest import free_port, wait_for
+from tests.support.chains import RPCError, rpc
 
 GETH_VERSION = "1.13.15"
 PASSWORD = "clique-test"
@@ -65,21 +66,6 @@ def _version(path: Path) -> str | None:
         if line.startswith("Version:"):
             return line.split()[1].split("-")[0]
     return None
-
-
-class RPCError(RuntimeError):
-    """The node answered with a JSON-RPC error."""
-
-
-def rpc(url: str, method: str, params: list[Any] | None = None, timeout: float = 5.0) -> Any:
-    reply = requests.post(
-        url,
-        json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params or []},
-        timeout=timeout,
-    ).json()
-    if "error" in reply:
-        raise RPCError(f"{method}: {reply['error']}")
-    return reply["result"]
 
 
 class GethNode:

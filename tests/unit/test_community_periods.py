@@ -15,10 +15,10 @@ from eth_hash.auto import keccak
 
 from daisee_node.cli import main
 from daisee_node.community import key_hash, load_key
-from daisee_node.community.registry import Registry, deploy
+from daisee_node.community.registry import Registry
 from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.commitment import Commitment, sign
-from tests.support.chains import AnvilLedger
+from tests.support.chains import AnvilLedger, anvil_with_registry
 
 pytestmark = pytest.mark.beside  # mostly waits on anvil
 
@@ -27,12 +27,8 @@ DEMO_S = 30  # the period community-demo's nodes commit
 
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[tuple[AnvilLedger, Registry]]:
-    """anvil mining a block per transaction, the ledger and a community registry."""
-    anvil = AnvilLedger(tmp_path, block_time_s=0)
-    try:
-        yield anvil, Registry(anvil.w3, deploy(anvil.w3, anvil.gov, anvil.ledger.address))
-    finally:
-        anvil.anvil.stop()
+    with anvil_with_registry(tmp_path) as ledger_and_registry:
+        yield ledger_and_registry
 
 
 def commit(anvil: AnvilLedger, node: LocalAccount, periods: list[tuple[int, int]]) -> None:
