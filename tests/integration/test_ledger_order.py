@@ -131,6 +131,14 @@ def test_a_node_whose_database_is_moved_aside_resumes_from_the_chain_head(
     wait_for(lambda: anvil.ledger.head(node).seq >= 2, timeout=60)
     proc.signal(signal.SIGTERM)
     assert proc.wait(15)[0] == 0
+    # A batch sent just before the stop may still wait for anvil's next block: the head is
+    # read once the node has nothing pending, or the restarted node's first seq would be
+    # compared with a head that moves under it.
+    eth = anvil.w3.eth
+    wait_for(
+        lambda: eth.get_transaction_count(node, "pending") == eth.get_transaction_count(node),
+        timeout=30,
+    )
     before = anvil.ledger.head(node).seq
 
     # As a failed integrity check does: the file (and its outbox) is moved aside.
