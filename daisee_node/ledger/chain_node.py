@@ -32,6 +32,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from daisee_node import durable
 from daisee_node.errors import ConfigProblem, DaiseeError
 from daisee_node.models import StrictModel, not_empty_path
 
@@ -248,7 +249,7 @@ def _nodekey(section: ChainNodeSection) -> bytes:
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_private(path, secrets.token_hex(32))
+            durable.create_private(path, secrets.token_hex(32))
     except OSError as exc:
         raise _os_error(exc, "chain_node.data_dir") from None
     return _parse_nodekey(path)
@@ -274,12 +275,6 @@ def _os_error(exc: OSError, key: str | None = None) -> DaiseeError:
     """One line for a file operation that failed, after the config key that named the file."""
     where = f"{exc.filename}: " if exc.filename else ""
     return DaiseeError(f"{key + ': ' if key else ''}{where}{exc.strerror or exc}")
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def sealing_key(section: ChainNodeSection) -> tuple[Path, Path, str]:
@@ -397,7 +392,7 @@ def _prepare(section: ChainNodeSection, chain_id: int) -> int:
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise DaiseeError(f"geth init failed: {' / '.join(tail)}")
-    marker.write_text(wanted)
+    durable.replace(marker, wanted)
     return chain_id
 
 

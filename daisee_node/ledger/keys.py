@@ -7,11 +7,11 @@ key is created or decrypted, not when this module is imported.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from daisee_node.durable import create_private
 from daisee_node.errors import DaiseeError
 from daisee_node.secretfiles import read_secret
 
@@ -27,44 +27,10 @@ class KeyStoreError(DaiseeError):
     """The keystore or its password cannot be used."""
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Create `path` (mode 0600) whole or not at all, never over an existing file.
-
-    A power cut while a key is written must not leave an empty or half keystore under the final
-    name: the text goes to a temporary file, is synced, and is then linked into place (a link,
-    unlike a rename, fails when the name exists, as O_EXCL did).
-    """
-    # A folder made here is the node's data dir more often than not: private from the start.
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError:
-            # a file system without hard links (FAT): a rename, after checking the name is free
-            if path.exists():
-                raise FileExistsError(f"{path} exists") from None
-            os.rename(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def ensure_password(password_file: Path) -> str:
     """Read the keystore password, creating a random one (mode 0600) when the file is absent."""
     if not password_file.exists():
-        _write_private(password_file, secrets.token_urlsafe(24) + "\n")
+        create_private(password_file, secrets.token_urlsafe(24) + "\n")
     return read_password(password_file)
 
 
@@ -85,7 +51,7 @@ def new_keystore(keystore: Path, password_file: Path) -> str:
     password = ensure_password(password_file)
     account = Account.create()
     data = Account.encrypt(account.key, password, kdf=KDF, iterations=KDF_ITERATIONS)
-    _write_private(keystore, json.dumps(data))
+    create_private(keystore, json.dumps(data))
     return account.address
 
 

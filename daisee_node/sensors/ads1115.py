@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from daisee_node import durable
 from daisee_node.errors import DaiseeError
 from daisee_node.models import StrictModel
 from daisee_node.readings import CHANNEL_RE, Channel, Quality, Reading
@@ -319,9 +319,7 @@ def save_calibration(data_dir: Path, name: str, entry: dict[str, Any]) -> Path:
     data = load_calibration(data_dir)
     data[name] = entry
     path = data_dir / CALIBRATION_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    durable.replace(path, json.dumps(data, indent=2, sort_keys=True))
     return path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daisee_node.ledger.keys import _write_private
+from daisee_node.durable import create_private
 from tests.integration.test_firmware import base_root, run
 
 # Mostly waits on install-node.sh and first boot's processes: run beside the rest of the suite.
@@ -245,11 +245,11 @@ def test_a_key_file_is_written_whole_and_never_over_another(tmp_path, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", cut)
         with pytest.raises(OSError, match="power cut"):
-            _write_private(path, "secret")
+            create_private(path, "secret")
     assert os.listdir(path.parent) == []
-    _write_private(path, "secret")
+    create_private(path, "secret")
     assert path.read_text() == "secret" and (path.stat().st_mode & 0o777) == 0o600
     with pytest.raises(FileExistsError):
-        _write_private(path, "other")
+        create_private(path, "other")
     assert path.read_text() == "secret"
     assert os.listdir(path.parent) == ["k.json"]  # no temporary file left behind
