@@ -88,7 +88,7 @@ def test_check_config_refuses_what_could_hang_crash_or_fail_in_a_moment(
     assert result.returncode == 2, output
     assert "rules[0].when" in output and words in output, output
     assert "Traceback" not in output
-    assert took < 5.0
+    assert took < 15.0  # a Python start under load takes seconds; the fault hung for minutes
 
 
 def test_run_refuses_a_freezing_rule_before_it_starts(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_run_refuses_a_freezing_rule_before_it_starts(tmp_path: Path) -> None:
     result = run_cli("run", "-c", str(path), timeout=30)
     assert result.returncode == 2, result.stderr
     assert "rules[0].when" in result.stderr and "regular expressions" in result.stderr
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < 15.0
 
 
 def test_a_rule_failing_at_run_time_falls_back_and_its_sensor_keeps_sampling(

@@ -22,9 +22,9 @@ FREEZING = 'battery.soc_pct > 0 and "' + "a" * 36 + '!" =~ "(a+)+$"'
 
 
 def timed_check(text: str, **kwargs: object) -> tuple[list[str], float]:
-    started = time.perf_counter()
+    started = time.thread_time()
     problems = check(text, NAMES.__contains__, **kwargs)  # type: ignore[arg-type]
-    return problems, time.perf_counter() - started
+    return problems, time.thread_time() - started
 
 
 @pytest.mark.parametrize("op", ["=~", "=~~", "!~", "!~~"])
@@ -159,10 +159,10 @@ def test_a_failing_evaluation_raises_evaluation_error_only(
     text: str, values: dict[str, float]
 ) -> None:
     expression = Expression(text)
-    started = time.perf_counter()
+    started = time.thread_time()
     with pytest.raises(EvaluationError):
         expression.test(values)
-    assert time.perf_counter() - started < 0.1
+    assert time.thread_time() - started < 0.1
 
 
 def test_refusals_are_expression_errors() -> None:

@@ -87,9 +87,9 @@ def mutate(rng: random.Random, text: str) -> str:
 
 
 def timed(call: Callable[[], object]) -> tuple[object, float]:
-    started = time.perf_counter()
+    started = time.thread_time()
     out = call()
-    return out, time.perf_counter() - started
+    return out, time.thread_time() - started
 
 
 def test_fuzzed_expressions_give_problems_or_values_in_bounded_time() -> None:
