@@ -359,6 +359,10 @@ class MemberMonth:
     settled_received: int = 0
     #: credit base units the ledger minted for the month's committed export (None: not known)
     credits_earned: int | None = None
+    #: periods of the grid in the whole calendar month (`periods` of them are in the range)
+    month_periods: int = 0
+    #: the length of one period (ms)
+    period_ms: int = 0
     #: starts (ms) of the periods this member has no commitment for
     missing_starts: list[int] = field(default_factory=list)
     #: starts (ms) of the periods whose conformity report from this member's node failed
@@ -391,6 +395,7 @@ def monthly(
     failed_starts: list[list[int]] = [[] for _ in range(n)]
     # Month boundaries: one datetime per period would cost more than the allocation.
     next_change = -1
+    month_periods = 0
 
     def flush() -> None:
         if month is None:
@@ -398,7 +403,14 @@ def monthly(
         sums = {f: [sum(col) for col in zip(*rows[f], strict=True)] for f in rows}
         accounts = []
         for i, m in enumerate(data.members):
-            acc = MemberMonth(m, data.names.get(m, m), month, periods=counts["periods"])
+            acc = MemberMonth(
+                m,
+                data.names.get(m, m),
+                month,
+                periods=counts["periods"],
+                month_periods=month_periods,
+                period_ms=data.period_ms,
+            )
             for f in (*_FIGURES, "surplus"):
                 setattr(acc, f, sums[f][i] if sums[f] else 0)
             acc.supplied = acc.production - acc.p2p_sold - acc.surplus
@@ -419,6 +431,9 @@ def monthly(
             flush()
             month = month_of(r.t0, zone)
             next_change = _month_end(r.t0, zone)
+            # periods of the grid (aligned on the epoch) starting in the month
+            first = _month_start(r.t0, zone)
+            month_periods = -(-next_change // data.period_ms) - -(-first // data.period_ms)
             for f in rows:
                 rows[f] = []
             counts["periods"] = 0
@@ -459,6 +474,12 @@ def monthly(
             acc.settled_sold_wh += s.wh
             acc.settled_received += s.paid
     return out
+
+
+def _month_start(t_ms: int, zone: ZoneInfo) -> int:
+    """The first instant (ms) of the month holding `t_ms`, in `zone`."""
+    here = datetime.fromtimestamp(t_ms / 1000, zone)
+    return int(datetime(here.year, here.month, 1, tzinfo=zone).timestamp() * 1000)
 
 
 def _month_end(t_ms: int, zone: ZoneInfo) -> int:
@@ -544,16 +565,28 @@ def _bill(account: MemberMonth, tariff: Tariff, credit_decimals: int) -> Bill:
         credit_line("Peer-to-peer sales", account.settled_sold_wh, account.settled_received, -1),
     ]
     if account.periods and tariff.monthly_fee:
-        lines.append(
-            BillLine(
-                "Monthly fee",
-                "1 month",
-                f"{money(tariff.monthly_fee)} {cur}",
-                money(tariff.monthly_fee),
-            )
-        )
+        lines.append(_fee_line(account, tariff.monthly_fee, money, cur))
     total = sum((line.amount for line in lines if line.amount is not None), Decimal(0))
     return Bill(account, tuple(lines), money(total), cur)
+
+
+def _fee_line(
+    account: MemberMonth, fee: Decimal, money: Callable[[Decimal], Decimal], cur: str
+) -> BillLine:
+    """The monthly fee, pro rata of the month's periods in the billed range (prorata temporis,
+    as a supplier bills a subscription): two bills that split a month charge it once."""
+    price = f"{money(fee)} {cur}/month"
+    whole = account.month_periods
+    if not whole or account.periods >= whole:
+        return BillLine("Monthly fee", "1 month", price, money(fee))
+    day_ms = 86_400_000
+
+    def days(periods: int) -> str:
+        value = Decimal(periods * account.period_ms) / day_ms
+        return f"{value.quantize(Decimal('0.01')).normalize():f}"
+
+    quantity = f"{days(account.periods)} of {days(whole)} days"
+    return BillLine("Monthly fee", quantity, price, money(fee * account.periods / whole))
 
 
 def _signed(amount: Decimal, sign: int) -> Decimal:

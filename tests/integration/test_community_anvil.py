@@ -6,12 +6,14 @@ whose hash is not the recorded one is refused."""
 
 from __future__ import annotations
 
+import calendar
 import csv
 import json
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -297,10 +299,14 @@ def test_allocation_from_the_chain_alone_equals_the_nodes_own_and_bills_by_hand(
         return x.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
     months = len(sol_bills)
+    # the fee, pro rata of the month's periods the range covers (the tariff's months are UTC's)
+    first_day = datetime.fromtimestamp(start / 1000, UTC)
+    in_month = calendar.monthrange(first_day.year, first_day.month)[1] * 86_400 // PERIOD_S
+    fee = money(Decimal("1.50") * ((end - start) // PERIOD_MS) / in_month)
     expected = money(
         -money(Decimal(supplied) * Decimal("0.12") / 1000)
         - money(Decimal(surplus) * Decimal("0.05") / 1000)
-        + Decimal("1.50")
+        + fee
     )
     if months == 1:  # the range may straddle midnight at the end of a month
         assert Decimal(sol_bills[0]["total"]) == expected

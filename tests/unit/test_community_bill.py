@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import csv
 import io
-from decimal import Decimal
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from web3.logs import DISCARD
 
 from daisee_node.community import key_hash, parse_key
 from daisee_node.community.billing import (
+    BillLine,
     Committed,
     CommunityError,
     KeyInForce,
@@ -131,21 +134,64 @@ def test_monthly_bills_worked_by_hand(tmp_path: Path) -> None:
         b = bill(account, tariff)  # type: ignore[arg-type]
         return [line.amount for line in b.lines], b.total
 
-    # Lines: local energy, production supplied, surplus, P2P bought, P2P sold, fee.
-    # alice, January: 15 kWh × 0.15 = 2.25; fee 2.00 → 4.25.
-    assert amounts(jan["alice"]) == ([Decimal("2.25"), 0, 0, 0, 0, 2], Decimal("4.25"))
-    # sol, January: 20 kWh × 0.10 = 2.00 paid to sol; fee 2.00 → 0.00.
-    assert amounts(jan["sol"]) == ([0, Decimal("-2.00"), 0, 0, 0, 2], Decimal("0.00"))
-    # alice, February: 34 kWh × 0.15 = 5.10; fee → 7.10.
-    assert amounts(feb["alice"])[1] == Decimal("7.10")
-    # bob, February: 5 kWh × 0.15 = 0.75; 2 credits × 0.5 = 1.00 bought; fee → 3.75.
-    assert amounts(feb["bob"]) == ([Decimal("0.75"), 0, 0, Decimal("1.00"), 0, 2], Decimal("3.75"))
+    # Lines: local energy, production supplied, surplus, P2P bought, P2P sold, fee. The fee is
+    # pro rata of the month's periods in the range: 1 of January's 31 × 96 in Paris, 2 of
+    # February's 28 × 96: 2 × 1/2976 and 2 × 2/2688 round to 0.00.
+    # alice, January: 15 kWh × 0.15 = 2.25.
+    assert amounts(jan["alice"]) == ([Decimal("2.25"), 0, 0, 0, 0, 0], Decimal("2.25"))
+    # sol, January: 20 kWh × 0.10 = 2.00 paid to sol.
+    assert amounts(jan["sol"]) == ([0, Decimal("-2.00"), 0, 0, 0, 0], Decimal("-2.00"))
+    assert bill(jan["sol"], tariff).lines[-1].quantity == "0.01 of 31 days"
+    # alice, February: 34 kWh × 0.15 = 5.10.
+    assert amounts(feb["alice"])[1] == Decimal("5.10")
+    # bob, February: 5 kWh × 0.15 = 0.75; 2 credits × 0.5 = 1.00 bought → 1.75.
+    assert amounts(feb["bob"]) == ([Decimal("0.75"), 0, 0, Decimal("1.00"), 0, 0], Decimal("1.75"))
     # sol, February: 39 kWh × 0.10 = 3.90 and 10 kWh × 0.04 = 0.40 surplus and 1.00 of
-    # credits from bob paid to sol; fee 2.00 → 2.00 − 5.30 = −3.30 (sol is paid).
+    # credits from bob paid to sol: −5.30 (sol is paid).
     assert amounts(feb["sol"]) == (
-        [0, Decimal("-3.90"), Decimal("-0.40"), 0, Decimal("-1.00"), 2],
-        Decimal("-3.30"),
+        [0, Decimal("-3.90"), Decimal("-0.40"), 0, Decimal("-1.00"), 0],
+        Decimal("-5.30"),
     )
+
+
+@pytest.mark.parametrize(
+    ("zone", "month", "periods", "days"),
+    [
+        ("UTC", (2026, 1), 31 * 96, "31"),
+        # the change to summer time makes it an hour short: 743 hours
+        ("Europe/Paris", (2026, 3), 743 * 4, "30.96"),
+        ("UTC", (2028, 2), 29 * 96, "29"),
+    ],
+)
+def test_the_monthly_fee_is_whole_for_a_whole_month_and_shared_by_the_bills_that_split_one(
+    tmp_path: Path, zone: str, month: tuple[int, int], periods: int, days: str
+) -> None:
+    tz = ZoneInfo(zone)
+    first = int(datetime(*month, 1, tzinfo=tz).timestamp() * 1000)
+    after = int(datetime(month[0], month[1] + 1, 1, tzinfo=tz).timestamp() * 1000)
+    assert (after - first) // PERIOD_MS == periods
+    tariff = load_tariff(
+        tariff_file(tmp_path, f'timezone = "{zone}"\nlocal_price = 1\nmonthly_fee = "9.99"\n')
+    )
+
+    def fee(start: int, end: int) -> BillLine:
+        starts = period_range(start, end, PERIOD_MS)
+        commitments = [Committed(ALICE, t, t + PERIOD_MS, 0, 0) for t in starts]
+        data = gather([ALICE], NAMES, PERIOD_MS, starts, commitments, [], [prorata_from(0)])
+        (months,) = monthly(data, tariff.zone).values()
+        return bill(months[0], tariff).lines[-1]
+
+    whole = fee(first, after)
+    assert (whole.quantity, whole.amount) == ("1 month", Decimal("9.99"))
+    # split after the 10th day: 10/n and (n − 10)/n of the fee, each rounded half up
+    cut = first + 10 * 96 * PERIOD_MS
+    a, b = fee(first, cut), fee(cut, after)
+    assert a.quantity == f"10 of {days} days"
+    assert b.quantity.endswith(f" of {days} days") and b.quantity != a.quantity
+    share = Decimal("9.99") * 960 / periods
+    assert a.amount == share.quantize(Decimal("0.01"), ROUND_HALF_UP)
+    assert a.amount is not None and b.amount is not None
+    assert abs(a.amount + b.amount - Decimal("9.99")) <= Decimal("0.01")
 
 
 def test_each_line_rounds_half_up_and_credits_stay_credits_without_a_credit_price(
