@@ -25,7 +25,7 @@ from daisee_node.ledger.market import channel_id
 from tests.conftest import Daemon, db_rows, run_cli, sim_sensors, wait_for, write_config
 from tests.support import market as mk
 from tests.support.clocks import sunny_longitude
-from tests.support.geth import CliqueNetwork, GethNode
+from tests.support.geth import CliqueNetwork, GethNode, connect
 
 # Waits on geth's 2 s blocks far more than it computes: run beside the rest of the suite.
 pytestmark = [pytest.mark.slow, pytest.mark.beside]
@@ -311,6 +311,46 @@ def test_a_signer_restarted_from_its_data_dir_rejoins_and_its_daemon_returns(
     wait_for(lambda: "back on the own chain node" in c.procs["a"].output(), timeout=30)
     target = {n: sealed_seq(cfg) for n, cfg in c.configs.items()}
     c.wait_on_chain(target)
+    c.stop_daemons()
+    c.net.settle()
+    check_ledger(c, c.ledger)
+
+
+def test_a_power_cut_of_the_whole_community_every_signer_seals_again_and_nothing_is_lost(
+    community: Community, daemon: Any
+) -> None:
+    """A neighbourhood outage: every chain node and every daemon killed at one instant, then all
+    started again together, each signer sealing from its start (as `--mine` makes it) before it
+    is peered with the others. They agree on one chain again and it goes on; every commitment
+    sealed before the cut, and after, reaches it once and in order."""
+    c = community
+    c.wait_on_chain({"a": 2, "b": 2, "c": 2})
+    for proc in c.procs.values():
+        proc.kill()
+    heads = {}
+    for node in c.net.signers:
+        heads[node.name] = node.head()
+        node.kill()
+    sealed = {n: sealed_seq(cfg) for n, cfg in c.configs.items()}
+
+    for node in c.net.signers:
+        node.launch()
+    for node in c.net.signers:
+        node.wait_ready()
+    # Each kept every block it had: with state written only from time to time, each would go
+    # back to its last state on disk, and the blocks after it would be gone from every copy.
+    assert {n.name: n.head() for n in c.net.signers} == heads
+    for node in c.net.signers:
+        node.seal()
+    for name, cfg in c.configs.items():
+        c.procs[name] = daemon(cfg)
+    signers = c.net.signers
+    for i, a in enumerate(signers):
+        for b in signers[i + 1 :]:
+            connect(a, b)
+    agreed = c.net.wait_agree(timeout=90)
+    wait_for(lambda: c.net.wait_agree(timeout=30) >= agreed + 3, timeout=90, every=0.5)
+    c.wait_on_chain({n: seq + 2 for n, seq in sealed.items()}, timeout=120)
     c.stop_daemons()
     c.net.settle()
     check_ledger(c, c.ledger)

@@ -28,6 +28,7 @@ import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from daisee_node.ledger.chain_node import DURABLE_STATE
 from tests.conftest import free_port, wait_for
 from tests.support.chains import RPCError, rpc
 
@@ -128,6 +129,7 @@ class GethNode:
             "--http.api", "eth,net,web3,admin,clique,miner,txpool",
             "--nodiscover", "--nat", "none", "--ipcdisable", "--maxpeers", str(self.max_peers),
             "--syncmode", "full",
+            *DURABLE_STATE,  # as a node's `chain-node run` does: a cut loses no block
             "--verbosity", "3",
         ]  # fmt: skip
         if self.key is not None:

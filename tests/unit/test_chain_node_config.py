@@ -45,6 +45,8 @@ def test_a_follower_serves_rpc_on_localhost_only_and_seals_nothing(tmp_path: Pat
     assert set(flag(args, "--http.api").split(",")) == {"eth", "net", "web3", "clique"}
     assert flag(args, "--bootnodes") == ENODE and flag(args, "--nat") == "extip:192.168.1.20"
     assert not {"--mine", "--unlock", "--allow-insecure-unlock"} & set(args)
+    # every block's state on disk as it comes: a power cut of every node loses no block
+    assert flag(args, "--gcmode") == "archive" and flag(args, "--state.scheme") == "hash"
 
 
 def test_a_signer_seals_with_a_key_of_its_own_made_once(tmp_path: Path) -> None:
