@@ -274,6 +274,22 @@ class Outbox:
         )
         return _entry(rows[0]) if rows else None
 
+    async def newest_confirmed(self) -> dict[str, int]:
+        """Per node, the highest seq counted confirmed."""
+        rows = await self.store.query(
+            "SELECT node, max(seq) FROM commitments WHERE state = ? GROUP BY node", (CONFIRMED,)
+        )
+        return {node: int(seq) for node, seq in rows}
+
+    async def confirmed_after(self, node: str, seq: int) -> list[Entry]:
+        """The node's commitments counted confirmed after `seq`, in seq order."""
+        rows = await self.store.query(
+            f"SELECT {_COLUMNS} FROM commitments WHERE node = ? AND seq > ? AND state = ? "
+            "ORDER BY seq",
+            (node, seq, CONFIRMED),
+        )
+        return [_entry(r) for r in rows]
+
     async def in_state(self, *states: str, own: bool | None = None) -> list[Entry]:
         marks = ",".join("?" * len(states))
         sql = f"SELECT {_COLUMNS} FROM commitments WHERE state IN ({marks})"

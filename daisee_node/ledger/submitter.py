@@ -71,6 +71,8 @@ BATCH_GAS_EACH = 60_000
 IDLE_POLL_S = 30.0
 #: the node's credit balance is read again after a batch is mined, or at least this often (s)
 BALANCE_EVERY_S = 300.0
+#: how often confirmed commitments are looked for on the chain again (s of node time)
+REWIND_CHECK_S = 60.0
 
 
 class Submitter:
@@ -116,6 +118,7 @@ class Submitter:
         #: a market transaction's nonce → its first receipt, for the thread that sent it
         self._waiters: dict[int, Future[Any]] = {}
         self._market_in_flight = False
+        self._rewind_checked_at: float | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -171,6 +174,7 @@ class Submitter:
         if await self._follow_in_flight():
             return True
         unsettled = await self._follow_included()
+        await self._find_rewound()
         heads = await self._reconcile()
         sent = await self._send_batch(heads)
         return unsettled or sent or self._market_in_flight
@@ -215,11 +219,20 @@ class Submitter:
             if await self._any_mined(txs):
                 return _is_market(items) and await self._market_unconfirmed(nonce)
             # Another transaction took this nonce (one we lost track of): send the batch again.
-            await self._set_tx_state([t[0] for t in txs], "dropped")
-            if _is_market(items):
-                self._resolve(nonce, ChainError(f"market transaction with nonce {nonce} dropped"))
-            else:
-                await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
+            await self._drop(txs)
+            return False
+        pending = await self.call(
+            self.w3.eth.get_transaction_count, self.account.address, "pending"
+        )
+        if nonce > pending:
+            # A hole below it that nothing fills: the chain lost the transactions before it
+            # (its nodes went back to an older state), so this one can never be mined.
+            self.log.warning(
+                "transaction waits behind nonces the chain no longer has; sending it again",
+                nonce=nonce,
+                chain_next=pending,
+            )
+            await self._drop(txs)
             return False
         if self.clock.now_ms() - sent_ms > self.settings.stuck_after_s * 1000:
             if _is_market(items):
@@ -231,6 +244,16 @@ class Submitter:
             # broadcast it again.
             await self.call(self.w3.eth.send_raw_transaction, bytes(raw))
         return True
+
+    async def _drop(self, txs: list[tuple[Any, ...]]) -> None:
+        """Give up one nonce's transactions: a batch's commitments go back to pending, a
+        market transaction's caller learns it failed."""
+        _, nonce, _, _, items, _, _ = txs[-1]
+        await self._set_tx_state([t[0] for t in txs], "dropped")
+        if _is_market(items):
+            self._resolve(nonce, ChainError(f"market transaction with nonce {nonce} dropped"))
+        else:
+            await self.outbox.update([tuple(k) for k in json.loads(items)], PENDING)
 
     async def _any_mined(self, txs: list[tuple[Any, ...]]) -> bool:
         """Records the first of the nonce's transactions that has a receipt, if one has."""
@@ -363,6 +386,53 @@ class Submitter:
             if own:
                 self.store.set_counter("ledger.confirmed_seq", max(own))
         return len(final) < len(entries)
+
+    async def _find_rewound(self) -> None:
+        """Confirmed commitments the chain lost: back to pending, to be sent again in order.
+
+        Clique has no finality, and a chain whose every node stopped at once (a power cut of the
+        whole community) restarts from what each had on disk: the blocks after it are gone from
+        every copy, however deep they were. The node's own commitments after the lost ones
+        would then wait forever for a seq the chain no longer has. A commitment counts as lost
+        only when the chain is as high again as its block and that block has another hash (or
+        none): a chain node that is behind, and so shows an older head, loses nothing.
+        """
+        if not self.settings.submit:
+            return
+        now = self.clock.monotonic()
+        if self._rewind_checked_at is not None and now - self._rewind_checked_at < REWIND_CHECK_S:
+            return
+        self._rewind_checked_at = now
+        newest = await self.outbox.newest_confirmed()
+        latest: int | None = None
+        lost: list[Entry] = []
+        for node, seq in newest.items():
+            head = await self.call(self.ledger.head, node)
+            if head.seq >= seq:
+                continue
+            if latest is None:
+                latest = int(await self.call(self.w3.eth.get_block_number))
+            # Only the first one after the chain's head need be looked at: the ledger takes
+            # each node's seqs in order, so when it is gone, every later one is gone with it.
+            entries = await self.outbox.confirmed_after(node, head.seq)
+            first = entries[0] if entries else None
+            if first is None or first.block_number is None or first.block_number > latest:
+                continue  # the chain is not as high again yet: decided on a later look
+            if await self.call(self._block_hash, first.block_number) != first.block_hash:
+                lost += entries  # (the same block: a node lagging behind, nothing lost)
+        if not lost:
+            return
+        by_node: dict[str, list[int]] = {}
+        for e in lost:
+            by_node.setdefault(e.key[0], []).append(e.commitment.seq)
+        self.log.error(
+            "confirmed commitments are gone from the chain (its nodes went back to an older "
+            "state together); sending them again",
+            seqs=by_node,
+        )
+        self.store.add_counter("ledger.rewound", len(lost))
+        await self.outbox.update([e.key for e in lost], PENDING)
+        self._prompt = True
 
     def _block_hash(self, number: int) -> bytes | None:
         """The hash of block `number`, or None when the chain node says it has no such block.

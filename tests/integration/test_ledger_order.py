@@ -157,6 +157,36 @@ def test_a_node_whose_database_is_moved_aside_resumes_from_the_chain_head(
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= before + 2
 
 
+def test_confirmed_commitments_the_chain_lost_are_sent_again_in_order(
+    tmp_path: Path, daemon: Any, anvil: AnvilLedger
+) -> None:
+    """Every chain node went back to an older state at once (a power cut of the whole
+    community): the node's confirmed commitments are gone from the chain, however deep they
+    were. The node sends them again, in order, and goes on after them."""
+    cfg = node_config(tmp_path, "w", anvil.anvil.url, anvil.ledger.address)
+    node = address_of(cfg)
+    anvil.enrol(node)
+    snapshot = anvil.anvil.call("evm_snapshot", [])
+    proc = daemon(cfg)
+    confirmed_sql = "SELECT seq FROM commitments WHERE own = 1 AND state = 'confirmed'"
+    wait_for(lambda: len(outbox(cfg, confirmed_sql)) >= 3, timeout=60)
+    assert anvil.anvil.call("evm_revert", [snapshot]) is True
+    lost = max(seq for (seq,) in outbox(cfg, confirmed_sql))
+    assert anvil.ledger.head(node).seq == 0  # the chain holds none of them now
+
+    wait_for(lambda: anvil.ledger.head(node).seq >= lost + 2, timeout=90)
+    proc.signal(signal.SIGTERM)
+    code, output = proc.wait(15)
+    assert code == 0, output[-3000:]
+    assert "gone from the chain" in output
+    (rewound,) = outbox(cfg, "SELECT value FROM counters WHERE name = 'ledger.rewound'")[0]
+    assert rewound >= 3
+    seqs = [seq for seq, _ in committed_logs(anvil.ledger, node)]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= lost + 2
+    states = {state for (state,) in outbox(cfg, "SELECT state FROM commitments WHERE own = 1")}
+    assert "rejected" not in states
+
+
 def test_register_node_sets_the_capacity_the_ledger_enforces(
     tmp_path: Path, anvil: AnvilLedger
 ) -> None:
