@@ -119,6 +119,10 @@ class Submitter:
         self._waiters: dict[int, Future[Any]] = {}
         self._market_in_flight = False
         self._rewind_checked_at: float | None = None
+        #: what the last look at confirmed commitments found gone: (node, seq, block hash now)
+        self._rewind_suspects: set[tuple[str, int, bytes]] = set()
+        #: set once the chain is known to have lost blocks the node had confirmed
+        self._rewound = False
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -171,10 +175,12 @@ class Submitter:
 
     async def round(self) -> bool:
         """One pass. Returns True while something is in flight or not yet final."""
+        # first: a transaction in flight behind nonces the chain lost is given up only once the
+        # loss is known, and it holds every later step of the round
+        await self._find_rewound()
         if await self._follow_in_flight():
             return True
         unsettled = await self._follow_included()
-        await self._find_rewound()
         heads = await self._reconcile()
         sent = await self._send_batch(heads)
         return unsettled or sent or self._market_in_flight
@@ -221,16 +227,12 @@ class Submitter:
             # Another transaction took this nonce (one we lost track of): send the batch again.
             await self._drop(txs)
             return False
-        pending = await self.call(
-            self.w3.eth.get_transaction_count, self.account.address, "pending"
-        )
-        if nonce > pending:
-            # A hole below it that nothing fills: the chain lost the transactions before it
-            # (its nodes went back to an older state), so this one can never be mined.
+        if self._rewound and await self._behind_a_hole(nonce):
+            # The chain lost the transactions before it (its nodes went back to an older
+            # state), so this one can never be mined.
             self.log.warning(
                 "transaction waits behind nonces the chain no longer has; sending it again",
                 nonce=nonce,
-                chain_next=pending,
             )
             await self._drop(txs)
             return False
@@ -244,6 +246,21 @@ class Submitter:
             # broadcast it again.
             await self.call(self.w3.eth.send_raw_transaction, bytes(raw))
         return True
+
+    async def _behind_a_hole(self, nonce: int) -> bool:
+        """Whether `nonce` is above the chain's next nonce with none of the node's own
+        transactions in flight between: a hole nothing will fill. (A chain node that does not
+        count the node's own transactions in flight shows such a gap too: those fill it.)"""
+        pending = int(
+            await self.call(self.w3.eth.get_transaction_count, self.account.address, "pending")
+        )
+        if nonce <= pending:
+            return False
+        rows = await self.store.query(
+            "SELECT count(*) FROM ledger_txs WHERE state = 'sent' AND nonce >= ? AND nonce < ?",
+            (pending, nonce),
+        )
+        return not (rows and rows[0][0])
 
     async def _drop(self, txs: list[tuple[Any, ...]]) -> None:
         """Give up one nonce's transactions: a batch's commitments go back to pending, a
@@ -282,6 +299,7 @@ class Submitter:
 
     async def _mined(self, tx_id: int, nonce: int, receipt: Any, items: list[list[Any]]) -> None:
         included, rejected = self.ledger.outcome(receipt)
+        self._rewound = False  # the node's nonces are flowing again
         if any(inc.node == self.account.address for inc in included):
             self._prompt = False
         async with self.store.transaction() as db:
@@ -394,32 +412,37 @@ class Submitter:
         whole community) restarts from what each had on disk: the blocks after it are gone from
         every copy, however deep they were. The node's own commitments after the lost ones
         would then wait forever for a seq the chain no longer has. A commitment counts as lost
-        only when the chain is as high again as its block and that block has another hash (or
-        none): a chain node that is behind, and so shows an older head, loses nothing.
+        only when the chain is as high again as its block, that block has another hash, and two
+        looks a minute apart agree: a chain node that is behind (it shows an older head), or an
+        answer pieced together from two endpoints, loses nothing.
         """
-        if not self.settings.submit:
-            return
         now = self.clock.monotonic()
         if self._rewind_checked_at is not None and now - self._rewind_checked_at < REWIND_CHECK_S:
             return
         self._rewind_checked_at = now
         newest = await self.outbox.newest_confirmed()
-        latest: int | None = None
+        if not newest:
+            return
+        latest = int(await self.call(self.w3.eth.get_block_number))
+        suspects: set[tuple[str, int, bytes]] = set()
         lost: list[Entry] = []
         for node, seq in newest.items():
-            head = await self.call(self.ledger.head, node)
+            head = await self.call(self.ledger.head, node, latest)
             if head.seq >= seq:
                 continue
-            if latest is None:
-                latest = int(await self.call(self.w3.eth.get_block_number))
             # Only the first one after the chain's head need be looked at: the ledger takes
             # each node's seqs in order, so when it is gone, every later one is gone with it.
             entries = await self.outbox.confirmed_after(node, head.seq)
             first = entries[0] if entries else None
             if first is None or first.block_number is None or first.block_number > latest:
                 continue  # the chain is not as high again yet: decided on a later look
-            if await self.call(self._block_hash, first.block_number) != first.block_hash:
-                lost += entries  # (the same block: a node lagging behind, nothing lost)
+            there = await self.call(self._block_hash, first.block_number)
+            if there is None or there == first.block_hash:
+                continue  # no answer for a height it has, or the same block: nothing lost
+            suspects.add((node, first.commitment.seq, there))
+            if (node, first.commitment.seq, there) in self._rewind_suspects:
+                lost += entries
+        self._rewind_suspects = suspects
         if not lost:
             return
         by_node: dict[str, list[int]] = {}
@@ -432,6 +455,7 @@ class Submitter:
         )
         self.store.add_counter("ledger.rewound", len(lost))
         await self.outbox.update([e.key for e in lost], PENDING)
+        self._rewound = True
         self._prompt = True
 
     def _block_hash(self, number: int) -> bytes | None:
