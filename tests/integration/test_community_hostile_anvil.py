@@ -19,6 +19,7 @@ from daisee_node.community.billing import utc_text
 from daisee_node.community.registry import Registry
 from tests.conftest import free_port, run_cli, write_config
 from tests.support.chains import AnvilLedger, anvil_with_registry
+from tests.support.community import write_members
 
 pytestmark = pytest.mark.beside  # mostly waits on anvil
 
@@ -36,9 +37,7 @@ def chain(tmp_path: Path) -> Iterator[tuple[AnvilLedger, Registry]]:
 def files(tmp_path: Path) -> Path:
     """Members, a prorata key, a key naming alice twice, and governance's keystore."""
     names = {ALICE: "alice", BOB: "bob", SOL: "sol"}
-    (tmp_path / "members.toml").write_text(
-        "[members]\n" + "".join(f'"{a}" = "{n}"\n' for a, n in names.items())
-    )
+    write_members(tmp_path / "members.toml", names)
     (tmp_path / "prorata.toml").write_text('kind = "prorata"\n')
     shouting = "0x" + ALICE[2:].upper()  # alice's address in another case
     (tmp_path / "twice.toml").write_text(

@@ -40,6 +40,7 @@ from daisee_node.community.registry import Registry, deploy
 from daisee_node.errors import ConfigError, DaiseeError
 from daisee_node.ledger.chain import ChainError
 from tests.conftest import run_cli
+from tests.support.community import write_members
 from tests.support.market import PERIOD_MS, Market, new_market, window_start
 
 ALICE, BOB, SOL = "0x" + "a1" * 20, "0x" + "b2" * 20, "0x" + "c3" * 20
@@ -296,9 +297,7 @@ def test_keys_are_matched_to_their_recorded_hash_and_a_different_file_is_refused
 ) -> None:
     from daisee_node.community.registry import KeyRecord
 
-    members_path = tmp_path / "members.toml"
-    members_path.write_text("[members]\n" + "".join(f'"{a}" = "{n}"\n' for a, n in NAMES.items()))
-    members = load_members(members_path)
+    members = load_members(write_members(tmp_path / "members.toml", NAMES))
     static = tmp_path / "static.toml"
     static.write_text('kind = "static"\n[coefficients]\nalice = "1/2"\nbob = "25%"\n')
     other = tmp_path / "other.toml"
@@ -470,8 +469,7 @@ def test_bill_from_the_chain_alone_with_a_peer_to_peer_settlement(
 
 @pytest.mark.slow  # four command processes
 def test_bad_inputs_are_one_clear_line(tmp_path: Path) -> None:
-    members = tmp_path / "members.toml"
-    members.write_text("[members]\n" + "".join(f'"{a}" = "{n}"\n' for a, n in NAMES.items()))
+    members = write_members(tmp_path / "members.toml", NAMES)
     tariff = tariff_file(tmp_path, TARIFF)
     base = [
         "community",

@@ -22,6 +22,7 @@ from daisee_node.community.billing import (
 from daisee_node.community.commands import MAX_TIME_MS, parse_time
 from daisee_node.community.files import Tariff, load_members, load_tariff
 from daisee_node.errors import ConfigError, DaiseeError
+from tests.support.community import write_members
 
 ALICE, BOB, SOL = "0x" + "a1" * 20, "0x" + "b2" * 20, "0x" + "c3" * 20
 CHECKSUMMED_ALICE = "0xA1a1A1A1a1A1A1a1A1a1a1a1A1a1A1A1A1a1a1a1"  # not a valid checksum: any case
@@ -32,9 +33,7 @@ NOBODY = "http://127.0.0.1:9"  # the discard port: nothing answers there
 def files(tmp_path: Path) -> Path:
     """A members file (alice, bob, sol), a prorata key and a tariff in `tmp_path`."""
     names = {ALICE: "alice", BOB: "bob", SOL: "sol"}
-    (tmp_path / "members.toml").write_text(
-        "[members]\n" + "".join(f'"{a}" = "{n}"\n' for a, n in names.items())
-    )
+    write_members(tmp_path / "members.toml", names)
     (tmp_path / "prorata.toml").write_text('kind = "prorata"\n')
     (tmp_path / "tariff.toml").write_text("local_price = 0.15\n")
     return tmp_path

@@ -19,6 +19,7 @@ from daisee_node.community.registry import Registry
 from daisee_node.ledger import chain as chainlib
 from daisee_node.ledger.commitment import Commitment, sign
 from tests.support.chains import AnvilLedger, anvil_with_registry
+from tests.support.community import write_members
 
 pytestmark = pytest.mark.beside  # mostly waits on anvil
 
@@ -56,13 +57,13 @@ def community(
     anvil, registry = chain
     now_ms = int(anvil.w3.eth.get_block("latest")["timestamp"]) * 1000
     start = (now_ms // 900_000 + 1) * 900_000
-    members = []
+    members: dict[str, str] = {}
     for name, periods in shape.items():
         node = Account.create()
         anvil.enrol(node.address, funded=False)
         commit(anvil, node, [(start + a * 1000, start + b * 1000) for a, b in periods])
-        members.append(f'"{node.address}" = "{name}"\n')
-    (folder / "members.toml").write_text("[members]\n" + "".join(members))
+        members[node.address] = name
+    write_members(folder / "members.toml", members)
     (folder / "key.toml").write_text('kind = "prorata"\n')
     registry.record_key(anvil.gov, key_hash(load_key(folder / "key.toml")), start)
     (folder / "tariff.toml").write_text('local_price = "0.15"\nmonthly_fee = "1"\n')

@@ -274,17 +274,19 @@ FRIEND = "0x" + "ab" * 20
 OTHER = "0x" + "cd" * 20
 
 
-async def test_the_seller_decides_each_order_once_and_meters_what_it_accepted() -> None:
-    store = MetaStore()
-    chain = FakeChain()
+def fake_service(
+    chain: FakeChain,
+    store: MetaStore,
+    latest: dict[str, Reading] | None = None,
+    **market: Any,
+) -> MarketService:
+    """A market service of this node (ME, peer FRIEND) on `chain`, with `[market]` settings."""
     svc = MarketService(
-        MarketSection(
-            address="0x" + "11" * 20, accept_from=["friend"], seller_meter="grid.export_wh"
-        ),
+        MarketSection(address="0x" + "11" * 20, seller_meter="grid.export_wh", **market),
         ledger=type("Ledger", (), {"worker": Worker()})(),
         store=store,  # type: ignore[arg-type]
         clock=make_clock(1.0, None),
-        latest={},
+        latest=latest or {},
         peers={FRIEND: "friend"},
         deliver=lambda readings: None,
         peer_age_s=lambda peer: 0.0,
@@ -292,6 +294,13 @@ async def test_the_seller_decides_each_order_once_and_meters_what_it_accepted() 
         confirmations=1,
     )
     svc.market, svc.address, svc.account = chain, ME, object()  # type: ignore[assignment]
+    return svc
+
+
+async def test_the_seller_decides_each_order_once_and_meters_what_it_accepted() -> None:
+    store = MetaStore()
+    chain = FakeChain()
+    svc = fake_service(chain, store, accept_from=["friend"])
     chain.add(1, FRIEND, ME)
     chain.add(2, OTHER, ME)
     chain.add(3, FRIEND, OTHER)  # not this node's

@@ -23,7 +23,7 @@ from daisee_node.ledger.market_commands import (
     parse_amount,
     parse_time,
 )
-from daisee_node.ledger.settings import BuyEntry, MarketSection
+from daisee_node.ledger.settings import BuyEntry
 from daisee_node.market_node import (
     DAY_MS,
     MAX_LEAD_MS,
@@ -33,7 +33,7 @@ from daisee_node.market_node import (
     credit_units,
 )
 from daisee_node.readings import Reading
-from tests.unit.test_market_face import FRIEND, ME, FakeChain, MetaStore, Worker
+from tests.unit.test_market_face import FRIEND, ME, FakeChain, MetaStore, fake_service
 from tests.unit.test_market_node import NOW, order, policy
 
 U64 = 2**64 - 1
@@ -142,20 +142,8 @@ class HostileChain(FakeChain):
 
 
 def service(chain: HostileChain, store: MetaStore, **market: Any) -> MarketService:
-    svc = MarketService(
-        MarketSection(address="0x" + "11" * 20, seller_meter="grid.export_wh", **market),
-        ledger=type("Ledger", (), {"worker": Worker()})(),
-        store=store,  # type: ignore[arg-type]
-        clock=make_clock(1.0, None),
-        latest={"battery.soc_pct": Reading("battery.soc_pct", make_clock(1.0, None).now_ms(), 5)},
-        peers={FRIEND: "friend"},
-        deliver=lambda readings: None,
-        peer_age_s=lambda peer: 0.0,
-        period_s=900,
-        confirmations=1,
-    )
-    svc.market, svc.address, svc.account = chain, ME, object()  # type: ignore[assignment]
-    return svc
+    soc = Reading("battery.soc_pct", make_clock(1.0, None).now_ms(), 5)
+    return fake_service(chain, store, {"battery.soc_pct": soc}, **market)
 
 
 async def test_a_far_future_order_is_refused_and_the_next_one_still_accepted() -> None:
