@@ -413,3 +413,28 @@ async def test_a_counter_rebased_by_agreeing_reads_does_not_count_its_jump(store
         periods=1,
     )
     assert c1.export_wh == 2 + 5
+
+
+async def test_a_nonce_gap_that_a_transaction_of_the_node_fills_is_no_hole(
+    store: Store, env: tuple[Any, LocalAccount, chain.Ledger, LocalAccount]
+) -> None:
+    """A chain node that does not count the node's own transaction in flight shows a gap below
+    the next one: that gap is filled, and the next transaction is not given up for it. A gap
+    nothing of the node's fills is a hole."""
+    from daisee_node.ledger.submitter import Submitter
+    from daisee_node.ledger.worker import ChainThread
+
+    w3, _, ledger, node = env
+    settings = ChainSection(rpc_url="embedded", period_s=900, export_channel=EXPORT)
+    worker = ChainThread("test-chain")
+    submitter = Submitter(store, Outbox(store), ledger, node, settings, store.clock, worker)
+    chain_next = w3.eth.get_transaction_count(node.address, "pending")
+    assert await submitter._behind_a_hole(chain_next + 2)
+    assert not await submitter._behind_a_hole(chain_next)
+    async with store.transaction() as db:  # one of the node's own, in flight, in the gap
+        await db.execute(
+            "INSERT INTO ledger_txs (nonce, tx_hash, raw, items, fee, sent_ms, state) "
+            "VALUES (?, ?, x'00', '[]', 1, 0, 'sent')",
+            (chain_next, b"\x01" * 32),
+        )
+    assert not await submitter._behind_a_hole(chain_next + 2)
